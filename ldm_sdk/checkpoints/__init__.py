@@ -1,0 +1,1 @@
+"""Checkpoints: safe loading, original YAML configs, family detection, diffusers folders."""

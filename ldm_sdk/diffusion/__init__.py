@@ -1,0 +1,1 @@
+"""Schedules, parameterizations, denoiser wrappers (guidance, masks) and the training objective."""

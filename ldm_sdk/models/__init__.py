@@ -1,0 +1,1 @@
+"""Networks with CompVis parameter names: first stages (KL, VQ), the UNet, attention, embeddings."""

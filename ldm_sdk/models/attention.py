@@ -1,0 +1,217 @@
+"""Transformer attention of the latent diffusion UNet (CompVis ``ldm/modules/attention.py``).
+
+Module and parameter names are those of CompVis / Stability-AI (``to_q``, ``to_out.0``, ``ff.net.0.proj``,
+``transformer_blocks.0.attn2`` ...), so original checkpoints load with strict key matching. Attention is
+computed with ``torch.nn.functional.scaled_dot_product_attention`` (same math as the original einsum softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embeddings import checkpoint, zero_module
+
+__all__ = [
+    "GEGLU",
+    "BasicTransformerBlock",
+    "CrossAttention",
+    "FeedForward",
+    "SpatialTransformer",
+]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` (queries) over ``context`` (keys/values; ``x`` itself when None)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if heads < 1 or dim_head < 1:
+            raise ValueError(f"heads and dim_head must be >= 1, got heads={heads}, dim_head={dim_head}")
+        inner_dim = dim_head * heads
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: ``(B, N, query_dim)``; ``context``: ``(B, M, context_dim)`` or None. Returns ``(B, N, query_dim)``."""
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
+        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k = self.to_k(context).view(b, context.shape[1], self.heads, self.dim_head).transpose(1, 2)
+        v = self.to_v(context).view(b, context.shape[1], self.heads, self.dim_head).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: ``a * gelu(gate)`` where ``a, gate = proj(x).chunk(2)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net.0`` (GEGLU, or Linear + GELU), ``net.1`` dropout, ``net.2`` Linear."""
+
+    def __init__(
+        self, dim: int, dim_out: int | None = None, mult: int = 4, glu: bool = False, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        inner_dim = int(dim * mult)
+        dim_out = dim if dim_out is None else dim_out
+        project_in: nn.Module = (
+            GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        )
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention (``attn1``), cross-attention (``attn2``) and GEGLU feed-forward (``ff``).
+
+    ``disable_self_attn`` (SD 2.x option) makes ``attn1`` attend to the context as well.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        gated_ff: bool = True,
+        checkpoint: bool = True,
+        disable_self_attn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(
+            dim,
+            context_dim=context_dim if disable_self_attn else None,
+            heads=n_heads,
+            dim_head=d_head,
+            dropout=dropout,
+        )
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return checkpoint(self._forward, x, context, enabled=self.checkpoint and self.training)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map: norm, ``proj_in``, blocks, zero-initialised ``proj_out``.
+
+    ``proj_in``/``proj_out`` are 1x1 convolutions, or Linear layers when ``use_linear`` (SD 2.x).
+    ``context_dim`` is one width for every block or a list with one per block (``len == depth``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | list[int] | None = None,
+        disable_self_attn: bool = False,
+        use_linear: bool = False,
+        use_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"SpatialTransformer depth must be >= 1, got {depth}")
+        if context_dim is None or isinstance(context_dim, int):
+            context_dims: list[int | None] = [context_dim] * depth
+        else:
+            context_dims = list(context_dim)
+            if len(context_dims) != depth:
+                raise ValueError(
+                    f"context_dim list has {len(context_dims)} entries but depth is {depth}: "
+                    "give one int, or one context width per transformer block"
+                )
+        self.in_channels = in_channels
+        self.use_linear = use_linear
+        inner_dim = n_heads * d_head
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.proj_in: nn.Module
+        self.proj_out: nn.Module
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner_dim,
+                n_heads,
+                d_head,
+                dropout=dropout,
+                context_dim=context_dims[d],
+                disable_self_attn=disable_self_attn,
+                checkpoint=use_checkpoint,
+            )
+            for d in range(depth)
+        )
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``x``: ``(B, C, H, W)``; ``context``: ``(B, M, context_dim)``, a list (one per block), or None."""
+        contexts = context if isinstance(context, list) else [context]
+        if len(contexts) not in (1, len(self.transformer_blocks)):
+            raise ValueError(
+                f"got {len(contexts)} contexts for {len(self.transformer_blocks)} transformer blocks: "
+                "pass one context tensor, or a list with one per block"
+            )
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2).contiguous()  # b c h w -> b (h w) c
+        if self.use_linear:
+            x = self.proj_in(x)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, context=contexts[i if len(contexts) > 1 else 0])
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # b (h w) c -> b c h w
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in

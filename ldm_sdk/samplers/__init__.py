@@ -1,0 +1,1 @@
+"""Samplers, one file per paper; each is a plain function over a denoiser."""

@@ -1,0 +1,1 @@
+"""Local HTTP + WebSocket API over the Runtime."""

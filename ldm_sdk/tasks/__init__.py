@@ -1,0 +1,1 @@
+"""Editing tasks (txt2img, inpaint, upscale, ...)."""
