@@ -25,7 +25,7 @@ ATTN_TYPES: tuple[str, ...] = ("vanilla", "none")
 NORM_GROUPS = 32
 
 
-def Normalize(in_channels: int, num_groups: int = NORM_GROUPS) -> nn.GroupNorm:  # noqa: N802 (CompVis name)
+def Normalize(in_channels: int, num_groups: int = NORM_GROUPS) -> nn.GroupNorm:  # CompVis name
     """GroupNorm with 32 groups, eps 1e-6 and an affine transform, as every first-stage norm is."""
     if in_channels % num_groups != 0:
         raise ValueError(
@@ -113,7 +113,9 @@ class ResnetBlock(nn.Module):
         h = self.conv1(nonlinearity(self.norm1(x)))
         if temb is not None:
             if not hasattr(self, "temb_proj"):
-                raise ValueError("this ResnetBlock was built with temb_channels=0 and takes no time embedding")
+                raise ValueError(
+                    "this ResnetBlock was built with temb_channels=0 and takes no time embedding"
+                )
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
         h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         if self.in_channels != self.out_channels:
@@ -245,7 +247,10 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 level.block.append(
                     ResnetBlock(
-                        in_channels=block_in, out_channels=block_out, temb_channels=self.temb_ch, dropout=dropout
+                        in_channels=block_in,
+                        out_channels=block_out,
+                        temb_channels=self.temb_ch,
+                        dropout=dropout,
                     )
                 )
                 block_in = block_out
@@ -281,7 +286,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (``z_channels``) -> image (``out_ch``). ``up[i]`` is resolution level ``i``; it runs i = L-1..0."""
+    """Latent (``z_channels``) -> image (``out_ch``).
+
+    ``up[i]`` is resolution level ``i`` (``up.0`` full resolution); the forward pass runs i = L-1 .. 0.
+    """
 
     def __init__(
         self,
@@ -326,7 +334,10 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 level.block.append(
                     ResnetBlock(
-                        in_channels=block_in, out_channels=block_out, temb_channels=self.temb_ch, dropout=dropout
+                        in_channels=block_in,
+                        out_channels=block_out,
+                        temb_channels=self.temb_ch,
+                        dropout=dropout,
                     )
                 )
                 block_in = block_out
