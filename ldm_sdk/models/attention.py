@@ -47,7 +47,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(B, N, query_dim)``; ``context``: ``(B, M, context_dim)`` or None. Returns ``(B, N, query_dim)``."""
+        """``x``: ``(B, N, query_dim)``, ``context``: ``(B, M, context_dim)`` or None; returns like ``x``."""
         context = x if context is None else context
         b, n, _ = x.shape
         # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
@@ -116,7 +116,9 @@ class BasicTransformerBlock(nn.Module):
             dropout=dropout,
         )
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
-        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.attn2 = CrossAttention(
+            dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -199,7 +201,7 @@ class SpatialTransformer(nn.Module):
                 f"got {len(contexts)} contexts for {len(self.transformer_blocks)} transformer blocks: "
                 "pass one context tensor, or a list with one per block"
             )
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
