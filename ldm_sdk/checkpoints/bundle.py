@@ -67,11 +67,18 @@ class ModelBundle(nn.Module):
         if config.unet is not None and config.diffusion is not None:
             unet = UNetModel.from_config(config.unet)
             self.model = DiffusionWrapper(unet, config.diffusion.conditioning_key)
-            self.schedule = DiffusionSchedule.from_config(config.diffusion)
+            # schedule tables are numpy/float64 work: always on the CPU, even when the networks are built
+            # under a torch.device("meta") context (the loader does that to skip weight init)
+            with torch.device("cpu"):
+                self.schedule = DiffusionSchedule.from_config(config.diffusion)
         self.scale_factor = config.diffusion.scale_factor if config.diffusion else 1.0
         self.cond_stage_weights: dict[str, Tensor] = {}
         self.ema_weights: dict[str, Tensor] = {}
         self.extra_entries: dict[str, Tensor] = {}
+        # set by the loader: training-only entries the file held and that were not loaded (loss.* ...),
+        # and the CheckpointFile it came from (path, format, metadata, sha256; its tensors dropped)
+        self.skipped_entries: tuple[str, ...] = ()
+        self.source: object | None = None
 
     # -- what it is --------------------------------------------------------------------------------
     @property

@@ -106,7 +106,7 @@ FirstStageConfig = AutoencoderKLConfig | VQModelConfig
 
 BetaSchedule = Literal["linear", "cosine", "sqrt_linear", "sqrt"]
 Parameterization = Literal["eps", "x0", "v"]
-ConditioningKey = Literal["concat", "crossattn", "hybrid", "adm"] | None
+ConditioningKey = Literal["concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm"] | None
 
 
 class DiffusionConfig(_Config):

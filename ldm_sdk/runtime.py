@@ -1,0 +1,327 @@
+"""The Runtime: the one per-process owner of plugins, registries, device, dtype, model cache and job queue.
+
+``Runtime.create(...)`` builds one explicitly (tests use ``load_entrypoints=False``); ``Runtime.shared()``
+is the process-wide instance, created on first use. Everything else takes a runtime as an argument: nothing
+happens at import time.
+
+Creating a runtime: register the built-in plugin, any ``plugins=`` objects and the distributions' entry points
+of group ``"ldm_sdk"`` (skipping disabled names without importing them); fill every registry by calling each
+plugin's registration hooks in that order; choose device and dtype; call ``ldm_runtime_started``.
+
+Environment switches (read by ``create``):
+
+- ``LDM_SDK_DISABLE_PLUGINS=name1,name2``: never import or register these plugins (``builtin`` included).
+- ``LDM_SDK_NO_ENTRYPOINTS=1``: discover no entry-point plugins.
+- ``LDM_SDK_TRACE_PLUGINS=1``: log every hook call (plugins called, arguments, time, errors) to the
+  ``ldm_sdk.plugins`` logger at DEBUG level.
+- ``LDM_SDK_DEVICE`` / ``LDM_SDK_DTYPE``: see :mod:`ldm_sdk.devices`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pluggy
+import torch
+from torch import nn
+
+from ldm_sdk.devices import dtype_name, parse_dtype, select_device, select_dtype
+from ldm_sdk.jobs import Job, JobContext, JobEvent, JobQueue
+from ldm_sdk.plugin_host import DISABLE_ENV, PluginHost, PluginInfo, PluginLoadError
+from ldm_sdk.registry import Registries
+from ldm_sdk.runtime_cache import (
+    CacheStats,
+    Loader,
+    ModelCache,
+    ModelKey,
+    config_identity,
+    content_hash,
+    empty_accelerator_cache,
+)
+
+TRACE_ENV = "LDM_SDK_TRACE_PLUGINS"
+NO_ENTRYPOINTS_ENV = "LDM_SDK_NO_ENTRYPOINTS"
+
+__all__ = ["PluginInfo", "PluginLoadError", "Runtime"]
+
+logger = logging.getLogger("ldm_sdk.runtime")
+R = TypeVar("R")
+
+
+class _SharedHolder:
+    """Runtime.shared()'s instance: the module's only state."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.runtime: Runtime | None = None
+        self.creating = False
+
+
+_SHARED = _SharedHolder()
+
+
+class Runtime:
+    """Owner of the plugin manager, registries, device/dtype policy, model cache and job queue.
+
+    Build it with :meth:`create` (or get the process-wide one with :meth:`shared`); close it with
+    :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(
+        self,
+        *,
+        load_entrypoints: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        memory_budget_bytes: int | None = None,
+        disabled_plugins: Iterable[str] = (),
+        trace: bool = False,
+        plugins: Sequence[object] = (),
+    ) -> None:
+        env = os.environ
+        self._plugins = PluginHost(
+            disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
+            trace=trace or _env_flag(env, TRACE_ENV),
+        )
+        self.plugin_manager: pluggy.PluginManager = self._plugins.pm
+        self.registries: Registries = self._plugins.registries
+        self.disabled_plugins = self._plugins.disabled
+        self.device = select_device(device)
+        self.dtype = select_dtype(self.device, dtype)
+        self.cache = ModelCache(
+            memory_budget_bytes, on_loaded=self._model_loaded, on_evicted=self._model_evicted
+        )
+        self._jobs = JobQueue(self._emit, runtime=self)
+        self._subscribers: list[Callable[[JobEvent], None]] = []
+        self._hash_memo: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self._plugins.load(
+            objects=plugins, entrypoints=load_entrypoints and not _env_flag(env, NO_ENTRYPOINTS_ENV)
+        )
+        logger.info(
+            "runtime on %s (%s), plugins: %s", self.device, dtype_name(self.dtype), self._plugins.names()
+        )
+        self._plugins.call_event("ldm_runtime_started", runtime=self)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        load_entrypoints: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        memory_budget_bytes: int | None = None,
+        disabled_plugins: Iterable[str] = (),
+        trace: bool = False,
+        plugins: Sequence[object] = (),
+    ) -> Runtime:
+        """A new runtime. ``plugins`` are extra plugin objects registered after the built-in one and before
+        entry points (scripts and tests); ``disabled_plugins`` adds to ``$LDM_SDK_DISABLE_PLUGINS``."""
+        return cls(
+            load_entrypoints=load_entrypoints,
+            device=device,
+            dtype=dtype,
+            memory_budget_bytes=memory_budget_bytes,
+            disabled_plugins=disabled_plugins,
+            trace=trace,
+            plugins=plugins,
+        )
+
+    @classmethod
+    def shared(cls) -> Runtime:
+        """The process-wide runtime (``Runtime.create()`` with defaults and the environment), created on the
+        first call from any thread; after it is closed, the next call creates a new one."""
+        with _SHARED.lock:
+            if _SHARED.creating:
+                raise RuntimeError(
+                    "Runtime.shared() was called while the shared runtime is being created (from a plugin "
+                    "hook?); use the runtime the hook receives"
+                )
+            if _SHARED.runtime is None or _SHARED.runtime.closed:
+                _SHARED.creating = True
+                try:
+                    _SHARED.runtime = cls.create()
+                finally:
+                    _SHARED.creating = False
+            return _SHARED.runtime
+
+    # -- plugins -------------------------------------------------------------------------------------
+    def register_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object now: its registration hooks fill the registries, then it receives
+        ``ldm_runtime_started``. Returns its name (default: the module's or class's qualified name).
+        A disabled name raises ``ValueError``; a name clash or invalid hook, ``PluginLoadError``."""
+        with self._lock:
+            self._check_open()
+            name = self._plugins.register(plugin, name)
+            self._plugins.call_event("ldm_runtime_started", only=name, runtime=self)
+            return name
+
+    def unregister_plugin(self, name: str) -> None:
+        """Remove a plugin and everything it registered."""
+        with self._lock:
+            self._plugins.unregister(name)
+
+    def plugins(self) -> list[PluginInfo]:
+        """Registered plugins in order, then disabled ones, with what each registered, per registry."""
+        with self._lock:
+            return self._plugins.plugins()
+
+    # -- models --------------------------------------------------------------------------------------
+    def model_key(
+        self,
+        path: str | os.PathLike[str],
+        config: Any = None,
+        *,
+        use_ema: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> ModelKey:
+        """The cache key of a checkpoint loaded with these options (hashes the file once per change)."""
+        dev = self.device if device is None else select_device(device)
+        dt = self.dtype if dtype is None and dev == self.device else select_dtype(dev, dtype)
+        return ModelKey(
+            content=content_hash(path, self._hash_memo),
+            config=config_identity(config, self._hash_memo),
+            dtype=dtype_name(dt),
+            device=str(dev),
+            variant="ema" if use_ema else "",
+        )
+
+    def load_model(
+        self,
+        path: str | os.PathLike[str],
+        config: Any = None,
+        *,
+        use_ema: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> nn.Module:
+        """The checkpoint at ``path`` as a ``ModelBundle``: from the cache, or loaded (on this runtime's
+        device and dtype unless given) by the registered format that recognises it
+        (:meth:`checkpoint_format`)."""
+        fmt = self.registries.checkpoint_formats.get(self.checkpoint_format(path))
+        key = self.model_key(path, config, use_ema=use_ema, device=device, dtype=dtype)
+
+        def load() -> nn.Module:
+            target, precision = torch.device(key.device), parse_dtype(key.dtype)
+            return fmt.load(Path(path), config, device=target, dtype=precision, use_ema=use_ema)
+
+        return self.get_model(key, load)
+
+    def checkpoint_format(self, path: str | os.PathLike[str]) -> str:
+        """The name of the first registered checkpoint format whose ``detect`` recognises ``path``."""
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+        formats = self.registries.checkpoint_formats
+        for name in formats:
+            if formats.get(name).detect(p):
+                return name
+        known = ", ".join(f"{n} ({' '.join(formats.get(n).suffixes) or 'folder'})" for n in formats)
+        raise ValueError(
+            f"no registered checkpoint format recognises {p}; registered formats: {known or 'none'}"
+        )
+
+    def get_model(self, key: ModelKey, loader: Loader | None = None) -> nn.Module:
+        """The cached model for ``key``, loading it with ``loader`` (or the remembered one) on a miss."""
+        self._check_open()
+        return self.cache.get(key, loader)
+
+    def release(self, *, offload: bool = False) -> int:
+        """Give memory back (to a host's renderer): drop every cached model, or with ``offload=True`` move
+        them to CPU memory until next used; empties the CUDA/MPS allocator cache. Returns bytes freed."""
+        freed = self.cache.release(offload=offload)
+        empty_accelerator_cache([str(self.device)])  # also the blocks jobs' activations left cached
+        return freed
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def submit(self, fn: Callable[[JobContext], R], *, priority: int = 0, name: str | None = None) -> Job[R]:
+        """Queue ``fn(ctx)`` on the runtime's single worker (higher ``priority`` first, FIFO within one)."""
+        return self._jobs.submit(fn, priority=priority, name=name)
+
+    def subscribe(self, listener: Callable[[JobEvent], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for every job event (before the ``ldm_job_event`` hook); returns an
+        unsubscribe function. Listeners run in the thread the event happens in and must return quickly."""
+        with self._lock:
+            self._subscribers.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._subscribers:
+                    self._subscribers.remove(listener)
+
+        return unsubscribe
+
+    def pending_jobs(self) -> list[Job[Any]]:
+        return self._jobs.pending()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, *, cancel_pending: bool = True, timeout: float | None = None) -> None:
+        """Stop the job worker (cancelling queued and running jobs unless ``cancel_pending=False``), call
+        ``ldm_runtime_closing``, empty the model cache. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._jobs.close(cancel_pending=cancel_pending, timeout=timeout)
+        self._plugins.call_event("ldm_runtime_closing", runtime=self)
+        self.cache.clear("close")
+        self._plugins.close()
+        with _SHARED.lock:
+            if _SHARED.runtime is self:
+                _SHARED.runtime = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"Runtime({self.device}, {dtype_name(self.dtype)}, plugins={self._plugins.names()}, {state})"
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this runtime is closed; create a new one (Runtime.create or Runtime.shared)")
+
+    def _emit(self, event: JobEvent) -> None:
+        with self._lock:
+            listeners = list(self._subscribers)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                logger.exception("job event listener %r failed on %s", listener, type(event).__name__)
+        self._plugins.call_event("ldm_job_event", event=event)
+
+    def _model_loaded(self, key: ModelKey, model: nn.Module) -> None:
+        self._plugins.call_event("ldm_model_loaded", runtime=self, key=key, model=model)
+
+    def _model_evicted(self, key: ModelKey, reason: str) -> None:
+        self._plugins.call_event("ldm_model_evicted", runtime=self, key=key, reason=reason)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def _env_names(value: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in value.split(",") if n.strip())
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")

@@ -1,0 +1,326 @@
+"""The runtime's model cache: one copy of each model, under a memory budget, least recently used out first.
+
+Entries are keyed by :class:`ModelKey` (checkpoint content hash + config + dtype + device) and remember the
+loader that built them, so an evicted model is reloaded on demand. A model's size is the sum of its parameter
+and buffer bytes. When a model would push the cache over its budget, the least recently used models leave
+first; a model larger than the whole budget is still kept (alone), with a warning. Two threads asking for the
+same key at once load it once: the second waits for the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("ldm_sdk.runtime")
+
+Loader = Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Identity of a loaded model: what was read (content hash), how (config, variant) and where it lives."""
+
+    content: str
+    config: str = ""
+    dtype: str = "fp32"
+    device: str = "cpu"
+    variant: str = ""
+
+    def __str__(self) -> str:
+        extra = f"/{self.config[:8]}" if self.config else ""
+        variant = f"/{self.variant}" if self.variant else ""
+        return f"{self.content[:12]}{extra}{variant}@{self.device}/{self.dtype}"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    resident_bytes: int
+    budget_bytes: int | None
+    models: int
+
+
+class UnknownModelError(KeyError):
+    """``ModelCache.get(key)`` without a loader for a key the cache has never seen."""
+
+    def __init__(self, key: ModelKey, known: list[ModelKey]) -> None:
+        super().__init__(key)
+        self.key, self.known = key, known
+
+    def __str__(self) -> str:
+        known = ", ".join(str(k) for k in self.known) or "none"
+        return f"model {self.key} was never loaded and no loader was given; known models: {known}"
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class _Entry:
+    loader: Loader
+    model: nn.Module | None = None
+    nbytes: int = 0  # last measured size; kept after eviction to make room before a reload
+    offloaded: bool = False
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    model: nn.Module | None = None
+    error: BaseException | None = None
+
+
+class ModelCache:
+    """Thread-safe LRU of loaded models under ``budget_bytes`` (``None``: unbounded)."""
+
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        *,
+        on_loaded: Callable[[ModelKey, nn.Module], None] | None = None,
+        on_evicted: Callable[[ModelKey, str], None] | None = None,
+    ) -> None:
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValueError(f"memory budget must be a positive number of bytes or None, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._on_loaded = on_loaded
+        self._on_evicted = on_evicted
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[ModelKey, _Entry] = OrderedDict()  # LRU first, MRU last
+        self._loading: dict[ModelKey, _Pending] = {}
+        self._hits = self._misses = self._evictions = 0
+
+    # -- public --------------------------------------------------------------------------------------
+    def get(self, key: ModelKey, loader: Loader | None = None) -> nn.Module:
+        """The model for ``key``; on a miss, loaded with ``loader`` or the loader remembered for ``key``."""
+        evicted: list[tuple[ModelKey, str]] = []
+        with self._lock:
+            entry = self._entries.get(key)
+            if loader is not None:
+                if entry is None:
+                    entry = self._entries[key] = _Entry(loader)
+                else:
+                    entry.loader = loader
+            if entry is None:
+                raise UnknownModelError(key, list(self._entries))
+            self._entries.move_to_end(key)
+            if entry.model is not None and not entry.offloaded:
+                self._hits += 1
+                return entry.model
+            pending = self._loading.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[key] = _Pending()
+                # make room first when the size is known from an earlier load
+                evicted += self._evict_for(key, entry.nbytes)
+        assert pending is not None
+        if not owner:
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            assert pending.model is not None
+            with self._lock:
+                self._hits += 1
+            return pending.model
+        self._notify_evicted(evicted)
+        return self._load(key, entry, pending)
+
+    def release(self, *, offload: bool = False) -> int:
+        """Drop every model (``offload=False``) or move accelerator-resident ones to CPU memory; frees
+        the accelerator's cached blocks. Returns the bytes that left the accelerator / the cache."""
+        gone: list[tuple[ModelKey, str]] = []
+        freed = 0
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if entry.model is None or entry.offloaded:
+                    continue
+                if offload:
+                    if torch.device(key.device).type == "cpu":
+                        continue
+                    entry.model.to("cpu")
+                    entry.offloaded = True
+                    gone.append((key, "offload"))
+                else:
+                    entry.model = None
+                    gone.append((key, "release"))
+                freed += entry.nbytes
+                self._evictions += 1
+        self._notify_evicted(gone)
+        return freed
+
+    def clear(self, reason: str = "close") -> None:
+        """Forget every model and loader."""
+        with self._lock:
+            gone = [(k, reason) for k, e in self._entries.items() if e.model is not None]
+            self._entries.clear()
+        self._notify_evicted(gone)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                resident_bytes=self._resident_bytes(),
+                budget_bytes=self.budget_bytes,
+                models=sum(1 for e in self._entries.values() if e.model is not None and not e.offloaded),
+            )
+
+    def resident(self) -> list[ModelKey]:
+        """Keys of the models on their device, least recently used first."""
+        with self._lock:
+            return [k for k, e in self._entries.items() if e.model is not None and not e.offloaded]
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)  # type: ignore[call-overload]
+            return entry is not None and entry.model is not None and not entry.offloaded
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _load(self, key: ModelKey, entry: _Entry, pending: _Pending) -> nn.Module:
+        evicted: list[tuple[ModelKey, str]] = []
+        try:
+            if entry.offloaded and entry.model is not None:
+                model = entry.model.to(key.device)
+            else:
+                model = entry.loader()
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"the loader for {key} returned {type(model).__name__}, not an nn.Module")
+            nbytes = module_nbytes(model)
+            with self._lock:
+                evicted += self._evict_for(key, nbytes)
+                if self.budget_bytes is not None and nbytes > self.budget_bytes:
+                    logger.warning(
+                        "model %s needs %d bytes, more than the whole memory budget (%d bytes): kept alone",
+                        key,
+                        nbytes,
+                        self.budget_bytes,
+                    )
+                reloaded_from_cpu = entry.offloaded
+                entry.model, entry.nbytes, entry.offloaded = model, nbytes, False
+                self._entries[key] = entry
+                self._entries.move_to_end(key)
+                if reloaded_from_cpu:
+                    self._hits += 1
+                else:
+                    self._misses += 1
+                pending.model = model
+                del self._loading[key]
+        except BaseException as exc:
+            with self._lock:
+                pending.error = exc
+                self._loading.pop(key, None)
+            pending.done.set()
+            self._notify_evicted(evicted)
+            raise
+        pending.done.set()
+        self._notify_evicted(evicted)
+        if not reloaded_from_cpu and self._on_loaded is not None:
+            self._on_loaded(key, model)
+        return model
+
+    def _evict_for(self, key: ModelKey, nbytes: int) -> list[tuple[ModelKey, str]]:
+        """With the lock held: drop LRU models (other than ``key``) until ``nbytes`` more fit the budget."""
+        if self.budget_bytes is None:
+            return []
+        gone: list[tuple[ModelKey, str]] = []
+        for other, entry in list(self._entries.items()):
+            if self._resident_bytes() + nbytes <= self.budget_bytes:
+                break
+            if other == key or entry.model is None or entry.offloaded:
+                continue
+            entry.model = None
+            self._evictions += 1
+            gone.append((other, "budget"))
+        return gone
+
+    def _resident_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.model is not None and not e.offloaded)
+
+    def _notify_evicted(self, gone: list[tuple[ModelKey, str]]) -> None:
+        """Tell the listener (so plugins drop their references), then return freed blocks to the driver."""
+        if not gone:
+            return
+        if self._on_evicted is not None:
+            for key, reason in gone:
+                self._on_evicted(key, reason)
+        empty_accelerator_cache([k.device for k, _ in gone])
+
+
+def empty_accelerator_cache(devices: list[str]) -> None:
+    """Return cached allocator blocks to the driver for the accelerator types among ``devices``."""
+    types = {torch.device(d).type for d in devices}
+    if "cuda" in types and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if "mps" in types and hasattr(torch, "mps") and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+# -- key helpers ---------------------------------------------------------------------------------------
+
+
+def content_hash(path: str | os.PathLike[str], memo: dict[tuple[str, int, int], str] | None = None) -> str:
+    """sha256 of a checkpoint file, or of a folder (every file's relative path and content, sorted).
+
+    ``memo`` (path, size, mtime) -> digest avoids re-reading an unchanged multi-GB file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(c for c in p.rglob("*") if c.is_file()):
+            digest.update(child.relative_to(p).as_posix().encode() + b"\0")
+            digest.update(content_hash(child, memo).encode())
+        return digest.hexdigest()
+    st = p.stat()
+    stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo is not None and stamp in memo:
+        return memo[stamp]
+    from ldm_sdk.checkpoints.safe_load import file_sha256
+
+    out = file_sha256(p)
+    if memo is not None:
+        memo[stamp] = out
+    return out
+
+
+def config_identity(config: Any, memo: dict[tuple[str, int, int], str] | None = None) -> str:
+    """A stable string for the ``config`` argument of a load: a file's hash, a pydantic model's or a
+    mapping's canonical JSON hash, or ``""`` for ``None`` (detected from the checkpoint)."""
+    if config is None:
+        return ""
+    if isinstance(config, str | os.PathLike):
+        return content_hash(config, memo)
+    if hasattr(config, "model_dump_json"):
+        text = config.model_dump_json()
+    elif isinstance(config, Mapping):
+        text = json.dumps(config, sort_keys=True, default=str)
+    else:
+        raise TypeError(
+            f"config must be a path, a mapping, a pydantic config or None; got {type(config).__name__}"
+        )
+    return hashlib.sha256(text.encode()).hexdigest()
