@@ -1,0 +1,1 @@
+"""Condition encoders (text, class, semantic map, low-res image, mask, layout), each a plugin."""
