@@ -1,4 +1,5 @@
-"""The built-in plugin: ldm-sdk's own samplers, schedules, checkpoint formats and model families.
+"""The built-in plugin: ldm-sdk's own samplers, schedules, checkpoint formats, model families and condition
+encoders.
 
 Registered by every :class:`~ldm_sdk.runtime.Runtime` under the name ``"builtin"`` through the same hooks
 third-party plugins implement (disable it like any plugin: ``LDM_SDK_DISABLE_PLUGINS=builtin``). Each hook
@@ -80,6 +81,37 @@ def ldm_register_model_families(registry: Registry[Any]) -> None:
 
     for name, family in FAMILIES.items():
         registry.add(name, family)
+
+
+@hookimpl
+def ldm_register_condition_encoders(registry: Registry[Any]) -> None:
+    """The standard encoders of the LDM paper and Stable Diffusion, as ``EncoderSpec`` s under stable names.
+
+    ``mask`` is one encoder for both inpainting layouts (LDM 7-channel ``variant="ldm"``, SD 9-channel
+    ``variant="sd"``): the same inputs, one class, the variant chosen from the model's conditioning key.
+    """
+    from ldm_sdk.encoders.base import EncoderSpec
+    from ldm_sdk.encoders.class_embedder import ClassEmbedder
+    from ldm_sdk.encoders.layout import LayoutEncoder
+    from ldm_sdk.encoders.lowres import LowResImage
+    from ldm_sdk.encoders.mask import MaskConditioner
+    from ldm_sdk.encoders.semantic import SpatialRescaler
+    from ldm_sdk.encoders.text_clip import FrozenCLIPEmbedder
+    from ldm_sdk.encoders.text_ldm_bert import BERTEmbedder
+    from ldm_sdk.encoders.text_minilm import FrozenMiniLMEmbedder
+
+    encoders: dict[str, tuple[type[Any], str]] = {
+        "class": (ClassEmbedder, "class labels -> one learned cross-attention token (LDM cin256)"),
+        "ldm-bert": (BERTEmbedder, "LDM text-to-image BERT-style transformer, trained with the UNet"),
+        "clip-text": (FrozenCLIPEmbedder, "frozen CLIP ViT-L/14 text transformer (Stable Diffusion 1.x)"),
+        "minilm": (FrozenMiniLMEmbedder, "frozen all-MiniLM-L6-v2 (offline): the default text encoder"),
+        "semantic": (SpatialRescaler, "semantic map -> rescaled, channel-mapped concat map (LDM semantic)"),
+        "lowres": (LowResImage, "low-res image concatenated to the latent (LDM super-resolution)"),
+        "mask": (MaskConditioner, "inpainting mask + masked image -> concat map (LDM 7-ch, SD 9-ch)"),
+        "layout": (LayoutEncoder, "boxes + object classes -> tokens -> transformer (LDM layout-to-image)"),
+    }
+    for name, (cls, text) in encoders.items():
+        registry.add(name, EncoderSpec.of(cls, text))
 
 
 # -- checkpoint format helpers (import ldm_sdk.checkpoints only when called) ----------------------------

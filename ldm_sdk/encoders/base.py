@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -110,7 +110,7 @@ class EncoderSpec:
     description: str = ""
 
     @classmethod
-    def of(cls, encoder_cls: type[ConditionEncoder], description: str = "", **_: Any) -> EncoderSpec:
+    def of(cls, encoder_cls: type[ConditionEncoder], description: str = "") -> EncoderSpec:
         return cls(
             factory=encoder_cls,
             modality=encoder_cls.modality,
