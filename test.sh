@@ -19,6 +19,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
     py=python3
 fi
+# data the training/evaluation tests read (docs: offline assets): emoji font, clip-art, Fashion-MNIST
+need_data=()
+for pkg in fonts-noto-color-emoji openclipart-png dataset-fashion-mnist; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_data+=("$pkg")
+done
+if [ ${#need_data[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_data[@]}"
+fi
 # Prefer the interpreter the local torch wheels are built for.
 if command -v python3.11 >/dev/null; then py=python3.11; fi
 

@@ -1,0 +1,1 @@
+"""Training both LDM stages: data sets, losses, EMA, checkpointing and the training scripts."""
