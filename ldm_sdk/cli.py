@@ -17,8 +17,19 @@ from types import ModuleType
 
 # subcommand -> module defining HELP, add_arguments(parser), run(args) -> int
 COMMANDS: dict[str, str] = {
+    "eval": "ldm_sdk.commands.eval",
     "inspect": "ldm_sdk.commands.inspect",
     "plugins": "ldm_sdk.commands.plugins",
+    "train": "ldm_sdk.commands.train",
+    "txt2img": "ldm_sdk.commands.txt2img",
+    "sample": "ldm_sdk.commands.sample",
+    "img2img": "ldm_sdk.commands.img2img",
+    "inpaint": "ldm_sdk.commands.inpaint",
+    "outpaint": "ldm_sdk.commands.outpaint",
+    "replay": "ldm_sdk.commands.replay",
+    "upscale": "ldm_sdk.commands.upscale",
+    "semantic": "ldm_sdk.commands.semantic",
+    "layout": "ldm_sdk.commands.layout",
 }
 
 

@@ -84,6 +84,13 @@ def ldm_register_model_families(registry: Registry[Any]) -> None:
 
 
 @hookimpl
+def ldm_register_tasks(registry: Registry[Any]) -> None:
+    from ldm_sdk.tasks import register_builtin_tasks
+
+    register_builtin_tasks(registry)
+
+
+@hookimpl
 def ldm_register_condition_encoders(registry: Registry[Any]) -> None:
     """The standard encoders of the LDM paper and Stable Diffusion, as ``EncoderSpec`` s under stable names.
 

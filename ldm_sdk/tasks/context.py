@@ -1,0 +1,226 @@
+"""The model side of a task: loading it, what it can do, its sizes, its condition encoder, generators.
+
+- :func:`load_bundle`: the request's model through the runtime's cache (or the bundle given in memory).
+- :func:`supported_tasks` / :func:`require_task`: which tasks a model can do, computed from its conditioning
+  key, its UNet input channels and its cond stage's modality; a task the model cannot do is a
+  :class:`~ldm_sdk.tasks.base.UnsupportedTaskError` listing the ones it can.
+- :func:`size_multiple` / :func:`check_size`: image sizes must be multiples of the latent factor times the
+  UNet's downsampling (``f * 2 ** (levels - 1)``); errors name the nearest valid sizes and ``pad`` / ``crop``.
+- :func:`cond_stage`: the model's condition encoder, built once per loaded bundle (kept on the bundle).
+- :func:`make_generator`: an explicit ``torch.Generator`` on the task's device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ldm_sdk.tasks.base import NoDefaultModelError, TaskError, TaskInputs, TaskRequest, UnsupportedTaskError
+
+if TYPE_CHECKING:
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.encoders.base import ConditionEncoder
+    from ldm_sdk.registry import Registry
+    from ldm_sdk.runtime import Runtime
+
+__all__ = [
+    "bundle_device_dtype",
+    "check_size",
+    "cond_modality",
+    "cond_stage",
+    "default_size",
+    "is_inpainting_model",
+    "load_bundle",
+    "make_generator",
+    "require_task",
+    "size_multiple",
+    "supported_tasks",
+]
+
+_COND_STAGE_ATTR = "_ldm_sdk_task_cond_stage"
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+def load_bundle(request: TaskRequest, runtime: Runtime, inputs: TaskInputs | None = None) -> ModelBundle:
+    """``inputs.bundle`` when given, else ``request.model`` loaded through ``runtime`` (cached)."""
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+
+    if inputs is not None and inputs.bundle is not None:
+        bundle = inputs.bundle
+        device, dtype = bundle_device_dtype(bundle)
+        from ldm_sdk.devices import dtype_name
+
+        if request.device is not None and torch.device(request.device) != device:
+            raise TaskError(
+                f"the model given in memory is on {device}, the request asks for device {request.device!r}; "
+                "move the model (bundle.to(...)) or leave device unset"
+            )
+        if request.dtype is not None and request.dtype != dtype_name(dtype):
+            raise TaskError(
+                f"the model given in memory is {dtype_name(dtype)}, the request asks for dtype "
+                f"{request.dtype!r}; convert the model or leave dtype unset"
+            )
+        return bundle
+    if request.model is None:
+        raise NoDefaultModelError()
+    from pathlib import Path
+
+    path = Path(request.model).expanduser()
+    if not path.exists():
+        raise TaskError(f"model not found: {path} (pass a .safetensors / .ckpt file or a diffusers folder)")
+    model = runtime.load_model(
+        path, request.config, use_ema=request.use_ema, device=request.device, dtype=request.dtype
+    )
+    if not isinstance(model, ModelBundle):
+        raise TaskError(f"{path} did not load as a latent diffusion model (got {type(model).__name__})")
+    return model
+
+
+def bundle_device_dtype(bundle: ModelBundle) -> tuple[torch.device, torch.dtype]:
+    """Where the bundle's networks live and their floating dtype."""
+    p = next(bundle.first_stage_model.parameters())
+    return p.device, p.dtype
+
+
+def cond_modality(bundle: ModelBundle, registry: Registry[Any] | None = None) -> str | None:
+    """The modality of the model's condition (text, class, mask, lowres, semantic, layout, ...), or None
+    for an unconditional model; ``"unknown"`` when no registered encoder claims the cond stage target."""
+    from ldm_sdk.checkpoints.original_config import FIRST_STAGE_COND, UNCONDITIONAL
+    from ldm_sdk.encoders.from_bundle import COND_STAGE_KEY_MODALITY, encoder_specs
+
+    cond = bundle.config.cond_stage
+    if cond is None or cond.target == UNCONDITIONAL:
+        return None
+    if cond.target == FIRST_STAGE_COND:
+        return "mask"
+    diffusion = bundle.config.diffusion
+    by_key = COND_STAGE_KEY_MODALITY.get(diffusion.cond_stage_key) if diffusion is not None else None
+    modalities: set[str] = set()
+    if registry is not None:
+        specs = encoder_specs(registry).values()
+        modalities = {s.modality for s in specs if cond.target in s.compvis_targets}
+    if by_key is not None and (not modalities or by_key in modalities):
+        return by_key
+    if len(modalities) == 1:
+        return modalities.pop()
+    return "unknown"
+
+
+def is_inpainting_model(bundle: ModelBundle, registry: Registry[Any] | None = None) -> bool:
+    """A dedicated inpainting model: LDM (concat, first stage as cond stage, ``2 * c + 1`` input channels)
+    or Stable Diffusion (hybrid: text cross-attention + ``2 * c + 1`` input channels)."""
+    if bundle.model is None or bundle.config.unet is None:
+        return False
+    key = bundle.conditioning_key
+    c = bundle.latent_channels
+    in_channels = bundle.config.unet.in_channels
+    modality = cond_modality(bundle, registry)
+    if key == "concat" and modality == "mask":
+        return in_channels == 2 * c + 1
+    return key == "hybrid" and in_channels == 2 * c + 1 and modality in ("text", "unknown")
+
+
+def supported_tasks(bundle: ModelBundle, registry: Registry[Any] | None = None) -> tuple[str, ...]:
+    """The tasks ``bundle`` can do, from its conditioning key, input channels and cond stage modality."""
+    if bundle.model is None:
+        return ()
+    key = bundle.conditioning_key
+    modality = cond_modality(bundle, registry)
+    editing = ("img2img", "inpaint", "outpaint")  # mask-blended sampling works with any such model
+    if is_inpainting_model(bundle, registry):
+        return ("inpaint", "outpaint")
+    if key is None:
+        return ("uncond", *editing)
+    if key == "crossattn" and modality == "text":
+        return ("txt2img", *editing)
+    if key in ("crossattn", "adm") and modality == "class":
+        return ("class", *editing)
+    if key == "crossattn" and modality == "layout":
+        return ("layout",)
+    if key in ("concat", "hybrid", "hybrid-adm") and modality == "lowres":
+        return ("upscale",)
+    if key == "concat" and modality == "semantic":
+        return ("semantic",)
+    return ()
+
+
+def require_task(bundle: ModelBundle, task: str, registry: Registry[Any] | None = None) -> None:
+    """Raise :class:`UnsupportedTaskError` when ``bundle`` cannot do ``task``, naming what it can do."""
+    tasks = supported_tasks(bundle, registry)
+    if task in tasks:
+        return
+    modality = cond_modality(bundle, registry)
+    what = (
+        f"model {bundle.family!r} (conditioning_key {bundle.conditioning_key!r}, "
+        f"condition: {modality or 'none (unconditional)'})"
+    )
+    if bundle.model is None:
+        raise UnsupportedTaskError(f"{what} is a first-stage-only (autoencoder) file: it cannot run {task!r}")
+    can = ", ".join(tasks) if tasks else "none of the built-in tasks"
+    raise UnsupportedTaskError(f"{what} cannot do {task!r}; it supports: {can}")
+
+
+# -- sizes -------------------------------------------------------------------------------------------------
+def size_multiple(bundle: ModelBundle) -> int:
+    """What image sides must be multiples of: the first stage's factor times ``2 ** (levels - 1)`` of the
+    UNet (it halves the latent that often and doubles it back)."""
+    factor = bundle.downsampling_factor
+    if bundle.config.unet is None:
+        return factor
+    return factor * 2 ** (len(bundle.config.unet.channel_mult) - 1)
+
+
+def default_size(bundle: ModelBundle) -> tuple[int, int]:
+    """The model's training size in pixels, ``(height, width)``."""
+    diffusion = bundle.config.diffusion
+    side = (diffusion.image_size if diffusion is not None else 32) * bundle.downsampling_factor
+    return side, side
+
+
+def check_size(height: int, width: int, multiple: int, *, what: str = "image", can_fit: bool = True) -> None:
+    """Raise :class:`TaskError` unless both sides are positive multiples of ``multiple``; the message gives
+    the nearest valid sizes and, when ``can_fit``, the ``pad`` / ``crop`` options."""
+    bad = [(name, v) for name, v in (("height", height), ("width", width)) if v % multiple or v <= 0]
+    if not bad:
+        return
+    nearest = "; ".join(
+        f"{name} {v}: use {max(multiple, v // multiple * multiple)} or {(v // multiple + 1) * multiple}"
+        for name, v in bad
+    )
+    options = (
+        "; or let the SDK fit it: --pad (replicate the right/bottom edges; the result is cropped back to the "
+        "input size) or --crop (drop the right/bottom remainder)"
+        if can_fit
+        else ""
+    )
+    raise TaskError(
+        f"{what} size {width}x{height} (WxH) is not a multiple of {multiple} (this model's latent factor x "
+        f"UNet downsampling); {nearest}{options}. Images are never resized silently"
+    )
+
+
+# -- encoders and randomness ---------------------------------------------------------------------------
+def cond_stage(bundle: ModelBundle, runtime: Runtime) -> ConditionEncoder | None:
+    """The bundle's condition encoder (``build_cond_stage`` with the runtime's encoder registry), built on
+    first use and kept with the bundle, so a cached model builds it once."""
+    from ldm_sdk.encoders.from_bundle import build_cond_stage
+
+    device, dtype = bundle_device_dtype(bundle)
+    cached = bundle.__dict__.get(_COND_STAGE_ATTR)
+    if cached is not None and cached[0] == (device, dtype):
+        return cached[1]  # type: ignore[no-any-return]
+    encoder = build_cond_stage(bundle, runtime.registries.condition_encoders, device=device, dtype=dtype)
+    # plain attribute, not a registered submodule: the bundle's state_dict stays the checkpoint's
+    object.__setattr__(bundle, _COND_STAGE_ATTR, ((device, dtype), encoder))
+    return encoder
+
+
+def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """``torch.Generator`` on ``device`` seeded with ``seed`` (CPU generator for devices without one)."""
+    device = torch.device(device)
+    try:
+        generator = torch.Generator(device=device)
+    except RuntimeError:
+        generator = torch.Generator()
+    return generator.manual_seed(int(seed))

@@ -1,0 +1,355 @@
+"""The steps every task takes, so that each task module stays a thin ``__call__``.
+
+:class:`Run` is one task invocation: it loads the model (through the runtime's cache), checks that the model
+can do the task, resolves the sampler plan, reads the inputs (recording their hashes), computes the
+conditioning (:meth:`Run.conditioning`), samples the batch item by item (item ``i`` with its own generator
+seeded ``seed + i``, so it equals the single run with that seed), decodes, and builds the result with its
+manifest (:meth:`Run.finish`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldm_sdk.tasks.base import (
+    DEFAULT_TEXT_GUIDANCE,
+    ImageLike,
+    TaskError,
+    TaskInputs,
+    TaskRequest,
+    TaskResult,
+)
+from ldm_sdk.tasks.context import (
+    bundle_device_dtype,
+    check_size,
+    cond_modality,
+    cond_stage,
+    default_size,
+    load_bundle,
+    make_generator,
+    require_task,
+    size_multiple,
+)
+from ldm_sdk.tasks.sampling import SamplingPlan, batch_callback, plan_sampling
+
+if TYPE_CHECKING:
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.diffusion.conditioning import Conditioning
+    from ldm_sdk.encoders.base import ConditionEncoder
+    from ldm_sdk.runtime import Runtime
+    from ldm_sdk.samplers.base import StepCallback
+    from ldm_sdk.tasks.manifest import InputRecord
+
+__all__ = ["Guided", "InputReader", "Run"]
+
+ItemFn = Callable[[torch.Generator, "StepCallback | None"], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Guided:
+    """A conditioning, its unconditional counterpart and the guidance scale to combine them with."""
+
+    cond: Conditioning
+    uncond: Conditioning | None
+    guidance: float
+
+
+class InputReader:
+    """Reads a task's input images and masks (before the model is loaded, so bad files fail fast) and
+    records their hashes for the manifest; pass ``records`` on to :meth:`Run.start`."""
+
+    def __init__(self, task: str, records: list[InputRecord] | None = None) -> None:
+        self.task = task
+        self.records: list[InputRecord] = [] if records is None else records
+
+    def image(self, role: str, path: str | None, given: ImageLike | None) -> np.ndarray:
+        """An RGB input (``given`` in memory, else the file at ``path``) as uint8 ``H x W x 3``."""
+        from ldm_sdk.tasks.images import as_rgb
+        from ldm_sdk.tasks.manifest import input_record
+
+        if given is None and path is None:
+            raise TaskError(f"the {self.task} task needs an input {role} (a file, or inputs.{role})")
+        source = given if given is not None else path
+        pixels = as_rgb(source, what=role)
+        self.records.append(input_record(role, pixels, source if isinstance(source, str) else None))
+        return pixels
+
+    def mask(self, path: str | None, given: ImageLike | None) -> np.ndarray:
+        """The mask (white / 1 = repaint) as float32 ``H x W`` in [0, 1]."""
+        from ldm_sdk.tasks.images import as_mask
+        from ldm_sdk.tasks.manifest import input_record
+
+        if given is None and path is None:
+            raise TaskError(f"the {self.task} task needs a mask (white = repaint): a file, or inputs.mask")
+        source = given if given is not None else path
+        mask = as_mask(source)
+        self.records.append(input_record("mask", mask, source if isinstance(source, str) else None))
+        return mask
+
+
+@dataclass(eq=False)
+class Run:
+    """One task invocation (see the module docstring). Build it with :meth:`start`."""
+
+    name: str
+    request: TaskRequest
+    runtime: Runtime
+    bundle: ModelBundle
+    inputs: TaskInputs
+    callback: StepCallback | None
+    plan: SamplingPlan
+    device: torch.device
+    dtype: torch.dtype
+    records: list[InputRecord] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    guidance: float = 1.0
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        request: TaskRequest,
+        runtime: Runtime,
+        inputs: TaskInputs | None,
+        callback: StepCallback | None,
+        *,
+        task_check: str | None = None,
+        records: list[InputRecord] | None = None,
+    ) -> Run:
+        """Load the model, check it can do ``task_check`` (default: ``name``), plan the sampling.
+        ``records``: the inputs an :class:`InputReader` read already."""
+        inputs = inputs or TaskInputs()
+        bundle = load_bundle(request, runtime, inputs)
+        require_task(bundle, task_check or name, runtime.registries.condition_encoders)
+        assert bundle.schedule is not None
+        plan = plan_sampling(request, bundle.schedule)
+        device, dtype = bundle_device_dtype(bundle)
+        run = cls(name, request, runtime, bundle, inputs, callback, plan, device, dtype)
+        run.records = [] if records is None else records
+        return run
+
+    # -- inputs --------------------------------------------------------------------------------------------
+    def image_input(self, role: str, path: str | None, given: ImageLike | None) -> np.ndarray:
+        """An RGB input (``given`` in memory, else the file at ``path``) as uint8 ``H x W x 3``; recorded."""
+        return InputReader(self.name, self.records).image(role, path, given)
+
+    def mask_input(self, path: str | None, given: ImageLike | None) -> np.ndarray:
+        """The mask (white / 1 = repaint) as float32 ``H x W`` in [0, 1]; recorded."""
+        return InputReader(self.name, self.records).mask(path, given)
+
+    # -- conditioning --------------------------------------------------------------------------------------
+    def encoder(self) -> ConditionEncoder | None:
+        """The condition encoder: ``inputs.encoder``, else the model's cond stage."""
+        if self.inputs.encoder is not None:
+            return self.inputs.encoder
+        return cond_stage(self.bundle, self.runtime)
+
+    def conditioning(
+        self,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        class_label: int | None = None,
+        uncond_class: int | None = None,
+        concat: Tensor | None = None,
+    ) -> Guided:
+        """The conditioning the model takes (text, class label or none), with guidance resolved from the
+        request (None: 7.5 for text, else 1). ``concat`` is added to both halves (inpainting models)."""
+        from ldm_sdk.diffusion.conditioning import Conditioning
+
+        requested = self.request.guidance
+        encoder = None if concat is not None and self.bundle.conditioning_key == "concat" else self.encoder()
+        modality = encoder.modality if encoder is not None else cond_modality(self.bundle, self._registry())
+        if concat is not None and self.bundle.conditioning_key == "concat":
+            modality = None  # LDM inpainting: the concat map is the whole condition
+        what = f"model {self.bundle.family!r}"
+        if modality != "text" and prompt is not None and prompt.strip():
+            raise TaskError(
+                f"{what} is not text-conditioned ({modality or 'unconditional'}): it takes no prompt"
+            )
+        if modality != "class" and class_label is not None:
+            raise TaskError(f"{what} is not class-conditional: it takes no class label")
+        cond, uncond = Conditioning(), None
+        guidance = 1.0 if requested is None else requested
+        with torch.inference_mode():
+            if modality == "text":
+                assert encoder is not None
+                if prompt is None:
+                    raise TaskError(f"{what} is text-conditioned: give a prompt (--prompt; '' for none)")
+                _check_length(encoder, prompt, "")
+                _check_length(encoder, negative_prompt, "negative ")
+                guidance = DEFAULT_TEXT_GUIDANCE if requested is None else requested
+                cond = encoder.conditioning(encoder([prompt]))
+                if guidance != 1.0:
+                    uncond = encoder.conditioning(encoder([negative_prompt]))
+            elif modality == "class":
+                cond, uncond = self._class_conditioning(encoder, class_label, uncond_class, guidance)
+            elif modality is None:
+                if guidance != 1.0:
+                    raise TaskError(
+                        f"{what} has no condition to guide (unconditional): leave guidance unset or 1"
+                    )
+            else:
+                raise TaskError(
+                    f"{what} is conditioned on {modality!r}, which the {self.name} task cannot give"
+                )
+        if concat is not None:
+            cond = Conditioning(crossattn=cond.crossattn, concat=concat, y=cond.y)
+            if uncond is not None:
+                uncond = Conditioning(crossattn=uncond.crossattn, concat=concat, y=uncond.y)
+        self.guidance = float(guidance)
+        return Guided(cond=cond, uncond=uncond, guidance=float(guidance))
+
+    def _class_conditioning(
+        self, encoder: ConditionEncoder | None, label: int | None, uncond_class: int | None, guidance: float
+    ) -> tuple[Conditioning, Conditioning | None]:
+        from ldm_sdk.diffusion.conditioning import Conditioning
+
+        what = f"model {self.bundle.family!r}"
+        n = getattr(encoder, "n_classes", None)
+        valid = f"0..{n - 1}" if n else "its class indices"
+        if label is None:
+            raise TaskError(f"{what} is class-conditional: give a class label (--class N; valid: {valid})")
+        null = uncond_class if uncond_class is not None else getattr(encoder, "uncond_class", None)
+        if guidance != 1.0 and null is None:
+            raise TaskError(
+                f"guidance {guidance} needs the model's unconditional (null) class label: pass uncond_class "
+                "(--uncond-class; cin256-v2: 1000), or leave guidance unset / 1"
+            )
+        if self.bundle.conditioning_key == "adm" or encoder is None:
+            y = torch.tensor([label], device=self.device)
+            u = torch.tensor([null], device=self.device) if guidance != 1.0 else None
+            return Conditioning(y=y), (Conditioning(y=u) if u is not None else None)
+        for value in (label, null):
+            if value is not None and n is not None and not 0 <= value < n:
+                raise TaskError(f"class label {value} out of range; valid: {valid}")
+        cond = encoder.conditioning(encoder(torch.tensor([label])))
+        uncond = encoder.conditioning(encoder(torch.tensor([null]))) if guidance != 1.0 else None
+        return cond, uncond
+
+    def _registry(self) -> Any:
+        return self.runtime.registries.condition_encoders
+
+    # -- sampling --------------------------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.bundle.downsampling_factor
+        return (1, self.bundle.latent_channels, height // f, width // f)
+
+    def sample(self, item: ItemFn) -> Tensor:
+        """Call ``item(generator, callback)`` for each batch item (generator seeded ``seed + i``); returns
+        the latents ``[B, C, h, w]``."""
+        latents = []
+        for i, seed in enumerate(self.request.seeds()):
+            generator = make_generator(self.device, seed)
+            latent = item(generator, batch_callback(self.callback, i, self.request.batch))
+            self.check_finite(latent, "sampling")
+            latents.append(latent)
+        return torch.cat(latents)
+
+    def check_finite(self, x: Tensor, stage: str) -> Tensor:
+        """Refuse NaN / inf (a model overflowing in fp16 would otherwise give black or frozen images)."""
+        if not bool(torch.isfinite(x).all()):
+            from ldm_sdk.devices import dtype_name
+
+            raise TaskError(
+                f"{stage} produced non-finite values (NaN/inf) with dtype {dtype_name(self.dtype)} on "
+                f"{self.device}: model {self.bundle.family!r} overflows in this precision; use dtype fp32 or "
+                "bf16 (--dtype)"
+            )
+        return x
+
+    def sample_kwargs(self, guided: Guided) -> dict[str, Any]:
+        """The keyword arguments of :func:`~ldm_sdk.tasks.sampling.run_sampling` every task passes."""
+        return {"guidance": guided.guidance, "samplers": self.runtime.registries.samplers, "plan": self.plan}
+
+    def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The requested output size (default: the model's training size), checked against the model."""
+        default_h, default_w = default_size(self.bundle)
+        h, w = height or default_h, width or default_w
+        check_size(h, w, size_multiple(self.bundle), what="output", can_fit=False)
+        return h, w
+
+    def generate(self, guided: Guided, height: int, width: int) -> TaskResult:
+        """Sample from pure noise at ``height x width`` pixels, decode, finish."""
+        from ldm_sdk.tasks.sampling import run_sampling
+
+        shape = self.latent_shape(height, width)
+
+        def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
+            return run_sampling(
+                self.bundle,
+                guided.cond,
+                guided.uncond,
+                shape,
+                self.request,
+                generator,
+                callback,
+                **self.sample_kwargs(guided),
+            )
+
+        latents = self.sample(item)
+        return self.finish(self.decode(latents), latents)
+
+    # -- first stage -----------------------------------------------------------------------------------
+    def encode(self, image: np.ndarray) -> Tensor:
+        """uint8 ``H x W x 3`` -> the scaled latent ``[1, C, h, w]`` (posterior mode), float32."""
+        from ldm_sdk.tasks.images import to_tensor
+
+        x = to_tensor(image, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            return self.check_finite(self.bundle.encode_first_stage(x).float(), "encoding the input image")
+
+    def decode(self, latents: Tensor) -> list[np.ndarray]:
+        """Latents ``[B, C, h, w]`` -> uint8 ``H x W x 3`` images, decoded one item at a time."""
+        from ldm_sdk.tasks.images import tensor_to_images
+
+        out: list[np.ndarray] = []
+        with torch.inference_mode():
+            for z in latents.split(1):
+                x = self.bundle.decode_first_stage(z.to(self.device, self.dtype))
+                out += tensor_to_images(self.check_finite(x, "decoding"))
+        return out
+
+    # -- result ----------------------------------------------------------------------------------------
+    def finish(self, images: list[np.ndarray], latents: Tensor | None) -> TaskResult:
+        """The result with its manifest."""
+        from ldm_sdk.devices import dtype_name
+        from ldm_sdk.tasks.manifest import Manifest, model_record, now, plugin_records, versions
+
+        manifest = Manifest(
+            task=self.name,
+            request=self.request.model_dump(mode="json"),
+            seeds=self.request.seeds(),
+            sampler=self.plan.sampler,
+            steps=self.plan.steps,
+            spacing=self.plan.spacing,
+            timesteps=[float(t) for t in self.plan.timesteps.tolist()],
+            guidance=self.guidance,
+            eta=self.plan.eta,
+            model=model_record(self.bundle, self.request, self.runtime),
+            inputs=self.records,
+            plugins=plugin_records(self.runtime),
+            versions=versions(),
+            device=str(self.device),
+            dtype=dtype_name(self.dtype),
+            created=now(),
+            extra=self.extra,
+        )
+        return TaskResult(images=images, manifest=manifest, latents=latents)
+
+
+def _check_length(encoder: ConditionEncoder, text: str, what: str) -> None:
+    """The encoder's ``check_length`` (when it has one) as a :class:`TaskError`: never truncate silently."""
+    check = getattr(encoder, "check_length", None)
+    if check is None or not text:
+        return
+    try:
+        check([text])
+    except ValueError as exc:
+        raise TaskError(f"{what}{exc}") from None
