@@ -109,6 +109,18 @@ class EncoderSpec:
     compvis_targets: tuple[str, ...] = ()
     description: str = ""
 
+    @property
+    def config_target(self) -> str:
+        """The ``cond_stage_config.target`` a model records for this encoder: its CompVis original's, or
+        (for an encoder with no original, e.g. MiniLM) its own class path."""
+        if self.compvis_targets:
+            return self.compvis_targets[0]
+        return f"{self.factory.__module__}.{self.factory.__qualname__}"
+
+    def claims(self, target: str) -> bool:
+        """Whether a model whose ``cond_stage_config.target`` is ``target`` is conditioned by this encoder."""
+        return target in self.compvis_targets or target == self.config_target
+
     @classmethod
     def of(cls, encoder_cls: type[ConditionEncoder], description: str = "") -> EncoderSpec:
         return cls(

@@ -62,7 +62,7 @@ def known_targets(registry: Registry[Any]) -> dict[str, list[str]]:
     """CompVis target -> the names of the registered encoders that claim it, sorted."""
     out: dict[str, list[str]] = {}
     for name, spec in encoder_specs(registry).items():
-        for target in spec.compvis_targets:
+        for target in dict.fromkeys((*spec.compvis_targets, spec.config_target)):
             out.setdefault(target, []).append(name)
     return dict(sorted(out.items()))
 
@@ -132,7 +132,7 @@ def build_cond_stage(
 
 # -- helpers ---------------------------------------------------------------------------------------------
 def _candidates(registry: Registry[Any], target: str) -> dict[str, EncoderSpec]:
-    return {name: spec for name, spec in encoder_specs(registry).items() if target in spec.compvis_targets}
+    return {name: spec for name, spec in encoder_specs(registry).items() if spec.claims(target)}
 
 
 def _preferred(bundle: ModelBundle, candidates: dict[str, EncoderSpec]) -> list[str]:

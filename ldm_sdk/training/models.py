@@ -76,14 +76,6 @@ def first_stage_config(spec: str) -> tuple[str, FirstStageConfig]:
 
 
 # -- condition encoders -------------------------------------------------------------------------------------
-def _target(spec: EncoderSpec) -> str:
-    """The ``cond_stage_config.target`` a trained model records for ``spec``'s encoder."""
-    if spec.compvis_targets:
-        return spec.compvis_targets[0]
-    factory = spec.factory
-    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
-
-
 def choose_encoder(registry: Any, config: ModelConfig, name: str | None) -> tuple[str, EncoderSpec] | None:
     """The registry entry that conditions this model: ``name`` when given, else the one that claims the
     config's ``cond_stage_config.target`` (preferring the modality of ``cond_stage_key``); None when the
@@ -98,9 +90,7 @@ def choose_encoder(registry: Any, config: ModelConfig, name: str | None) -> tupl
     cond = config.cond_stage
     if cond is None:
         return None
-    claiming = sorted(
-        n for n, s in specs.items() if cond.target in s.compvis_targets or cond.target == _target(s)
-    )
+    claiming = sorted(n for n, s in specs.items() if s.claims(cond.target))
     if not claiming:
         raise ValueError(
             f"no registered condition encoder reproduces cond_stage_config.target {cond.target!r}; pass "
@@ -138,7 +128,7 @@ def build_encoder(
 def cond_stage_config(spec: EncoderSpec, params: Mapping[str, Any]) -> CondStageConfig:
     """What the trained model's config records about its encoder (JSON-plain params only)."""
     plain = {k: v for k, v in params.items() if isinstance(v, str | int | float | bool | list | dict | None)}
-    return CondStageConfig(target=_target(spec), params=plain)
+    return CondStageConfig(target=spec.config_target, params=plain)
 
 
 def encoder_input(encoder: ConditionEncoder, batch: Mapping[str, Any], key: str) -> Any:
