@@ -83,6 +83,9 @@ class Runtime:
         trace: bool = False,
         plugins: Sequence[object] = (),
     ) -> None:
+        """The options of :meth:`create`. ``plugins`` are extra plugin objects registered after the built-in
+        one and before entry points (scripts and tests); ``disabled_plugins`` adds to
+        ``$LDM_SDK_DISABLE_PLUGINS``."""
         env = os.environ
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
@@ -110,28 +113,10 @@ class Runtime:
         self._plugins.call_event("ldm_runtime_started", runtime=self)
 
     @classmethod
-    def create(
-        cls,
-        *,
-        load_entrypoints: bool = True,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        memory_budget_bytes: int | None = None,
-        disabled_plugins: Iterable[str] = (),
-        trace: bool = False,
-        plugins: Sequence[object] = (),
-    ) -> Runtime:
-        """A new runtime. ``plugins`` are extra plugin objects registered after the built-in one and before
-        entry points (scripts and tests); ``disabled_plugins`` adds to ``$LDM_SDK_DISABLE_PLUGINS``."""
-        return cls(
-            load_entrypoints=load_entrypoints,
-            device=device,
-            dtype=dtype,
-            memory_budget_bytes=memory_budget_bytes,
-            disabled_plugins=disabled_plugins,
-            trace=trace,
-            plugins=plugins,
-        )
+    def create(cls, **options: Any) -> Runtime:
+        """A new runtime; ``options`` are the keyword arguments of :class:`Runtime` (``load_entrypoints``,
+        ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``)."""
+        return cls(**options)
 
     @classmethod
     def shared(cls) -> Runtime:

@@ -18,6 +18,7 @@ that detection uses to choose between them when it is given a file name.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,140 +39,139 @@ class Family:
     hints: tuple[str, ...] = ()
 
 
-# -- first stages, exactly as the LDM configs embed them -----------------------------------------------
-def _kl_f8() -> dict[str, Any]:
-    """The SD / LDM kl-f8 autoencoder (``first_stage_config`` of v1-inference.yaml and friends)."""
+# -- building blocks, as the released configs write them ------------------------------------------------
+# Each family's ``model:`` section is assembled from the shared blocks below with explicit overrides
+# (:func:`_with`); :func:`_build` deep-copies every section, so no two families share a nested object.
+_LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
+_INPAINT = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+_UNET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
+_BERT = "ldm.modules.encoders.modules.BERTEmbedder"
+
+
+def _with(base: dict[str, Any], *drop: str, **overrides: Any) -> dict[str, Any]:
+    """``base`` without the keys ``drop`` and with ``overrides`` (a replaced key keeps its place)."""
+    return {**{k: v for k, v in base.items() if k not in drop}, **overrides}
+
+
+def _model(
+    params: dict[str, Any], unet: dict[str, Any], first_stage: Any, cond_stage: Any, *, target: str = _LDM
+) -> dict[str, Any]:
+    """A ``model:`` section: ``target`` with the diffusion ``params``, the UNet's params and the first and
+    cond stage configs."""
     return {
-        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "target": target,
         "params": {
-            "embed_dim": 4,
-            "ddconfig": {
-                "double_z": True,
-                "z_channels": 4,
-                "resolution": 256,
-                "in_channels": 3,
-                "out_ch": 3,
-                "ch": 128,
-                "ch_mult": [1, 2, 4, 4],
-                "num_res_blocks": 2,
-                "attn_resolutions": [],
-                "dropout": 0.0,
-            },
-            "lossconfig": {"target": "torch.nn.Identity"},
+            **params,
+            "unet_config": {"target": _UNET, "params": unet},
+            "first_stage_config": first_stage,
+            "cond_stage_config": cond_stage,
         },
     }
 
 
-def _vq_f4(*, attn_type: str | None = None) -> dict[str, Any]:
-    """The LDM vq-f4 autoencoder (``VQModelInterface``; ``attn_type: none`` is vq-f4-noattn)."""
-    ddconfig: dict[str, Any] = {
-        "double_z": False,
-        "z_channels": 3,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    if attn_type is not None:
-        ddconfig = {"attn_type": attn_type, **ddconfig}
-    return {
-        "target": "ldm.models.autoencoder.VQModelInterface",
-        "params": {
-            "embed_dim": 3,
-            "n_embed": 8192,
-            "ddconfig": ddconfig,
-            "lossconfig": {"target": "torch.nn.Identity"},
-        },
-    }
+# first stages, exactly as the LDM configs embed them
+_KL_F8_DDCONFIG: dict[str, Any] = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+_IDENTITY_LOSS = {"target": "torch.nn.Identity"}
+#: the SD / LDM kl-f8 autoencoder (``first_stage_config`` of v1-inference.yaml and friends)
+_KL_F8 = {
+    "target": "ldm.models.autoencoder.AutoencoderKL",
+    "params": {"embed_dim": 4, "ddconfig": _KL_F8_DDCONFIG, "lossconfig": _IDENTITY_LOSS},
+}
+_VQ_F4_DDCONFIG = _with(_KL_F8_DDCONFIG, double_z=False, z_channels=3, ch_mult=[1, 2, 4])
+#: the LDM vq-f4 autoencoder (``VQModelInterface``)
+_VQ_F4 = {
+    "target": "ldm.models.autoencoder.VQModelInterface",
+    "params": {"embed_dim": 3, "n_embed": 8192, "ddconfig": _VQ_F4_DDCONFIG, "lossconfig": _IDENTITY_LOSS},
+}
+#: vq-f4-noattn: ``attn_type: none``
+_VQ_F4_NOATTN = {
+    **_VQ_F4,
+    "params": {**_VQ_F4["params"], "ddconfig": {"attn_type": "none", **_VQ_F4_DDCONFIG}},
+}
 
-
-def _sd_params(**overrides: Any) -> dict[str, Any]:
-    """The diffusion params shared by every SD 1.x / 2.x inference config."""
-    return {
-        "linear_start": 0.00085,
-        "linear_end": 0.0120,
-        "num_timesteps_cond": 1,
-        "log_every_t": 200,
-        "timesteps": 1000,
-        "first_stage_key": "jpg",
-        "cond_stage_key": "txt",
-        "image_size": 64,
-        "channels": 4,
-        "cond_stage_trainable": False,
-        "conditioning_key": "crossattn",
-        "monitor": "val/loss_simple_ema",
-        "scale_factor": 0.18215,
-        "use_ema": False,
-        **overrides,
-    }
-
-
-def _sd1_unet(in_channels: int = 4) -> dict[str, Any]:
-    return {
-        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-        "params": {
-            "image_size": 32,  # unused
-            "in_channels": in_channels,
-            "out_channels": 4,
-            "model_channels": 320,
-            "attention_resolutions": [4, 2, 1],
-            "num_res_blocks": 2,
-            "channel_mult": [1, 2, 4, 4],
-            "num_heads": 8,
-            "use_spatial_transformer": True,
-            "transformer_depth": 1,
-            "context_dim": 768,
-            "use_checkpoint": True,
-            "legacy": False,
-        },
-    }
-
-
-def _sd2_unet(in_channels: int = 4, *, use_fp16: bool | None = True) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "use_checkpoint": True,
-        "use_fp16": use_fp16,
-        "image_size": 32,  # unused
-        "in_channels": in_channels,
-        "out_channels": 4,
-        "model_channels": 320,
-        "attention_resolutions": [4, 2, 1],
-        "num_res_blocks": 2,
-        "channel_mult": [1, 2, 4, 4],
-        "num_head_channels": 64,
-        "use_spatial_transformer": True,
-        "use_linear_in_transformer": True,
-        "transformer_depth": 1,
-        "context_dim": 1024,
-        "legacy": False,
-    }
-    if use_fp16 is None:  # v2-inpainting-inference.yaml does not set it
-        del params["use_fp16"]
-    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
-
-
+# Stable Diffusion
+#: the diffusion params shared by every SD 1.x / 2.x inference config
+_SD_PARAMS: dict[str, Any] = {
+    "linear_start": 0.00085,
+    "linear_end": 0.0120,
+    "num_timesteps_cond": 1,
+    "log_every_t": 200,
+    "timesteps": 1000,
+    "first_stage_key": "jpg",
+    "cond_stage_key": "txt",
+    "image_size": 64,
+    "channels": 4,
+    "cond_stage_trainable": False,
+    "conditioning_key": "crossattn",
+    "monitor": "val/loss_simple_ema",
+    "scale_factor": 0.18215,
+    "use_ema": False,
+}
+_SD1_UNET: dict[str, Any] = {
+    "image_size": 32,  # unused
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 4, 4],
+    "num_heads": 8,
+    "use_spatial_transformer": True,
+    "transformer_depth": 1,
+    "context_dim": 768,
+    "use_checkpoint": True,
+    "legacy": False,
+}
+_SD2_UNET = _with(
+    _SD1_UNET,
+    "num_heads",
+    num_head_channels=64,
+    use_linear_in_transformer=True,
+    context_dim=1024,
+    use_fp16=True,
+)
 _CLIP = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
 _OPENCLIP = {
     "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
     "params": {"freeze": True, "layer": "penultimate"},
 }
 
-
-def _unet(**params: Any) -> dict[str, Any]:
-    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
-
-
-def _ldm_params(**params: Any) -> dict[str, Any]:
-    """Diffusion params of the LDM zoo configs (schedule values differ per model, so all are passed)."""
-    return {"timesteps": 1000, "first_stage_key": "image", **params}
-
-
-_LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
-_INPAINT = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+# the LDM model zoo (CompVis/latent-diffusion): schedules differ per model, so each gives its linear_end
+_LDM_PARAMS: dict[str, Any] = {"timesteps": 1000, "first_stage_key": "image", "linear_start": 0.0015}
+#: the zoo's VQ-f4 models: 64 x 64 x 3 latents
+_VQ_F4_PARAMS = _with(_LDM_PARAMS, image_size=64, channels=3)
+_LDM_UNET: dict[str, Any] = {
+    "image_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "attention_resolutions": [8, 4, 2],
+    "num_res_blocks": 2,
+    "channel_mult": [1, 2, 3, 4],
+}
+#: celeba256 / ffhq256 / lsun_beds256: the three files have the same ``model:`` section
+_UNCOND_VQ_F4 = _model(
+    _with(
+        _VQ_F4_PARAMS,
+        linear_end=0.0195,
+        cond_stage_key="class_label",
+        cond_stage_trainable=False,
+        concat_mode=False,
+    ),
+    _with(_LDM_UNET, model_channels=224, num_head_channels=32),
+    _VQ_F4,
+    "__is_unconditional__",
+)
 
 # name -> (description, original file, where it was published, hints, model section)
 _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
@@ -183,32 +183,21 @@ _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
         # first_stage ddconfig.resolution: 256 as we remember the release (a fork's copy says 512); it does
         # not change the network (no attention levels)
         (),
-        {
-            "target": _LDM,
-            "params": {
-                **_sd_params(),
-                "unet_config": _sd1_unet(),
-                "first_stage_config": _kl_f8(),
-                "cond_stage_config": _CLIP,
-            },
-        },
+        _model(_SD_PARAMS, _SD1_UNET, _KL_F8, _CLIP),
     ),
     "sd1-inpaint": (
         "Stable Diffusion 1.5 inpainting (RunwayML): 9 input channels = latent, mask, masked-image latent",
         "v1-inpainting-inference.yaml",
         "runwayml/stable-diffusion configs/stable-diffusion/v1-inpainting-inference.yaml",
         (),
-        {
-            "target": _INPAINT,
+        _model(
             # no use_ema key in this file: the DDPM default (True) applies
-            "params": {
-                **{k: v for k, v in _sd_params(conditioning_key="hybrid").items() if k != "use_ema"},
-                "finetune_keys": None,
-                "unet_config": _sd1_unet(in_channels=9),
-                "first_stage_config": _kl_f8(),
-                "cond_stage_config": _CLIP,
-            },
-        },
+            _with(_SD_PARAMS, "use_ema", conditioning_key="hybrid", finetune_keys=None),
+            _with(_SD1_UNET, in_channels=9),
+            _KL_F8,
+            _CLIP,
+            target=_INPAINT,
+        ),
     ),
     # ---- Stable Diffusion 2.x ----------------------------------------------------------------------
     "sd2": (
@@ -216,47 +205,28 @@ _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
         "v2-inference.yaml",
         "Stability-AI/stablediffusion configs/stable-diffusion/v2-inference.yaml",
         ("512-base", "v2-1_512", "512"),
-        {
-            "target": _LDM,
-            "params": {
-                **_sd_params(),
-                "unet_config": _sd2_unet(),
-                "first_stage_config": _kl_f8(),
-                "cond_stage_config": _OPENCLIP,
-            },
-        },
+        _model(_SD_PARAMS, _SD2_UNET, _KL_F8, _OPENCLIP),
     ),
     "sd2-v": (
         "Stable Diffusion 2.x 768, v-prediction (768-v, v2-1_768), OpenCLIP ViT-H/14 text encoder",
         "v2-inference-v.yaml",
         "Stability-AI/stablediffusion configs/stable-diffusion/v2-inference-v.yaml",
         ("768-v", "v2-1_768", "768"),
-        {
-            "target": _LDM,
-            "params": {
-                "parameterization": "v",
-                **_sd_params(),
-                "unet_config": _sd2_unet(),
-                "first_stage_config": _kl_f8(),
-                "cond_stage_config": _OPENCLIP,
-            },
-        },
+        _model({"parameterization": "v", **_SD_PARAMS}, _SD2_UNET, _KL_F8, _OPENCLIP),
     ),
     "sd2-inpaint": (
         "Stable Diffusion 2 inpainting (512-inpainting-ema), eps-prediction, 9 input channels",
         "v2-inpainting-inference.yaml",
         "Stability-AI/stablediffusion configs/stable-diffusion/v2-inpainting-inference.yaml",
         (),
-        {
-            "target": _INPAINT,
-            "params": {
-                **_sd_params(conditioning_key="hybrid"),
-                "finetune_keys": None,
-                "unet_config": _sd2_unet(in_channels=9, use_fp16=None),
-                "first_stage_config": _kl_f8(),
-                "cond_stage_config": _OPENCLIP,
-            },
-        },
+        _model(
+            _with(_SD_PARAMS, conditioning_key="hybrid", finetune_keys=None),
+            # v2-inpainting-inference.yaml does not set use_fp16
+            _with(_SD2_UNET, "use_fp16", in_channels=9),
+            _KL_F8,
+            _OPENCLIP,
+            target=_INPAINT,
+        ),
     ),
     # ---- LDM model zoo (CompVis/latent-diffusion) ------------------------------------------------------
     "ldm-cin256": (
@@ -264,46 +234,39 @@ _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
         "cin256-v2.yaml",
         "CompVis/latent-diffusion configs/latent-diffusion/cin256-v2.yaml",
         (),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _VQ_F4_PARAMS,
                 linear_end=0.0195,
                 cond_stage_key="class_label",
-                image_size=64,
-                channels=3,
                 cond_stage_trainable=True,
                 conditioning_key="crossattn",
                 use_ema=False,
-                unet_config=_unet(
-                    image_size=64,
-                    in_channels=3,
-                    out_channels=3,
-                    model_channels=192,
-                    attention_resolutions=[8, 4, 2],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 3, 5],
-                    num_heads=1,
-                    use_spatial_transformer=True,
-                    transformer_depth=1,
-                    context_dim=512,
-                ),
-                first_stage_config=_vq_f4(),
-                cond_stage_config={
-                    "target": "ldm.modules.encoders.modules.ClassEmbedder",
-                    "params": {"n_classes": 1001, "embed_dim": 512, "key": "class_label"},
-                },
             ),
-        },
+            _with(
+                _LDM_UNET,
+                model_channels=192,
+                channel_mult=[1, 2, 3, 5],
+                num_heads=1,
+                use_spatial_transformer=True,
+                transformer_depth=1,
+                context_dim=512,
+            ),
+            _VQ_F4,
+            {
+                "target": "ldm.modules.encoders.modules.ClassEmbedder",
+                "params": {"n_classes": 1001, "embed_dim": 512, "key": "class_label"},
+            },
+        ),
     ),
     "ldm-txt2img-kl8": (
         "LDM-KL-8-G text-to-image (1.45B, LAION-400M), BERT-style transformer trained jointly",
         "txt2img-1p4B-eval.yaml",
         "CompVis/latent-diffusion configs/latent-diffusion/txt2img-1p4B-eval.yaml",
         (),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
+        _model(
+            _with(
+                _LDM_PARAMS,
                 linear_start=0.00085,
                 linear_end=0.012,
                 cond_stage_key="caption",
@@ -313,179 +276,131 @@ _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
                 conditioning_key="crossattn",
                 scale_factor=0.18215,
                 use_ema=False,
-                unet_config=_unet(
-                    image_size=32,
-                    in_channels=4,
-                    out_channels=4,
-                    model_channels=320,
-                    attention_resolutions=[4, 2, 1],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 4, 4],
-                    num_heads=8,
-                    use_spatial_transformer=True,
-                    transformer_depth=1,
-                    context_dim=1280,
-                    use_checkpoint=True,
-                    legacy=False,
-                ),
-                first_stage_config=_kl_f8(),
-                cond_stage_config={
-                    "target": "ldm.modules.encoders.modules.BERTEmbedder",
-                    "params": {"n_embed": 1280, "n_layer": 32},
-                },
             ),
-        },
+            # the UNet SD 1.x took over, with a 1280-wide context
+            _with(_SD1_UNET, context_dim=1280),
+            _KL_F8,
+            {"target": _BERT, "params": {"n_embed": 1280, "n_layer": 32}},
+        ),
     ),
     "ldm-sr-bsr": (
         "LDM-BSR x4 super-resolution (bsr_sr), low-res image concatenated to the latent",
         "models/ldm/bsr_sr/config.yaml",
         "CompVis/latent-diffusion models/ldm/bsr_sr/config.yaml",
         (),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _VQ_F4_PARAMS,
                 linear_end=0.0155,
                 loss_type="l2",
                 cond_stage_key="LR_image",
-                image_size=64,
-                channels=3,
                 concat_mode=True,
                 cond_stage_trainable=False,
-                unet_config=_unet(
-                    image_size=64,
-                    in_channels=6,
-                    out_channels=3,
-                    model_channels=160,
-                    attention_resolutions=[16, 8],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 2, 4],
-                    num_head_channels=32,
-                ),
-                first_stage_config=_vq_f4(),
-                cond_stage_config={"target": "torch.nn.Identity"},
             ),
-        },
+            _with(
+                _LDM_UNET,
+                in_channels=6,
+                model_channels=160,
+                attention_resolutions=[16, 8],
+                channel_mult=[1, 2, 2, 4],
+                num_head_channels=32,
+            ),
+            _VQ_F4,
+            {"target": "torch.nn.Identity"},
+        ),
     ),
     "ldm-inpaint": (
         "LDM inpainting (inpainting_big, Places), masked image and mask concatenated to the latent",
         "models/ldm/inpainting_big/config.yaml",
         "CompVis/latent-diffusion models/ldm/inpainting_big/config.yaml",
         (),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _VQ_F4_PARAMS,
                 linear_end=0.0205,
                 loss_type="l1",
                 cond_stage_key="masked_image",
-                image_size=64,
-                channels=3,
                 concat_mode=True,
-                unet_config=_unet(
-                    image_size=64,
-                    in_channels=7,
-                    out_channels=3,
-                    model_channels=256,
-                    attention_resolutions=[8, 4, 2],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 3, 4],
-                    num_heads=8,
-                    resblock_updown=True,
-                ),
-                first_stage_config=_vq_f4(attn_type="none"),
-                cond_stage_config="__is_first_stage__",
             ),
-        },
+            _with(_LDM_UNET, in_channels=7, model_channels=256, num_heads=8, resblock_updown=True),
+            _VQ_F4_NOATTN,
+            "__is_first_stage__",
+        ),
     ),
     "ldm-semantic": (
         "LDM semantic synthesis (landscapes, 182 COCO-Stuff classes), rescaled map concatenated",
         "models/ldm/semantic_synthesis256/config.yaml",
         "CompVis/latent-diffusion models/ldm/semantic_synthesis256/config.yaml",
         (),
-        {
-            "target": _LDM,
-            # the UNet's attention_resolutions (32, 16, 8) are never reached with three levels: the only
-            # attention is the middle block's (as in the released file)
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _VQ_F4_PARAMS,
                 linear_end=0.0205,
                 loss_type="l1",
                 cond_stage_key="segmentation",
-                image_size=64,
-                channels=3,
                 concat_mode=True,
                 cond_stage_trainable=True,
-                unet_config=_unet(
-                    image_size=64,
-                    in_channels=6,
-                    out_channels=3,
-                    model_channels=128,
-                    attention_resolutions=[32, 16, 8],
-                    num_res_blocks=2,
-                    channel_mult=[1, 4, 8],
-                    num_heads=8,
-                ),
-                first_stage_config=_vq_f4(),
-                cond_stage_config={
-                    "target": "ldm.modules.encoders.modules.SpatialRescaler",
-                    "params": {"n_stages": 2, "in_channels": 182, "out_channels": 3},
-                },
             ),
-        },
+            # the attention_resolutions (32, 16, 8) are never reached with three levels: the only attention
+            # is the middle block's (as in the released file)
+            _with(
+                _LDM_UNET,
+                in_channels=6,
+                model_channels=128,
+                attention_resolutions=[32, 16, 8],
+                channel_mult=[1, 4, 8],
+                num_heads=8,
+            ),
+            _VQ_F4,
+            {
+                "target": "ldm.modules.encoders.modules.SpatialRescaler",
+                "params": {"n_stages": 2, "in_channels": 182, "out_channels": 3},
+            },
+        ),
     ),
     "ldm-layout": (
         "LDM layout-to-image (OpenImages 256): box tokens through a jointly trained transformer",
         "models/ldm/layout2img-openimages256/config.yaml",
         "CompVis/latent-diffusion models/ldm/layout2img-openimages256/config.yaml",
         (),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _VQ_F4_PARAMS,
                 linear_end=0.0205,
                 loss_type="l1",
                 cond_stage_key="coordinates_bbox",
-                image_size=64,
-                channels=3,
                 conditioning_key="crossattn",
                 cond_stage_trainable=True,
-                unet_config=_unet(
-                    image_size=64,
-                    in_channels=3,
-                    out_channels=3,
-                    model_channels=128,
-                    attention_resolutions=[8, 4, 2],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 3, 4],
-                    num_head_channels=32,
-                    use_spatial_transformer=True,
-                    transformer_depth=3,
-                    context_dim=512,
-                ),
-                first_stage_config=_vq_f4(),
-                cond_stage_config={
-                    "target": "ldm.modules.encoders.modules.BERTEmbedder",
-                    "params": {
-                        "n_embed": 512,
-                        "n_layer": 16,
-                        "vocab_size": 8192,
-                        "max_seq_len": 92,
-                        "use_tokenizer": False,
-                    },
-                },
             ),
-        },
+            _with(
+                _LDM_UNET,
+                model_channels=128,
+                num_head_channels=32,
+                use_spatial_transformer=True,
+                transformer_depth=3,
+                context_dim=512,
+            ),
+            _VQ_F4,
+            {
+                "target": _BERT,
+                "params": {
+                    "n_embed": 512,
+                    "n_layer": 16,
+                    "vocab_size": 8192,
+                    "max_seq_len": 92,
+                    "use_tokenizer": False,
+                },
+            },
+        ),
     ),
     "ldm-lsun-churches": (
         "LDM-KL-8 unconditional LSUN-Churches 256 (scale_by_std: scale_factor is in the checkpoint)",
         "models/ldm/lsun_churches256/config.yaml",
         "CompVis/latent-diffusion models/ldm/lsun_churches256/config.yaml",
         ("church",),
-        {
-            "target": _LDM,
-            "params": _ldm_params(
-                linear_start=0.0015,
+        _model(
+            _with(
+                _LDM_PARAMS,
                 linear_end=0.0155,
                 loss_type="l1",
                 cond_stage_key="image",
@@ -494,75 +409,43 @@ _DATA: dict[str, tuple[str, str, str, tuple[str, ...], dict[str, Any]]] = {
                 cond_stage_trainable=False,
                 concat_mode=False,
                 scale_by_std=True,
-                unet_config=_unet(
-                    image_size=32,
-                    in_channels=4,
-                    out_channels=4,
-                    model_channels=192,
-                    attention_resolutions=[1, 2, 4, 8],
-                    num_res_blocks=2,
-                    channel_mult=[1, 2, 2, 4, 4],
-                    num_heads=8,
-                    use_scale_shift_norm=True,
-                    resblock_updown=True,
-                ),
-                first_stage_config=_kl_f8(),
-                cond_stage_config="__is_unconditional__",
             ),
-        },
-    ),
-}
-
-
-def _uncond_vq4() -> dict[str, Any]:
-    """celeba256 / ffhq256 / lsun_beds256: the three files have the same ``model:`` section."""
-    return {
-        "target": _LDM,
-        "params": _ldm_params(
-            linear_start=0.0015,
-            linear_end=0.0195,
-            cond_stage_key="class_label",
-            image_size=64,
-            channels=3,
-            cond_stage_trainable=False,
-            concat_mode=False,
-            unet_config=_unet(
-                image_size=64,
-                in_channels=3,
-                out_channels=3,
-                model_channels=224,
-                attention_resolutions=[8, 4, 2],
-                num_res_blocks=2,
-                channel_mult=[1, 2, 3, 4],
-                num_head_channels=32,
+            _with(
+                _LDM_UNET,
+                image_size=32,
+                in_channels=4,
+                out_channels=4,
+                model_channels=192,
+                attention_resolutions=[1, 2, 4, 8],
+                channel_mult=[1, 2, 2, 4, 4],
+                num_heads=8,
+                use_scale_shift_norm=True,
+                resblock_updown=True,
             ),
-            first_stage_config=_vq_f4(),
-            cond_stage_config="__is_unconditional__",
+            _KL_F8,
+            "__is_unconditional__",
         ),
-    }
-
-
-_DATA |= {
+    ),
     "ldm-celebahq256": (
         "LDM-VQ-4 unconditional CelebA-HQ 256",
         "models/ldm/celeba256/config.yaml",
         "CompVis/latent-diffusion models/ldm/celeba256/config.yaml",
         ("celeba",),
-        _uncond_vq4(),
+        _UNCOND_VQ_F4,
     ),
     "ldm-ffhq256": (
         "LDM-VQ-4 unconditional FFHQ 256",
         "models/ldm/ffhq256/config.yaml",
         "CompVis/latent-diffusion models/ldm/ffhq256/config.yaml",
         ("ffhq",),
-        _uncond_vq4(),
+        _UNCOND_VQ_F4,
     ),
     "ldm-lsun-bedrooms": (
         "LDM-VQ-4 unconditional LSUN-Bedrooms 256",
         "models/ldm/lsun_beds256/config.yaml",
         "CompVis/latent-diffusion models/ldm/lsun_beds256/config.yaml",
         ("bed",),
-        _uncond_vq4(),
+        _UNCOND_VQ_F4,
     ),
 }
 
@@ -570,7 +453,7 @@ _DATA |= {
 def _build() -> dict[str, Family]:
     families: dict[str, Family] = {}
     for name, (description, yaml_name, source, hints, model) in _DATA.items():
-        original = {"model": model}
+        original = {"model": copy.deepcopy(model)}
         families[name] = Family(
             name=name,
             description=description,

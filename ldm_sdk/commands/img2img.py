@@ -14,24 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-s", "--strength", type=float, default=0.75, help="in (0, 1]: how much to change (default 0.75)"
     )
-    task_cli.add_condition_arguments(parser)
-    task_cli.add_fit_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser)
-    task_cli.add_output_arguments(parser, "img2img")
+    task_cli.add_image_task_arguments(parser, "img2img")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(
-        image=args.image,
-        strength=args.strength,
-        fit=args.fit,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        class_label=args.class_label,
-        uncond_class=args.uncond_class,
-    )
-    return task_cli.execute(get_task("img2img"), fields, args)
+    return task_cli.run_task("img2img", args, strength=args.strength, **task_cli.image_task_fields(args))

@@ -30,27 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model: a dedicated inpainting model's mask conditioning; blend: keep the unmasked latent at "
         "every step (any model); auto: model when it can (default)",
     )
-    task_cli.add_condition_arguments(parser)
-    task_cli.add_fit_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser)
-    task_cli.add_output_arguments(parser, "inpaint")
+    task_cli.add_image_task_arguments(parser, "inpaint")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(
-        image=args.image,
+    return task_cli.run_task(
+        "inpaint",
+        args,
         mask=args.mask,
         grow=args.grow,
         feather=args.feather,
         method=args.method,
-        fit=args.fit,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        class_label=args.class_label,
-        uncond_class=args.uncond_class,
+        **task_cli.image_task_fields(args),
     )
-    return task_cli.execute(get_task("inpaint"), fields, args)

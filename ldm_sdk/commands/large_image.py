@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ldm_sdk.commands import task_cli
+
 
 def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tiling (large images)")
@@ -33,3 +35,11 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tiling_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"tile": args.tile, "overlap": args.overlap, "memory_budget_mb": args.memory_budget_mb}
+
+
+def add_large_image_arguments(
+    parser: argparse.ArgumentParser, default_stem: str, *, guidance: bool = True
+) -> None:
+    """The flags a large-image command ends with: tiling, model, sampling, output."""
+    add_tiling_arguments(parser)
+    task_cli.add_run_arguments(parser, default_stem, guidance=guidance)

@@ -27,19 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the model's number of object classes (when its config and --classes do not say)",
     )
-    parser.add_argument("-W", "--width", type=int, help="width in pixels (default: the model's)")
-    parser.add_argument("-H", "--height", type=int, help="height in pixels (default: the model's)")
-    large_image.add_tiling_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser)
-    task_cli.add_output_arguments(parser, "layout")
+    task_cli.add_size_arguments(parser)
+    large_image.add_large_image_arguments(parser, "layout")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(
+    return task_cli.run_task(
+        "layout",
+        args,
         layout=args.layout,
         classes=args.classes,
         n_object_classes=args.n_object_classes,
@@ -47,4 +42,3 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         **large_image.tiling_fields(args),
     )
-    return task_cli.execute(get_task("layout"), fields, args)

@@ -21,30 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--feather", type=float, default=0.0, help="soften the seam (Gaussian sigma, px)")
     parser.add_argument("--method", choices=("auto", "model", "blend"), default="auto", help="as for inpaint")
-    task_cli.add_condition_arguments(parser)
-    task_cli.add_fit_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser)
-    task_cli.add_output_arguments(parser, "outpaint")
+    task_cli.add_image_task_arguments(parser, "outpaint")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(
-        image=args.image,
-        left=args.left,
-        right=args.right,
-        top=args.top,
-        bottom=args.bottom,
+    sides = {side: getattr(args, side) for side in ("left", "right", "top", "bottom")}
+    return task_cli.run_task(
+        "outpaint",
+        args,
         fill=args.fill,
         feather=args.feather,
         method=args.method,
-        fit=args.fit,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        class_label=args.class_label,
-        uncond_class=args.uncond_class,
+        **sides,
+        **task_cli.image_task_fields(args),
     )
-    return task_cli.execute(get_task("outpaint"), fields, args)

@@ -16,23 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--uncond-class", type=int, help="the model's null class, for guidance (cin256-v2: 1000)"
     )
-    parser.add_argument("-W", "--width", type=int, help="width in pixels (default: the model's)")
-    parser.add_argument("-H", "--height", type=int, help="height in pixels (default: the model's)")
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser)
-    task_cli.add_output_arguments(parser, "sample")
+    task_cli.add_size_arguments(parser)
+    task_cli.add_run_arguments(parser, "sample")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(width=args.width, height=args.height)
+    size = {"width": args.width, "height": args.height}
     if args.class_label is not None:
-        fields.update(class_label=args.class_label, uncond_class=args.uncond_class)
-        return task_cli.execute(get_task("class"), fields, args)
+        return task_cli.run_task(
+            "class", args, class_label=args.class_label, uncond_class=args.uncond_class, **size
+        )
     if args.uncond_class is not None:
         from ldm_sdk.tasks.base import TaskError
 
         raise TaskError("--uncond-class needs --class (the label to sample)")
-    return task_cli.execute(get_task("uncond"), fields, args)
+    return task_cli.run_task("uncond", args, **size)

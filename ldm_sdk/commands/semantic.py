@@ -22,17 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--palette", metavar="JSON", help="class colours: JSON list, entry i = class i's colour"
     )
     task_cli.add_fit_arguments(parser)
-    large_image.add_tiling_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser, guidance=False)  # the map cannot be dropped: no guidance
-    task_cli.add_output_arguments(parser, "semantic")
+    # the map cannot be dropped: no guidance
+    large_image.add_large_image_arguments(parser, "semantic", guidance=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(
-        semantic_map=args.semantic_map, palette=args.palette, fit=args.fit, **large_image.tiling_fields(args)
+    return task_cli.run_task(
+        "semantic",
+        args,
+        semantic_map=args.semantic_map,
+        palette=args.palette,
+        fit=args.fit,
+        **large_image.tiling_fields(args),
     )
-    return task_cli.execute(get_task("semantic"), fields, args)

@@ -99,6 +99,38 @@ def add_condition_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-W", "--width", type=int, help="width in pixels (default: the model's)")
+    parser.add_argument("-H", "--height", type=int, help="height in pixels (default: the model's)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_stem: str, *, guidance: bool = True) -> None:
+    """The model, sampling and output flags every task command ends with."""
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, guidance=guidance)
+    add_output_arguments(parser, default_stem)
+
+
+def add_image_task_arguments(parser: argparse.ArgumentParser, default_stem: str) -> None:
+    """The flags of the commands that edit an image (img2img, inpaint, outpaint) after their own:
+    condition, fit, model, sampling, output."""
+    add_condition_arguments(parser)
+    add_fit_arguments(parser)
+    add_run_arguments(parser, default_stem)
+
+
+def image_task_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of :func:`add_image_task_arguments`'s flags and the ``image`` argument."""
+    return {
+        "image": args.image,
+        "fit": args.fit,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "class_label": args.class_label,
+        "uncond_class": args.uncond_class,
+    }
+
+
 def common_fields(args: argparse.Namespace) -> dict[str, Any]:
     """Request fields from the common flags (the seed drawn at random when not given)."""
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
@@ -226,6 +258,13 @@ def check_output(args: argparse.Namespace, count: int, stem: str) -> None:
     from ldm_sdk.tasks.images import output_paths
 
     output_paths(args.output, count, stem=stem)
+
+
+def run_task(name: str, args: argparse.Namespace, **fields: Any) -> int:
+    """:func:`execute` the task called ``name`` with the common fields and ``fields``."""
+    from ldm_sdk.tasks import get_task
+
+    return execute(get_task(name), {**common_fields(args), **fields}, args)
 
 
 def execute(task: Task, fields: dict[str, Any], args: argparse.Namespace, inputs: Any = None) -> int:

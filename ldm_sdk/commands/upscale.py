@@ -17,15 +17,11 @@ HELP = "upscale an image 4x with an LDM super-resolution model, tiled for any si
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="low-res input image file")
     task_cli.add_fit_arguments(parser)
-    large_image.add_tiling_arguments(parser)
-    task_cli.add_model_arguments(parser)
-    task_cli.add_sampling_arguments(parser, guidance=False)  # the SR model has no unconditional input
-    task_cli.add_output_arguments(parser, "upscale")
+    # the SR model has no unconditional input: no guidance
+    large_image.add_large_image_arguments(parser, "upscale", guidance=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm_sdk.tasks import get_task
-
-    fields = task_cli.common_fields(args)
-    fields.update(image=args.image, fit=args.fit, **large_image.tiling_fields(args))
-    return task_cli.execute(get_task("upscale"), fields, args)
+    return task_cli.run_task(
+        "upscale", args, image=args.image, fit=args.fit, **large_image.tiling_fields(args)
+    )

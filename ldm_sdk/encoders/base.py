@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 from torch import Tensor, nn
 
@@ -92,6 +92,39 @@ class ConditionEncoder(nn.Module, ABC):
         if self.kind == "concat":
             return Conditioning(concat=out)
         return Conditioning(y=out)
+
+
+class FrozenTextEncoder(ConditionEncoder):
+    """A pretrained text transformer that is never trained (CLIP, MiniLM): prompts -> cross-attention
+    tokens ``[B, max_length, hidden_size]``. Subclasses set ``max_length`` and ``hidden_size`` and call
+    :meth:`freeze` at the end of ``__init__``; the encoder then stays in eval mode with
+    ``requires_grad=False`` everywhere (CompVis ``freeze``)."""
+
+    modality: ClassVar[str] = "text"
+    kind: ClassVar[ConditioningKind] = "crossattn"
+    trainable: ClassVar[bool] = False
+    max_length: int
+    hidden_size: int
+
+    def freeze(self) -> None:
+        """Eval mode (no dropout) and ``requires_grad=False`` everywhere."""
+        super().train(False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Self:
+        """Stays in eval mode whatever ``mode`` is (CompVis replaces ``train`` of frozen stages too)."""
+        return super().train(False)
+
+    def unconditional(self, batch_size: int) -> Tensor:
+        """The encoding of the empty prompt ``""``, repeated ``batch_size`` times (Stable Diffusion's ``uc``
+        for classifier-free guidance)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return self.forward([""]).repeat(batch_size, 1, 1)
+
+    def contract(self) -> OutputContract:
+        return OutputContract(kind="crossattn", channels=self.hidden_size, tokens=self.max_length)
 
 
 #: factory(**params) -> ConditionEncoder; params are the CompVis ``cond_stage_config.params`` names

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ldm_sdk.encoders.base import ConditionEncoder, ConditioningKind, OutputContract
+from ldm_sdk.encoders.base import FrozenTextEncoder
 from ldm_sdk.encoders.tokenizers import (
     CLIP_VOCAB_SIZE,
     as_text_list,
@@ -68,7 +68,7 @@ def _text_tower(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-class FrozenCLIPEmbedder(ConditionEncoder):
+class FrozenCLIPEmbedder(FrozenTextEncoder):
     """Frozen CLIP ViT-L/14 text encoder of Stable Diffusion 1.x: prompts -> ``[B, 77, 768]``.
 
     Args:
@@ -83,9 +83,6 @@ class FrozenCLIPEmbedder(ConditionEncoder):
             initialised architecture (tests); only with the default ``version``.
     """
 
-    modality: ClassVar[str] = "text"
-    kind: ClassVar[ConditioningKind] = "crossattn"
-    trainable: ClassVar[bool] = False
     compvis_targets: ClassVar[tuple[str, ...]] = ("ldm.modules.encoders.modules.FrozenCLIPEmbedder",)
 
     def __init__(
@@ -156,17 +153,6 @@ class FrozenCLIPEmbedder(ConditionEncoder):
         """Load config and weights from a transformers ``CLIPTextModel`` / ``CLIPModel`` folder, offline."""
         return cls(version=folder, **kwargs)
 
-    # -- frozen ----------------------------------------------------------------------------------------
-    def freeze(self) -> None:
-        """Eval mode and ``requires_grad=False`` everywhere (CompVis ``freeze``)."""
-        super().train(False)
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> FrozenCLIPEmbedder:
-        """Stays in eval mode whatever ``mode`` is (CompVis replaces ``train`` of frozen stages too)."""
-        return super().train(False)
-
     # -- tokens ----------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
@@ -198,15 +184,6 @@ class FrozenCLIPEmbedder(ConditionEncoder):
         """Prompts -> ``[B, max_length, hidden]``. Longer prompts are truncated, as in the original; call
         :meth:`check_length` first to refuse them."""
         return self.encode_tokens(self.tokenize(texts))
-
-    def unconditional(self, batch_size: int) -> Tensor:
-        """The encoding of the empty prompt, repeated (SD 1.x's ``uc`` for classifier-free guidance)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self.forward([""]).repeat(batch_size, 1, 1)
-
-    def contract(self) -> OutputContract:
-        return OutputContract(kind="crossattn", channels=self.hidden_size, tokens=self.max_length)
 
     def compvis_state_dict(self) -> dict[str, Tensor]:
         """This encoder's weights as an SD 1.x file holds them (``position_ids`` included)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm_sdk.encoders.base import ConditionEncoder, ConditioningKind, OutputContract
+from ldm_sdk.encoders.base import FrozenTextEncoder
 from ldm_sdk.encoders.tokenizers import (
     as_text_list,
     check_token_lengths,
@@ -34,7 +34,7 @@ from ldm_sdk.encoders.tokenizers import (
 )
 
 
-class FrozenMiniLMEmbedder(ConditionEncoder):
+class FrozenMiniLMEmbedder(FrozenTextEncoder):
     """Frozen all-MiniLM-L6-v2 text encoder: prompts -> ``[B, 77, 384]`` token states.
 
     Args:
@@ -43,9 +43,6 @@ class FrozenMiniLMEmbedder(ConditionEncoder):
         max_length: tokens per prompt, ``[CLS]`` and ``[SEP]`` included (77; at most the model's 512).
     """
 
-    modality: ClassVar[str] = "text"
-    kind: ClassVar[ConditioningKind] = "crossattn"
-    trainable: ClassVar[bool] = False
     compvis_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, max_length: int = 77) -> None:
@@ -67,17 +64,6 @@ class FrozenMiniLMEmbedder(ConditionEncoder):
         self.hidden_size = int(self.transformer.config.hidden_size)
         self._tokenizer: Any = None
         self.freeze()
-
-    # -- frozen ----------------------------------------------------------------------------------------
-    def freeze(self) -> None:
-        """Eval mode (no dropout) and ``requires_grad=False`` everywhere."""
-        super().train(False)
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> FrozenMiniLMEmbedder:
-        """Stays in eval mode whatever ``mode`` is: the encoder is frozen."""
-        return super().train(False)
 
     # -- tokens ----------------------------------------------------------------------------------------
     @property
@@ -115,15 +101,6 @@ class FrozenMiniLMEmbedder(ConditionEncoder):
         weights = mask.to(states.dtype).unsqueeze(-1)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=1) if normalize else pooled
-
-    def unconditional(self, batch_size: int) -> Tensor:
-        """The encoding of the empty prompt ``""``, repeated ``batch_size`` times."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self.forward([""]).repeat(batch_size, 1, 1)
-
-    def contract(self) -> OutputContract:
-        return OutputContract(kind="crossattn", channels=self.hidden_size, tokens=self.max_length)
 
 
 __all__ = ["FrozenMiniLMEmbedder"]

@@ -88,21 +88,37 @@ class DiagonalGaussianDistribution:
         )
 
 
-class AutoencoderKL(nn.Module):
+class _FirstStage(nn.Module):
+    """What both autoencoders share: the ``encoder`` / ``decoder`` of ``ddconfig`` (registered first, as in
+    CompVis) and ``embed_dim`` latent channels."""
+
+    def __init__(self, dd: DDConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.ddconfig = dd
+        self.embed_dim = embed_dim
+        self.encoder = Encoder.from_ddconfig(dd)
+        self.decoder = Decoder.from_ddconfig(dd)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.embed_dim
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.ddconfig.downsampling_factor
+
+
+class AutoencoderKL(_FirstStage):
     """KL-regularised autoencoder: ``encode(x)`` gives a :class:`DiagonalGaussianDistribution` over
     ``embed_dim`` latent channels; ``decode(z)`` gives the image."""
 
     def __init__(self, ddconfig: DDConfig | Mapping[str, object], embed_dim: int) -> None:
-        super().__init__()
         dd = _ddconfig(ddconfig)
         if not dd.double_z:
             raise ValueError(
                 "AutoencoderKL needs ddconfig.double_z=True (the encoder outputs mean and logvar)"
             )
-        self.ddconfig = dd
-        self.embed_dim = embed_dim
-        self.encoder = Encoder.from_ddconfig(dd)
-        self.decoder = Decoder.from_ddconfig(dd)
+        super().__init__(dd, embed_dim)
         self.quant_conv = nn.Conv2d(2 * dd.z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, dd.z_channels, 1)
 
@@ -113,14 +129,6 @@ class AutoencoderKL(nn.Module):
                 f"AutoencoderKL.from_config takes an AutoencoderKLConfig; got {type(cfg).__name__}"
             )
         return cls(cfg.ddconfig, cfg.embed_dim)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.ddconfig.downsampling_factor
 
     def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
@@ -137,7 +145,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
 
-class VQModel(nn.Module):
+class VQModel(_FirstStage):
     """Vector-quantised autoencoder in LDM's ``VQModelInterface`` form.
 
     ``encode(x)`` returns the pre-quantisation latent ``quant_conv(encoder(x))`` (``embed_dim`` channels);
@@ -155,15 +163,11 @@ class VQModel(nn.Module):
         sane_index_shape: bool = False,
         legacy: bool = True,
     ) -> None:
-        super().__init__()
         dd = _ddconfig(ddconfig)
         if dd.double_z:
             raise ValueError("VQModel needs ddconfig.double_z=False (the encoder outputs one latent)")
-        self.ddconfig = dd
-        self.embed_dim = embed_dim
+        super().__init__(dd, embed_dim)
         self.n_embed = n_embed
-        self.encoder = Encoder.from_ddconfig(dd)
-        self.decoder = Decoder.from_ddconfig(dd)
         self.quantize = VectorQuantizer(
             n_embed,
             embed_dim,
@@ -190,14 +194,6 @@ class VQModel(nn.Module):
             sane_index_shape=cfg.sane_index_shape,
             legacy=cfg.legacy,
         )
-
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.ddconfig.downsampling_factor
 
     def encode(self, x: Tensor) -> Tensor:
         """Pre-quantisation latent ``h = quant_conv(encoder(x))``."""

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,6 +45,7 @@ __all__ = [
     "MAX_BATCH",
     "SPACINGS",
     "TASK_NAMES",
+    "BaseTask",
     "ClassRequest",
     "ImageLike",
     "ImageRequest",
@@ -329,6 +330,41 @@ class Task(Protocol):
         inputs: TaskInputs | None = None,
         callback: StepCallback | None = None,
     ) -> TaskResult: ...
+
+
+RequestT = TypeVar("RequestT", bound=TaskRequest)
+
+
+class BaseTask(Generic[RequestT]):
+    """A :class:`Task` whose call checks that the request is its ``request_type`` (else ``TypeError``, naming
+    the task by ``title``, default ``name``) and hands it, with the inputs (default: none), to :meth:`run`,
+    which subclasses implement."""
+
+    name: ClassVar[str]
+    request_type: ClassVar[type[TaskRequest]]
+    title: ClassVar[str] = ""
+
+    def __call__(
+        self,
+        request: TaskRequest,
+        runtime: Runtime,
+        *,
+        inputs: TaskInputs | None = None,
+        callback: StepCallback | None = None,
+    ) -> TaskResult:
+        if not isinstance(request, self.request_type):
+            wanted = self.request_type.__name__
+            article = "an" if wanted[0] in "AEIOU" else "a"
+            raise TypeError(
+                f"{self.title or self.name} takes {article} {wanted}, got {type(request).__name__}"
+            )
+        return self.run(cast(RequestT, request), runtime, inputs or TaskInputs(), callback)
+
+    def run(
+        self, request: RequestT, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
+    ) -> TaskResult:
+        """The task proper, on a request of its type."""
+        raise NotImplementedError
 
 
 def submit_task(

@@ -6,38 +6,23 @@ Guidance needs the class the model was trained to treat as "no class" (cin256-v2
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from ldm_sdk.tasks.base import ClassRequest, TaskInputs, TaskRequest, TaskResult
-from ldm_sdk.tasks.runner import Run
-
-if TYPE_CHECKING:
-    from ldm_sdk.runtime import Runtime
-    from ldm_sdk.samplers.base import StepCallback
+from ldm_sdk.tasks.base import ClassRequest, TaskRequest
+from ldm_sdk.tasks.runner import GenerationTask, Guided, Run
 
 __all__ = ["ClassConditional", "ClassRequest", "class_cond"]
 
 
-class ClassConditional:
+class ClassConditional(GenerationTask[ClassRequest]):
     """``class_cond(ClassRequest(class_label=..., model=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "class"
+    title: ClassVar[str] = "the class task"
     request_type: ClassVar[type[TaskRequest]] = ClassRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
-    ) -> TaskResult:
-        if not isinstance(request, ClassRequest):
-            raise TypeError(f"the class task takes a ClassRequest, got {type(request).__name__}")
-        run = Run.start(self.name, request, runtime, inputs, callback)
-        height, width = run.output_size(request.height, request.width)
-        guided = run.conditioning(class_label=request.class_label, uncond_class=request.uncond_class)
-        return run.generate(guided, height, width)
+    def conditioning(self, run: Run, request: ClassRequest) -> Guided:
+        return run.conditioning(class_label=request.class_label, uncond_class=request.uncond_class)
 
 
 class_cond = ClassConditional()

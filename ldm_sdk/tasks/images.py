@@ -36,6 +36,7 @@ __all__ = [
     "as_mask",
     "as_rgb",
     "fit_array",
+    "open_image",
     "output_paths",
     "read_image",
     "read_mask",
@@ -50,7 +51,10 @@ FitMode = Literal["error", "pad", "crop"]
 
 
 # -- reading -----------------------------------------------------------------------------------------------
-def _open(path: str | os.PathLike[str], what: str) -> Image.Image:
+def open_image(path: str | os.PathLike[str], what: str = "image", *, mode: str | None = None) -> Image.Image:
+    """The image file at ``path`` loaded into memory, as stored (``mode=None``: a palette image keeps its
+    indices) or converted to ``mode`` ("RGB", "RGBA", "L" ...). A missing, unreadable or non-image file is a
+    :class:`TaskError` naming the input as ``what``."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path).expanduser()
@@ -61,7 +65,7 @@ def _open(path: str | os.PathLike[str], what: str) -> Image.Image:
     try:
         with Image.open(p) as img:
             img.load()
-            return img.copy()
+            return img.copy() if mode is None else img.convert(mode)
     except UnidentifiedImageError:
         raise TaskError(f"{what} {p} is not an image file (PNG, JPEG, WebP, TIFF, ... are read)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -70,14 +74,13 @@ def _open(path: str | os.PathLike[str], what: str) -> Image.Image:
 
 def read_image(path: str | os.PathLike[str], mode: Literal["RGB", "RGBA"] = "RGB") -> np.ndarray:
     """An image file as a uint8 ``H x W x 3`` (or ``x 4``) array; alpha is dropped for ``RGB``."""
-    img = _open(path, "image")
-    return np.asarray(img.convert(mode), dtype=np.uint8).copy()
+    return np.asarray(open_image(path, "image", mode=mode), dtype=np.uint8).copy()
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """A mask file as float32 ``H x W`` in [0, 1]: its luminance (white = 1 = repaint). A mask with
     transparency uses its alpha channel (opaque = repaint) when its colour channels are all one value."""
-    img = _open(path, "mask")
+    img = open_image(path, "mask")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"))
         alpha = rgba[..., 3]

@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import Tensor
-
-from ldm_sdk.tasks.base import Img2ImgRequest, TaskInputs, TaskRequest, TaskResult
-from ldm_sdk.tasks.context import check_size, size_multiple
-from ldm_sdk.tasks.images import fit_array
+from ldm_sdk.tasks.base import BaseTask, Img2ImgRequest, TaskInputs, TaskRequest, TaskResult
 from ldm_sdk.tasks.runner import InputReader, Run
-from ldm_sdk.tasks.sampling import run_sampling
 
 if TYPE_CHECKING:
     from ldm_sdk.runtime import Runtime
@@ -27,60 +21,23 @@ if TYPE_CHECKING:
 __all__ = ["Img2Img", "Img2ImgRequest", "img2img"]
 
 
-class Img2Img:
+class Img2Img(BaseTask[Img2ImgRequest]):
     """``img2img(Img2ImgRequest(image=..., strength=0.75, ...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "img2img"
     request_type: ClassVar[type[TaskRequest]] = Img2ImgRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: Img2ImgRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, Img2ImgRequest):
-            raise TypeError(f"img2img takes an Img2ImgRequest, got {type(request).__name__}")
-        inputs = inputs or TaskInputs()
         reader = InputReader(self.name)
         image = reader.image("image", request.image, inputs.image)
         run = Run.start(self.name, request, runtime, inputs, callback, records=reader.records)
-        h, w = image.shape[:2]
-        multiple = size_multiple(run.bundle)
-        if request.fit == "error":
-            check_size(h, w, multiple)
-        fitted = fit_array(image, multiple, request.fit)
-        guided = run.conditioning(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            class_label=request.class_label,
-            uncond_class=request.uncond_class,
-        )
+        fitted = run.fit_input(image, request.fit)
+        guided = run.image_conditioning(request)
         init = run.encode(fitted)
-        shape = tuple(init.shape)
-
-        def item(generator: torch.Generator, cb: StepCallback | None) -> Tensor:
-            return run_sampling(
-                run.bundle,
-                guided.cond,
-                guided.uncond,
-                shape,
-                request,
-                generator,
-                cb,
-                init=init,
-                strength=request.strength,
-                **run.sample_kwargs(guided),
-            )
-
-        latents = run.sample(item)
-        images = run.decode(latents)
-        if request.fit == "pad":
-            images = [img[:h, :w].copy() for img in images]
-        run.extra["fit"] = {"mode": request.fit, "input_size": [h, w], "fitted_size": list(fitted.shape[:2])}
-        return run.finish(images, latents)
+        latents = run.sample_latents(guided, tuple(init.shape), init=init, strength=request.strength)
+        return run.finish(run.unfit(run.decode(latents)), latents)
 
 
 img2img = Img2Img()

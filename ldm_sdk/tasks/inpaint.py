@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.tasks.base import (
+    BaseTask,
     ImageRequest,
     InpaintRequest,
     TaskError,
@@ -34,11 +35,10 @@ from ldm_sdk.tasks.base import (
     TaskResult,
     UnsupportedTaskError,
 )
-from ldm_sdk.tasks.context import check_size, is_inpainting_model, size_multiple
+from ldm_sdk.tasks.context import is_inpainting_model, size_multiple
 from ldm_sdk.tasks.images import fit_array, to_tensor
 from ldm_sdk.tasks.masks import binarize, check_mask, composite, composite_alpha, grow, latent_keep_mask
 from ldm_sdk.tasks.runner import InputReader, Run
-from ldm_sdk.tasks.sampling import run_sampling
 
 if TYPE_CHECKING:
     from ldm_sdk.runtime import Runtime
@@ -49,23 +49,15 @@ __all__ = ["Inpaint", "InpaintRequest", "inpaint", "paint"]
 Method = Literal["auto", "model", "blend"]
 
 
-class Inpaint:
+class Inpaint(BaseTask[InpaintRequest]):
     """``inpaint(InpaintRequest(image=..., mask=..., prompt=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "inpaint"
     request_type: ClassVar[type[TaskRequest]] = InpaintRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: InpaintRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, InpaintRequest):
-            raise TypeError(f"inpaint takes an InpaintRequest, got {type(request).__name__}")
-        inputs = inputs or TaskInputs()
         reader = InputReader(self.name)
         image = reader.image("image", request.image, inputs.image)
         region = binarize(reader.mask(request.mask, inputs.mask))
@@ -82,12 +74,8 @@ def paint(
 ) -> TaskResult:
     """Repaint ``region`` (boolean ``H x W``, True = repaint) of ``image`` (uint8 ``H x W x 3``) and
     composite over it; shared by inpaint and outpaint."""
-    h, w = image.shape[:2]
-    multiple = size_multiple(run.bundle)
-    if request.fit == "error":
-        check_size(h, w, multiple)
-    fitted = fit_array(image, multiple, request.fit)
-    fitted_region = fit_array(region, multiple, request.fit, pad_value=False)
+    fitted = run.fit_input(image, request.fit)
+    fitted_region = fit_array(region, size_multiple(run.bundle), request.fit, pad_value=False)
     if request.fit == "crop":
         image, region = fitted, fitted_region
         check_mask(region, image.shape[:2])
@@ -102,37 +90,13 @@ def paint(
         known: Tensor | None = None
         keep: Tensor | None = None
     else:
-        guided = run.conditioning(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            class_label=request.class_label,
-            uncond_class=request.uncond_class,
-        )
+        guided = run.image_conditioning(request)
         known = run.encode(fitted)
         keep = latent_keep_mask(fitted_region, run.bundle.downsampling_factor, run.device)
-
-    def item(generator: torch.Generator, cb: StepCallback | None) -> Tensor:
-        return run_sampling(
-            run.bundle,
-            guided.cond,
-            guided.uncond,
-            shape,
-            request,
-            generator,
-            cb,
-            mask=keep,
-            x0=known,
-            **run.sample_kwargs(guided),
-        )
-
-    latents = run.sample(item)
+    latents = run.sample_latents(guided, shape, mask=keep, x0=known)
     alpha = composite_alpha(region, feather)
     images = [composite(image, gen[: image.shape[0], : image.shape[1]], alpha) for gen in run.decode(latents)]
-    run.extra.update(
-        method="model" if use_model else "blend",
-        fit={"mode": request.fit, "input_size": [h, w], "fitted_size": list(fitted.shape[:2])},
-        repainted_pixels=int(region.sum()),
-    )
+    run.extra.update(method="model" if use_model else "blend", repainted_pixels=int(region.sum()))
     return run.finish(images, latents)
 
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from ldm_sdk.tasks.base import TaskError, TaskInputs, TaskRequest, TaskResult
-from ldm_sdk.tasks.tiled import TiledRequest, decode_latents, plan_tiling, sample_latents
+from ldm_sdk.tasks.base import BaseTask, TaskError, TaskInputs, TaskRequest, TaskResult
+from ldm_sdk.tasks.tiled import TiledRequest, render
 
 if TYPE_CHECKING:
     from ldm_sdk.encoders.base import ConditionEncoder
@@ -217,22 +217,15 @@ def layout_encoder(run: Run, n_classes: int | None) -> ConditionEncoder:
 
 
 # -- the task ----------------------------------------------------------------------------------------------
-class Layout:
+class Layout(BaseTask[LayoutRequest]):
     """``layout(LayoutRequest(layout=..., model=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "layout"
     request_type: ClassVar[type[TaskRequest]] = LayoutRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: LayoutRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, LayoutRequest):
-            raise TypeError(f"layout takes a LayoutRequest, got {type(request).__name__}")
         import numpy as np
         import torch
 
@@ -277,10 +270,8 @@ class Layout:
         run.guidance = guidance
         guided = Guided(cond=cond, uncond=uncond, guidance=guidance)
         height, width = run.output_size(request.height, request.width)
-        shape = run.latent_shape(height, width)
-        tiling = plan_tiling(run, request, (shape[2], shape[3]), guided=guidance != 1.0)
-        latents = sample_latents(run, guided, shape, tiling)
-        images = decode_latents(run, latents, tiling)
+        _, _, h, w = run.latent_shape(height, width)
+        latents, images = render(run, request, guided, (h, w))
         run.extra["layout"] = {
             "objects": [
                 {"class_id": o.class_id, "box": list(o.box), "group_of": o.group_of} for o in objects
@@ -288,7 +279,6 @@ class Layout:
             "crop": list(crop) if crop is not None else None,
             "n_object_classes": tokenizer.n_object_classes,
         }
-        run.extra["tiling"] = tiling.record()
         return run.finish(images, latents)
 
 

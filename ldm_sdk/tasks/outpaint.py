@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ldm_sdk.tasks.base import OutpaintRequest, TaskError, TaskInputs, TaskRequest, TaskResult
+from ldm_sdk.tasks.base import BaseTask, OutpaintRequest, TaskError, TaskInputs, TaskRequest, TaskResult
 from ldm_sdk.tasks.inpaint import paint
 from ldm_sdk.tasks.runner import InputReader, Run
 
@@ -44,25 +44,17 @@ def expand_canvas(
     return np.ascontiguousarray(canvas), region
 
 
-class Outpaint:
+class Outpaint(BaseTask[OutpaintRequest]):
     """``outpaint(OutpaintRequest(image=..., right=256, prompt=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "outpaint"
     request_type: ClassVar[type[TaskRequest]] = OutpaintRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: OutpaintRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, OutpaintRequest):
-            raise TypeError(f"outpaint takes an OutpaintRequest, got {type(request).__name__}")
         if not (request.left or request.right or request.top or request.bottom):
             raise TaskError("outpaint needs at least one of left / right / top / bottom > 0 (pixels to add)")
-        inputs = inputs or TaskInputs()
         reader = InputReader(self.name)
         image = reader.image("image", request.image, inputs.image)
         run = Run.start(self.name, request, runtime, inputs, callback, records=reader.records)

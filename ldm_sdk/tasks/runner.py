@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ from torch import Tensor
 
 from ldm_sdk.tasks.base import (
     DEFAULT_TEXT_GUIDANCE,
+    BaseTask,
     ImageLike,
+    ImageRequest,
+    SizedRequest,
     TaskError,
     TaskInputs,
     TaskRequest,
@@ -44,11 +47,13 @@ if TYPE_CHECKING:
     from ldm_sdk.encoders.base import ConditionEncoder
     from ldm_sdk.runtime import Runtime
     from ldm_sdk.samplers.base import StepCallback
+    from ldm_sdk.tasks.images import FitMode
     from ldm_sdk.tasks.manifest import InputRecord
 
-__all__ = ["Guided", "InputReader", "Run"]
+__all__ = ["GenerationTask", "Guided", "InputReader", "Run"]
 
 ItemFn = Callable[[torch.Generator, "StepCallback | None"], Tensor]
+SizedT = TypeVar("SizedT", bound=SizedRequest)
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +211,16 @@ class Run:
         self.guidance = float(guidance)
         return Guided(cond=cond, uncond=uncond, guidance=float(guidance))
 
+    def image_conditioning(self, request: ImageRequest) -> Guided:
+        """:meth:`conditioning` from an image request: its prompt, negative prompt, class label and null
+        class, whichever the model takes."""
+        return self.conditioning(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            class_label=request.class_label,
+            uncond_class=request.uncond_class,
+        )
+
     def _class_conditioning(
         self, encoder: ConditionEncoder | None, label: int | None, uncond_class: int | None, guidance: float
     ) -> tuple[Conditioning, Conditioning | None]:
@@ -277,9 +292,14 @@ class Run:
 
     def generate(self, guided: Guided, height: int, width: int) -> TaskResult:
         """Sample from pure noise at ``height x width`` pixels, decode, finish."""
-        from ldm_sdk.tasks.sampling import run_sampling
+        latents = self.sample_latents(guided, self.latent_shape(height, width))
+        return self.finish(self.decode(latents), latents)
 
-        shape = self.latent_shape(height, width)
+    def sample_latents(self, guided: Guided, shape: tuple[int, ...], **options: Any) -> Tensor:
+        """Sample every batch item with :func:`~ldm_sdk.tasks.sampling.run_sampling` for ``guided`` at the
+        latent ``shape``; ``options``: its task-specific arguments (``mask`` / ``x0``, ``init`` /
+        ``strength``, ``denoiser``). Returns the latents ``[B, C, h, w]``."""
+        from ldm_sdk.tasks.sampling import run_sampling
 
         def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
             return run_sampling(
@@ -290,11 +310,40 @@ class Run:
                 self.request,
                 generator,
                 callback,
+                **options,
                 **self.sample_kwargs(guided),
             )
 
-        latents = self.sample(item)
-        return self.finish(self.decode(latents), latents)
+        return self.sample(item)
+
+    # -- fitting sizes ---------------------------------------------------------------------------------
+    def fit_input(
+        self, array: np.ndarray, mode: FitMode, *, what: str = "image", multiple: int | None = None
+    ) -> np.ndarray:
+        """``array`` (``H x W [x C]``) fitted to ``multiple`` (default: the model's size multiple) by
+        ``mode`` (:func:`~ldm_sdk.tasks.images.fit_array`; ``"error"``: checked, unchanged), recorded in the
+        manifest's ``extra["fit"]``."""
+        from ldm_sdk.tasks.images import fit_array
+
+        multiple = multiple or size_multiple(self.bundle)
+        if mode == "error":
+            check_size(*array.shape[:2], multiple, what=what)
+        fitted = fit_array(array, multiple, mode)
+        self.extra["fit"] = {
+            "mode": mode,
+            "input_size": list(array.shape[:2]),
+            "fitted_size": list(fitted.shape[:2]),
+        }
+        return fitted
+
+    def unfit(self, images: list[np.ndarray], *, scale: int = 1) -> list[np.ndarray]:
+        """``images`` made from the input :meth:`fit_input` fitted, cropped back to the input size times
+        ``scale`` when it was padded."""
+        fit = self.extra["fit"]
+        if fit["mode"] != "pad":
+            return images
+        h, w = (side * scale for side in fit["input_size"])
+        return [img[:h, :w].copy() for img in images]
 
     # -- first stage -----------------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> Tensor:
@@ -342,6 +391,22 @@ class Run:
             extra=self.extra,
         )
         return TaskResult(images=images, manifest=manifest, latents=latents)
+
+
+class GenerationTask(BaseTask[SizedT]):
+    """A task that samples from noise at the requested size (default: the model's training size) for the
+    :meth:`conditioning` it reads from the request, and decodes (txt2img, class, uncond)."""
+
+    def run(
+        self, request: SizedT, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
+    ) -> TaskResult:
+        run = Run.start(self.name, request, runtime, inputs, callback)
+        height, width = run.output_size(request.height, request.width)
+        return run.generate(self.conditioning(run, request), height, width)
+
+    def conditioning(self, run: Run, request: SizedT) -> Guided:
+        """The conditioning of ``request`` (default: none, an unconditional model's)."""
+        return run.conditioning()
 
 
 def _check_length(encoder: ConditionEncoder, text: str, what: str) -> None:

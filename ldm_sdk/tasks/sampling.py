@@ -30,6 +30,7 @@ from ldm_sdk.tasks.base import TaskError, TaskRequest
 if TYPE_CHECKING:
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
+    from ldm_sdk.diffusion.denoiser import Denoiser
     from ldm_sdk.diffusion.schedule import DiffusionSchedule
     from ldm_sdk.samplers.base import StepCallback, StepInfo
 
@@ -141,10 +142,14 @@ def run_sampling(
     strength: float = 1.0,
     samplers: Mapping[str, Any] | Any | None = None,
     plan: SamplingPlan | None = None,
+    denoiser: Denoiser | None = None,
 ) -> Tensor:
     """Sample latents of ``shape`` for ``cond`` and return the final state (float32, on the model's device).
 
     - ``uncond`` + ``guidance``: classifier-free guidance (``guidance == 1``: off, ``uncond`` unused).
+    - ``denoiser``: a prebuilt denoiser (e.g. a :class:`~ldm_sdk.tiling.TiledDenoiser`) to sample with
+      instead of the bundle's own for ``cond`` / ``uncond`` / ``guidance`` (which it then ignores); the
+      mask, img2img and noise conventions below apply to it alike.
     - ``mask`` / ``x0``: keep the known latent ``x0`` where ``mask == 1`` (re-noised to every timestep);
       the result has ``x0`` pasted back there.
     - ``init`` + ``strength`` (img2img): noise ``init`` to the timestep ``strength`` selects
@@ -171,7 +176,8 @@ def run_sampling(
         x = stochastic_encode(bundle.schedule, init.to(device, torch.float32), t_enc, noise)
     else:
         x = noise
-    denoiser: Any = bundle.denoiser(cond, guidance_scale=guidance, uncond=uncond if guidance != 1.0 else None)
+    if denoiser is None:
+        denoiser = bundle.denoiser(cond, guidance_scale=guidance, uncond=uncond if guidance != 1.0 else None)
     if mask is not None:
         if x0 is None:
             raise ValueError("a mask needs the known latent x0")

@@ -29,15 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from ldm_sdk.tasks.base import TaskError, TaskInputs, TaskRequest, TaskResult
-from ldm_sdk.tasks.tiled import (
-    TiledRequest,
-    check_concat,
-    decode_latents,
-    plan_tiling,
-    refuse_guidance,
-    sample_latents,
-)
+from ldm_sdk.tasks.base import BaseTask, TaskError, TaskInputs, TaskRequest, TaskResult
+from ldm_sdk.tasks.tiled import TiledRequest, concat_conditioning, concat_encoder, refuse_guidance, render
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -119,8 +112,10 @@ def read_class_map(source: Any, palette: np.ndarray | None = None) -> np.ndarray
     """A semantic map (file, PIL image, array or tensor; see the module doc) as int64 ``H x W`` class ids."""
     from PIL import Image
 
+    from ldm_sdk.tasks.images import open_image
+
     if isinstance(source, str | os.PathLike):
-        source = _open_map(Path(source).expanduser())
+        source = open_image(source, "semantic map")
     if isinstance(source, Image.Image):
         if source.mode == "P" and palette is None:
             arr = np.asarray(source)  # the indices, not the colours
@@ -162,23 +157,6 @@ def read_class_map(source: Any, palette: np.ndarray | None = None) -> np.ndarray
             f"semantic map class ids must be integers; got dtype {arr.dtype} with fractional values"
         )
     return arr.astype(np.int64)
-
-
-def _open_map(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise TaskError(f"semantic map file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except UnidentifiedImageError:
-        raise TaskError(
-            f"semantic map {path} is not an image file (a PNG of class ids is expected)"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise TaskError(f"semantic map {path} could not be read: {exc}") from None
 
 
 def _ids_from_colours(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -243,39 +221,24 @@ def encode_class_map(encoder: ConditionEncoder, class_map: Tensor) -> Tensor:
 
 
 # -- the task ----------------------------------------------------------------------------------------------
-class Semantic:
+class Semantic(BaseTask[SemanticRequest]):
     """``semantic(SemanticRequest(semantic_map=..., model=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "semantic"
     request_type: ClassVar[type[TaskRequest]] = SemanticRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: SemanticRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, SemanticRequest):
-            raise TypeError(f"semantic takes a SemanticRequest, got {type(request).__name__}")
         import torch
 
-        from ldm_sdk.diffusion.conditioning import Conditioning
-        from ldm_sdk.tasks.context import check_size, size_multiple
-        from ldm_sdk.tasks.images import fit_array
         from ldm_sdk.tasks.manifest import input_record
-        from ldm_sdk.tasks.runner import Guided, Run
+        from ldm_sdk.tasks.runner import Run
 
         run = Run.start(self.name, request, runtime, inputs, callback)
         refuse_guidance(run, "the semantic map")
         bundle = run.bundle
-        encoder = run.encoder()
-        if encoder is None or encoder.modality != "semantic":
-            got = "none" if encoder is None else repr(encoder.modality)
-            raise TaskError(
-                f"the semantic task needs a semantic-map encoder (modality 'semantic'); got {got}"
-            )
+        encoder = concat_encoder(run, "semantic", "a semantic-map")
         extra = run.inputs.extra
         palette_source = extra.get("palette", request.palette)
         palette = read_palette(palette_source) if palette_source is not None else None
@@ -289,33 +252,21 @@ class Semantic:
         run.records.append(input_record("semantic_map", class_map, path))
         n_classes = int(getattr(encoder, "in_channels", 0)) or int(class_map.max()) + 1
         check_class_ids(class_map, n_classes)
-        h, w = class_map.shape
-        multiple = size_multiple(bundle)
-        if request.fit == "error":
-            check_size(h, w, multiple, what="semantic map")
-        fitted = fit_array(class_map, multiple, request.fit)
-        fh, fw = fitted.shape
+        fitted = run.fit_input(class_map, request.fit, what="semantic map")
         f = bundle.downsampling_factor
+        latent_hw = (fitted.shape[0] // f, fitted.shape[1] // f)
         ids = torch.from_numpy(np.ascontiguousarray(fitted))[None].to(run.device)
         with torch.inference_mode():
             concat = encode_class_map(encoder, ids)
-        if tuple(concat.shape[-2:]) != (fh // f, fw // f):
+        if tuple(concat.shape[-2:]) != latent_hw:
             raise TaskError(
                 f"the semantic encoder shrinks the map to {tuple(concat.shape[-2:])}, not the latent size "
-                f"{(fh // f, fw // f)} of this model (latent factor {f}): encoder and model do not match"
+                f"{latent_hw} of this model (latent factor {f}): encoder and model do not match"
             )
-        check_concat(run, concat, "semantic map")
-        guided = Guided(cond=Conditioning(concat=concat), uncond=None, guidance=1.0)
-        shape = (1, bundle.latent_channels, fh // f, fw // f)
-        tiling = plan_tiling(run, request, (fh // f, fw // f), guided=False)
-        latents = sample_latents(run, guided, shape, tiling)
-        images = decode_latents(run, latents, tiling)
-        if request.fit == "pad":
-            images = [img[:h, :w].copy() for img in images]
-        run.extra["fit"] = {"mode": request.fit, "input_size": [h, w], "fitted_size": [fh, fw]}
+        guided = concat_conditioning(run, concat, "semantic map")
+        latents, images = render(run, request, guided, latent_hw)
         run.extra["classes"] = n_classes
-        run.extra["tiling"] = tiling.record()
-        return run.finish(images, latents)
+        return run.finish(run.unfit(images), latents)
 
 
 semantic = Semantic()

@@ -21,7 +21,6 @@ The plan is recorded in the manifest's ``extra["tiling"]``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,17 +34,21 @@ from ldm_sdk.tasks.base import TaskError, TaskRequest
 if TYPE_CHECKING:
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.denoiser import Denoiser
-    from ldm_sdk.samplers.base import StepCallback
+    from ldm_sdk.encoders.base import ConditionEncoder
     from ldm_sdk.tasks.runner import Guided, Run
+    from ldm_sdk.tiling import TiledDenoiser
 
 __all__ = [
     "TiledRequest",
     "Tiling",
     "activation_budget",
     "check_concat",
+    "concat_conditioning",
+    "concat_encoder",
     "decode_latents",
     "plan_tiling",
     "refuse_guidance",
+    "render",
     "sample_latents",
     "unet_align",
 ]
@@ -163,22 +166,22 @@ def activation_budget(run: Run, request: TiledRequest) -> int | None:
     return min(candidates) if candidates else None
 
 
-def _denoiser(run: Run, guided: Guided, tiling: Tiling, latent_hw: tuple[int, int]) -> Denoiser:
+def _denoiser(run: Run, guided: Guided, tiling: Tiling, latent_hw: tuple[int, int]) -> TiledDenoiser | None:
+    """The :class:`~ldm_sdk.tiling.TiledDenoiser` the plan asks for (None: untiled, the bundle's own)."""
+    if tiling.unet_tile is None:
+        return None
+    from ldm_sdk.tiling import TiledDenoiser
+
     bundle = run.bundle
-    uncond = guided.uncond if guided.guidance != 1.0 else None
 
     def build(cond: Any, unc: Any) -> Denoiser:
         return bundle.denoiser(cond, guidance_scale=guided.guidance, uncond=unc)
-
-    if tiling.unet_tile is None:
-        return build(guided.cond, uncond)
-    from ldm_sdk.tiling import TiledDenoiser
 
     assert bundle.schedule is not None
     return TiledDenoiser.from_conditioning(
         build,
         guided.cond,
-        uncond,
+        guided.uncond if guided.guidance != 1.0 else None,
         schedule=bundle.schedule,
         latent_hw=latent_hw,
         tile=tiling.unet_tile,
@@ -190,33 +193,24 @@ def _denoiser(run: Run, guided: Guided, tiling: Tiling, latent_hw: tuple[int, in
 def sample_latents(run: Run, guided: Guided, shape: tuple[int, int, int, int], tiling: Tiling) -> Tensor:
     """Sample every batch item (generator ``seed + i``) through the (tiled) denoiser; ``[B, C, h, w]``.
 
-    Same conventions as :func:`ldm_sdk.tasks.sampling.run_sampling` (starting noise = the generator's
-    first draw, float32 result): an untiled run equals it exactly.
+    :meth:`Run.sample_latents <ldm_sdk.tasks.runner.Run.sample_latents>` (the conventions of
+    :func:`~ldm_sdk.tasks.sampling.run_sampling`) with the plan's :class:`~ldm_sdk.tiling.TiledDenoiser`;
+    an untiled run is exactly the plain sampling run.
     """
-    from ldm_sdk.tasks.sampling import sampler_function
+    return run.sample_latents(guided, shape, denoiser=_denoiser(run, guided, tiling, (shape[2], shape[3])))
 
-    sample = sampler_function(run.plan.sampler, run.runtime.registries.samplers)
-    options: dict[str, Any] = {}
-    if run.plan.eta is not None:
-        if "eta" not in inspect.signature(sample).parameters:
-            raise TaskError(f"the {run.plan.sampler} sampler takes no eta; leave eta unset")
-        options["eta"] = run.plan.eta
-    denoiser = _denoiser(run, guided, tiling, (shape[2], shape[3]))
 
-    def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        with torch.inference_mode():
-            out = sample(
-                denoiser,
-                noise.to(run.device),
-                run.plan.timesteps,
-                callback=callback,
-                generator=generator,
-                **options,
-            )
-        return out.float()
-
-    return run.sample(item)
+def render(
+    run: Run, request: TiledRequest, guided: Guided, latent_hw: tuple[int, int]
+) -> tuple[Tensor, list[np.ndarray]]:
+    """Plan the windows for a latent of ``latent_hw`` (recorded in ``extra["tiling"]``), sample every batch
+    item for ``guided`` and decode: ``(latents, images)``."""
+    shape = (1, run.bundle.latent_channels, latent_hw[0], latent_hw[1])
+    tiling = plan_tiling(run, request, latent_hw, guided=guided.guidance != 1.0)
+    latents = sample_latents(run, guided, shape, tiling)
+    images = decode_latents(run, latents, tiling)
+    run.extra["tiling"] = tiling.record()
+    return latents, images
 
 
 def decode_latents(run: Run, latents: Tensor, tiling: Tiling) -> list[np.ndarray]:
@@ -249,6 +243,24 @@ def refuse_guidance(run: Run, what: str) -> None:
             f"model {run.bundle.family!r} is conditioned on {what} concatenated to the latent and was never "
             f"trained without it: there is no classifier-free guidance; leave guidance unset or 1"
         )
+
+
+def concat_encoder(run: Run, modality: str, what: str) -> ConditionEncoder:
+    """The run's condition encoder, which must be of ``modality`` (``what``: how the error names it)."""
+    encoder = run.encoder()
+    if encoder is None or encoder.modality != modality:
+        got = "none" if encoder is None else repr(encoder.modality)
+        raise TaskError(f"the {run.name} task needs {what} encoder (modality {modality!r}); got {got}")
+    return encoder
+
+
+def concat_conditioning(run: Run, concat: Tensor, what: str) -> Guided:
+    """The conditioning of a concat-conditioned model (checked by :func:`check_concat`; no guidance)."""
+    from ldm_sdk.diffusion.conditioning import Conditioning
+    from ldm_sdk.tasks.runner import Guided
+
+    check_concat(run, concat, what)
+    return Guided(cond=Conditioning(concat=concat), uncond=None, guidance=1.0)
 
 
 def check_concat(run: Run, concat: Tensor, what: str) -> None:

@@ -7,38 +7,22 @@ truncated. Guidance uses ``negative_prompt`` (default: the empty prompt) as the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from ldm_sdk.tasks.base import TaskInputs, TaskRequest, TaskResult, Txt2ImgRequest
-from ldm_sdk.tasks.runner import Run
-
-if TYPE_CHECKING:
-    from ldm_sdk.runtime import Runtime
-    from ldm_sdk.samplers.base import StepCallback
+from ldm_sdk.tasks.base import TaskRequest, Txt2ImgRequest
+from ldm_sdk.tasks.runner import GenerationTask, Guided, Run
 
 __all__ = ["Txt2Img", "Txt2ImgRequest", "txt2img"]
 
 
-class Txt2Img:
+class Txt2Img(GenerationTask[Txt2ImgRequest]):
     """``txt2img(Txt2ImgRequest(prompt=..., model=...), runtime) -> TaskResult``."""
 
     name: ClassVar[str] = "txt2img"
     request_type: ClassVar[type[TaskRequest]] = Txt2ImgRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
-    ) -> TaskResult:
-        if not isinstance(request, Txt2ImgRequest):
-            raise TypeError(f"txt2img takes a Txt2ImgRequest, got {type(request).__name__}")
-        run = Run.start(self.name, request, runtime, inputs, callback)
-        height, width = run.output_size(request.height, request.width)
-        guided = run.conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
-        return run.generate(guided, height, width)
+    def conditioning(self, run: Run, request: Txt2ImgRequest) -> Guided:
+        return run.conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
 
 
 txt2img = Txt2Img()

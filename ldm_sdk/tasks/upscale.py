@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ldm_sdk.tasks.base import TaskError, TaskInputs, TaskRequest, TaskResult
+from ldm_sdk.tasks.base import BaseTask, TaskError, TaskInputs, TaskRequest, TaskResult
 from ldm_sdk.tasks.tiled import (
     TiledRequest,
-    check_concat,
-    decode_latents,
-    plan_tiling,
+    concat_conditioning,
+    concat_encoder,
     refuse_guidance,
-    sample_latents,
+    render,
     unet_align,
 )
 
@@ -47,58 +46,37 @@ class UpscaleRequest(TiledRequest):
     fit: Literal["error", "pad", "crop"] = "error"
 
 
-class Upscale:
+class Upscale(BaseTask[UpscaleRequest]):
     """``upscale(UpscaleRequest(image=..., model=...), runtime) -> TaskResult`` (images factor x larger)."""
 
     name: ClassVar[str] = "upscale"
     request_type: ClassVar[type[TaskRequest]] = UpscaleRequest
 
-    def __call__(
-        self,
-        request: TaskRequest,
-        runtime: Runtime,
-        *,
-        inputs: TaskInputs | None = None,
-        callback: StepCallback | None = None,
+    def run(
+        self, request: UpscaleRequest, runtime: Runtime, inputs: TaskInputs, callback: StepCallback | None
     ) -> TaskResult:
-        if not isinstance(request, UpscaleRequest):
-            raise TypeError(f"upscale takes an UpscaleRequest, got {type(request).__name__}")
         import torch
 
-        from ldm_sdk.diffusion.conditioning import Conditioning
-        from ldm_sdk.tasks.images import fit_array, to_tensor
-        from ldm_sdk.tasks.runner import Guided, Run
+        from ldm_sdk.tasks.images import to_tensor
+        from ldm_sdk.tasks.runner import Run
 
         run = Run.start(self.name, request, runtime, inputs, callback)
         refuse_guidance(run, "the low-res image")
         bundle = run.bundle
-        encoder = run.encoder()
-        if encoder is None or encoder.modality != "lowres":
-            got = "none" if encoder is None else repr(encoder.modality)
-            raise TaskError(f"the upscale task needs a low-res image encoder (modality 'lowres'); got {got}")
+        encoder = concat_encoder(run, "lowres", "a low-res image")
         image = run.image_input("image", request.image, run.inputs.image)
-        h, w = image.shape[:2]
         align = unet_align(bundle)
+        f = bundle.downsampling_factor
         if request.fit == "error":
-            _check_lowres_size(h, w, align, bundle.downsampling_factor)
-        fitted = fit_array(image, align, request.fit)
+            _check_lowres_size(*image.shape[:2], align, f)
+        fitted = run.fit_input(image, request.fit, multiple=align)
         lowres = to_tensor(fitted, device=run.device, dtype=run.dtype)
         with torch.inference_mode():
             concat = encoder(lowres)
-        check_concat(run, concat, "low-res image")
-        fh, fw = fitted.shape[:2]
-        guided = Guided(cond=Conditioning(concat=concat), uncond=None, guidance=1.0)
-        shape = (1, bundle.latent_channels, fh, fw)
-        tiling = plan_tiling(run, request, (fh, fw), guided=False)
-        latents = sample_latents(run, guided, shape, tiling)
-        images = decode_latents(run, latents, tiling)
-        f = bundle.downsampling_factor
-        if request.fit == "pad":
-            images = [img[: h * f, : w * f].copy() for img in images]
-        run.extra["fit"] = {"mode": request.fit, "input_size": [h, w], "fitted_size": [fh, fw]}
+        guided = concat_conditioning(run, concat, "low-res image")
+        latents, images = render(run, request, guided, (fitted.shape[0], fitted.shape[1]))
         run.extra["scale"] = f
-        run.extra["tiling"] = tiling.record()
-        return run.finish(images, latents)
+        return run.finish(run.unfit(images, scale=f), latents)
 
 
 def _check_lowres_size(h: int, w: int, align: int, factor: int) -> None:

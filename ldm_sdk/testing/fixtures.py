@@ -26,28 +26,23 @@ if TYPE_CHECKING:
 __all__ = ["ldm_runtime", "ldm_runtime_with_entrypoints", "tiny_bundle", "tiny_sd_bundle"]
 
 
+def _cpu_runtime(*, load_entrypoints: bool) -> Iterator[Runtime]:
+    from ldm_sdk.runtime import Runtime
+
+    with Runtime.create(load_entrypoints=load_entrypoints, device="cpu") as runtime:
+        yield runtime
+
+
 @pytest.fixture
 def ldm_runtime() -> Iterator[Runtime]:
     """A CPU runtime with the built-in plugin only (``load_entrypoints=False``), closed after the test."""
-    from ldm_sdk.runtime import Runtime
-
-    runtime = Runtime.create(load_entrypoints=False, device="cpu")
-    try:
-        yield runtime
-    finally:
-        runtime.close()
+    yield from _cpu_runtime(load_entrypoints=False)
 
 
 @pytest.fixture
 def ldm_runtime_with_entrypoints() -> Iterator[Runtime]:
     """A CPU runtime that discovers installed entry-point plugins, closed after the test."""
-    from ldm_sdk.runtime import Runtime
-
-    runtime = Runtime.create(load_entrypoints=True, device="cpu")
-    try:
-        yield runtime
-    finally:
-        runtime.close()
+    yield from _cpu_runtime(load_entrypoints=True)
 
 
 @pytest.fixture

@@ -54,7 +54,8 @@ TINY_KL_F4 = AutoencoderKLConfig(ddconfig=_dd(3, (1, 1, 2), kl=True), embed_dim=
 TINY_VQ_F4 = VQModelConfig(ddconfig=_dd(3, (1, 1, 2), kl=False), n_embed=16, embed_dim=3)
 
 
-def _unet(in_ch: int, out_ch: int, **kw: object) -> UNetConfig:
+def tiny_unet(in_ch: int, out_ch: int, **kw: object) -> UNetConfig:
+    """A two-level, 32-channel UNet config (one res block, attention at the first level); ``kw`` overrides."""
     base: dict[str, object] = {
         "image_size": 8,
         "in_channels": in_ch,
@@ -68,7 +69,8 @@ def _unet(in_ch: int, out_ch: int, **kw: object) -> UNetConfig:
     return UNetConfig.model_validate(base)
 
 
-def _sd_diffusion(**kw: object) -> DiffusionConfig:
+def tiny_sd_diffusion(**kw: object) -> DiffusionConfig:
+    """The diffusion settings of Stable Diffusion (schedule, keys, scale factor) at an 8x8 latent."""
     base: dict[str, object] = {
         "linear_start": 0.00085,
         "linear_end": 0.012,
@@ -85,6 +87,14 @@ def _sd_diffusion(**kw: object) -> DiffusionConfig:
     return DiffusionConfig.model_validate(base)
 
 
+def tiny_ldm_diffusion(**kw: object) -> DiffusionConfig:
+    """The diffusion settings of an LDM-zoo model (schedule 0.0015..0.0195, 3 latent channels) at an 8x8
+    latent; ``kw`` overrides (``conditioning_key``, ``cond_stage_key``, ``linear_end`` ...)."""
+    base: dict[str, object] = {"linear_start": 0.0015, "linear_end": 0.0195, "image_size": 8, "channels": 3}
+    base.update(kw)
+    return DiffusionConfig.model_validate(base)
+
+
 CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 CLASS_TARGET = "ldm.modules.encoders.modules.ClassEmbedder"
@@ -92,14 +102,14 @@ CLASS_TARGET = "ldm.modules.encoders.modules.ClassEmbedder"
 SD1 = ModelConfig(
     family="tiny-sd1",
     first_stage=TINY_KL_F8,
-    unet=_unet(4, 4, num_heads=2, use_spatial_transformer=True, context_dim=32, legacy=False),
-    diffusion=_sd_diffusion(),
+    unet=tiny_unet(4, 4, num_heads=2, use_spatial_transformer=True, context_dim=32, legacy=False),
+    diffusion=tiny_sd_diffusion(),
     cond_stage=CondStageConfig(target=CLIP_TARGET),
 )
 SD2_V = ModelConfig(
     family="tiny-sd2-v",
     first_stage=TINY_KL_F8,
-    unet=_unet(
+    unet=tiny_unet(
         4,
         4,
         num_head_channels=16,
@@ -108,38 +118,30 @@ SD2_V = ModelConfig(
         context_dim=48,
         legacy=False,
     ),
-    diffusion=_sd_diffusion(parameterization="v"),
+    diffusion=tiny_sd_diffusion(parameterization="v"),
     cond_stage=CondStageConfig(target=OPENCLIP_TARGET, params={"freeze": True, "layer": "penultimate"}),
 )
 SD_INPAINT = ModelConfig(
     family="tiny-sd1-inpainting",
     first_stage=TINY_KL_F8,
-    unet=_unet(9, 4, num_heads=2, use_spatial_transformer=True, context_dim=32, legacy=False),
-    diffusion=_sd_diffusion(conditioning_key="hybrid"),
+    unet=tiny_unet(9, 4, num_heads=2, use_spatial_transformer=True, context_dim=32, legacy=False),
+    diffusion=tiny_sd_diffusion(conditioning_key="hybrid"),
     cond_stage=CondStageConfig(target=CLIP_TARGET),
 )
 LDM_KL_F4_UNCOND = ModelConfig(
     family="tiny-ldm-kl-f4-uncond",
     first_stage=TINY_KL_F4,
-    unet=_unet(3, 3, attention_resolutions=(2,), num_head_channels=16),
-    diffusion=DiffusionConfig(
-        linear_start=0.0015, linear_end=0.0195, image_size=8, channels=3, conditioning_key=None
-    ),
+    unet=tiny_unet(3, 3, attention_resolutions=(2,), num_head_channels=16),
+    diffusion=tiny_ldm_diffusion(conditioning_key=None),
 )
 LDM_VQ_F4_CLASS = ModelConfig(
     family="tiny-ldm-vq-f4-cin",
     first_stage=TINY_VQ_F4,
-    unet=_unet(
+    unet=tiny_unet(
         3, 3, attention_resolutions=(1, 2), num_head_channels=16, use_spatial_transformer=True, context_dim=32
     ),
-    diffusion=DiffusionConfig(
-        linear_start=0.0015,
-        linear_end=0.0195,
-        image_size=8,
-        channels=3,
-        conditioning_key="crossattn",
-        cond_stage_key="class_label",
-        cond_stage_trainable=True,
+    diffusion=tiny_ldm_diffusion(
+        conditioning_key="crossattn", cond_stage_key="class_label", cond_stage_trainable=True
     ),
     cond_stage=CondStageConfig(
         target=CLASS_TARGET, params={"embed_dim": 32, "n_classes": 10, "key": "class_label"}
@@ -208,4 +210,7 @@ __all__ = [
     "TINY_VQ_F4",
     "fake_cond_stage_weights",
     "random_bundle",
+    "tiny_ldm_diffusion",
+    "tiny_sd_diffusion",
+    "tiny_unet",
 ]

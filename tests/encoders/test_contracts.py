@@ -138,11 +138,6 @@ def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("encoder-cache")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 class TestRegisteredEncoders(ConditionEncoderContract):
     """The contract, once per registered encoder (and variant)."""
 

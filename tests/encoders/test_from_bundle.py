@@ -22,10 +22,18 @@ from ldm_sdk.encoders.layout import LayoutEncoder
 from ldm_sdk.encoders.mask import MaskConditioner, MaskedImage
 from ldm_sdk.encoders.text_ldm_bert import BERTEmbedder
 from ldm_sdk.hookspecs import hookimpl
-from ldm_sdk.models.configs import CondStageConfig, DiffusionConfig, ModelConfig, UNetConfig
+from ldm_sdk.models.configs import CondStageConfig, ModelConfig
 from ldm_sdk.registry import Registry
 from ldm_sdk.runtime import Runtime
-from ldm_sdk.testing.tiny import LDM_KL_F4_UNCOND, LDM_VQ_F4_CLASS, SD1, TINY_VQ_F4, random_bundle
+from ldm_sdk.testing.tiny import (
+    LDM_KL_F4_UNCOND,
+    LDM_VQ_F4_CLASS,
+    SD1,
+    TINY_VQ_F4,
+    random_bundle,
+    tiny_ldm_diffusion,
+    tiny_unet,
+)
 
 BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
 
@@ -43,30 +51,14 @@ def registry(runtime: Runtime) -> Registry[Any]:
 
 def _ldm_config(in_channels: int, cond_stage_key: str, key: str | None, cond: CondStageConfig) -> ModelConfig:
     """An LDM-zoo-shaped tiny config (VQ-f4, 3 latent channels) with the given conditioning."""
-    unet: dict[str, Any] = {
-        "image_size": 8,
-        "in_channels": in_channels,
-        "out_channels": 3,
-        "model_channels": 32,
-        "num_res_blocks": 1,
-        "attention_resolutions": (),
-        "channel_mult": (1, 2),
-        "num_head_channels": 16,
-    }
+    unet: dict[str, Any] = {"attention_resolutions": (), "num_head_channels": 16}
     if key == "crossattn":
         unet.update(attention_resolutions=(1,), use_spatial_transformer=True, context_dim=16)
     return ModelConfig(
         family="tiny-custom",
         first_stage=TINY_VQ_F4,
-        unet=UNetConfig.model_validate(unet),
-        diffusion=DiffusionConfig(
-            linear_start=0.0015,
-            linear_end=0.0205,
-            image_size=8,
-            channels=3,
-            conditioning_key=key,
-            cond_stage_key=cond_stage_key,
-        ),
+        unet=tiny_unet(in_channels, 3, **unet),
+        diffusion=tiny_ldm_diffusion(linear_end=0.0205, conditioning_key=key, cond_stage_key=cond_stage_key),
         cond_stage=cond,
     )
 

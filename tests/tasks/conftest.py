@@ -28,3 +28,9 @@ def runtime() -> Iterator[Runtime]:
 def image32() -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line as installed, without entry-point plugins (``LDM_SDK_NO_ENTRYPOINTS=1``)."""
+    monkeypatch.setenv("LDM_SDK_NO_ENTRYPOINTS", "1")

@@ -146,13 +146,6 @@ def test_replay_from_files(model: Path, runtime: Runtime, tmp_path: Path) -> Non
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("upscale", "semantic", "layout"):
-        monkeypatch.setitem(cli.COMMANDS, name, f"ldm_sdk.commands.{name}")
-    monkeypatch.setenv("LDM_SDK_NO_ENTRYPOINTS", "1")
-
-
 def test_cli_layout(commands: None, model: Path, tmp_path: Path) -> None:
     spec = tmp_path / "layout.json"
     spec.write_text(json.dumps([{"class_id": 2, "box": [0.2, 0.2, 0.8, 0.8]}]))

@@ -169,13 +169,6 @@ def test_missing_map_and_guidance_are_refused(model: Path, runtime: Runtime) -> 
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("upscale", "semantic", "layout"):
-        monkeypatch.setitem(cli.COMMANDS, name, f"ldm_sdk.commands.{name}")
-    monkeypatch.setenv("LDM_SDK_NO_ENTRYPOINTS", "1")
-
-
 def test_cli_semantic_with_a_palette(commands: None, model: Path, tmp_path: Path) -> None:
     colours = tmp_path / "map.png"
     Image.fromarray(read_palette(PALETTE)[_scene(32, 64)]).save(colours)

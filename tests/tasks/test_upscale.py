@@ -169,14 +169,6 @@ def test_replay_reproduces_the_pixels(
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
-@pytest.fixture
-def commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Register the large-image commands (until ldm_sdk.cli.COMMANDS lists them itself)."""
-    for name in ("upscale", "semantic", "layout"):
-        monkeypatch.setitem(cli.COMMANDS, name, f"ldm_sdk.commands.{name}")
-    monkeypatch.setenv("LDM_SDK_NO_ENTRYPOINTS", "1")
-
-
 def test_cli_upscale_writes_a_four_times_larger_png(
     commands: None, sr_file: Path, lowres: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

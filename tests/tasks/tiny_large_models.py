@@ -21,7 +21,7 @@ import torch
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.checkpoints.loader import save
 from ldm_sdk.models.configs import CondStageConfig, DiffusionConfig, ModelConfig, UNetConfig
-from ldm_sdk.testing.tiny import TINY_VQ_F4, random_bundle
+from ldm_sdk.testing.tiny import TINY_VQ_F4, random_bundle, tiny_ldm_diffusion, tiny_unet
 
 SEMANTIC_CLASSES = 5
 LAYOUT_CLASSES = 6
@@ -35,28 +35,12 @@ LAYOUT_PARAMS: dict[str, Any] = {
 
 
 def _unet(in_ch: int, **kw: Any) -> UNetConfig:
-    base: dict[str, Any] = {
-        "image_size": 8,
-        "in_channels": in_ch,
-        "out_channels": 3,
-        "model_channels": 32,
-        "num_res_blocks": 1,
-        "attention_resolutions": (),
-        "channel_mult": (1, 2),
-        "num_head_channels": 16,
-    }
-    base.update(kw)
-    return UNetConfig.model_validate(base)
+    return tiny_unet(in_ch, 3, **{"attention_resolutions": (), "num_head_channels": 16, **kw})
 
 
 def _diffusion(key: str, cond_key: str, image_size: int = 8) -> DiffusionConfig:
-    return DiffusionConfig(
-        linear_start=0.0015,
-        linear_end=0.0155,
-        image_size=image_size,
-        channels=3,
-        conditioning_key=key,
-        cond_stage_key=cond_key,
+    return tiny_ldm_diffusion(
+        linear_end=0.0155, image_size=image_size, conditioning_key=key, cond_stage_key=cond_key
     )
 
 

@@ -10,73 +10,51 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.checkpoints.loader import save
-from ldm_sdk.models.configs import CondStageConfig, DiffusionConfig, ModelConfig, UNetConfig
-from ldm_sdk.testing.tiny import LDM_KL_F4_UNCOND, LDM_VQ_F4_CLASS, TINY_KL_F8, TINY_VQ_F4, random_bundle
+from ldm_sdk.models.configs import CondStageConfig, ModelConfig
+from ldm_sdk.testing.tiny import (
+    LDM_KL_F4_UNCOND,
+    LDM_VQ_F4_CLASS,
+    TINY_KL_F8,
+    TINY_VQ_F4,
+    random_bundle,
+    tiny_ldm_diffusion,
+    tiny_sd_diffusion,
+    tiny_unet,
+)
 
 BERT_TARGET = "ldm.modules.encoders.modules.BERTEmbedder"
 BERT_PARAMS: dict[str, object] = {"n_embed": 32, "n_layer": 1, "max_seq_len": 16}
 MAX_TOKENS = 16
 
 
-def _unet(in_ch: int, out_ch: int, **kw: Any) -> UNetConfig:
-    base: dict[str, Any] = {
-        "image_size": 8,
-        "in_channels": in_ch,
-        "out_channels": out_ch,
-        "model_channels": 32,
-        "num_res_blocks": 1,
-        "attention_resolutions": (1,),
-        "channel_mult": (1, 2),
-        "num_head_channels": 16,
-    }
-    base.update(kw)
-    return UNetConfig.model_validate(base)
-
-
-def _sd_diffusion(key: str) -> DiffusionConfig:
-    return DiffusionConfig(
-        linear_start=0.00085,
-        linear_end=0.012,
-        image_size=8,
-        channels=4,
-        conditioning_key=key,
-        cond_stage_key="caption",
-        scale_factor=0.18215,
+def _bert_text_model(family: str, unet_in: int, conditioning_key: str) -> ModelConfig:
+    """SD-1-like (KL-f8, Stable Diffusion's schedule) with the one-layer BERT text encoder; the keys and
+    ``use_ema`` keep the DiffusionConfig defaults."""
+    return ModelConfig(
+        family=family,
+        first_stage=TINY_KL_F8,
+        unet=tiny_unet(
+            unet_in, 4, num_head_channels=16, use_spatial_transformer=True, context_dim=32, legacy=False
+        ),
+        diffusion=tiny_sd_diffusion(
+            conditioning_key=conditioning_key, cond_stage_key="caption", first_stage_key="image", use_ema=True
+        ),
+        cond_stage=CondStageConfig(target=BERT_TARGET, params=dict(BERT_PARAMS)),
     )
 
 
-TXT = ModelConfig(
-    family="tiny-txt2img-bert",
-    first_stage=TINY_KL_F8,
-    unet=_unet(4, 4, use_spatial_transformer=True, context_dim=32, legacy=False),
-    diffusion=_sd_diffusion("crossattn"),
-    cond_stage=CondStageConfig(target=BERT_TARGET, params=dict(BERT_PARAMS)),
-)
-SD_INPAINT_TXT = ModelConfig(
-    family="tiny-sd-inpaint-bert",
-    first_stage=TINY_KL_F8,
-    unet=_unet(9, 4, use_spatial_transformer=True, context_dim=32, legacy=False),
-    diffusion=_sd_diffusion("hybrid"),
-    cond_stage=CondStageConfig(target=BERT_TARGET, params=dict(BERT_PARAMS)),
-)
+TXT = _bert_text_model("tiny-txt2img-bert", 4, "crossattn")
+SD_INPAINT_TXT = _bert_text_model("tiny-sd-inpaint-bert", 9, "hybrid")
 LDM_INPAINT = ModelConfig(
     family="tiny-ldm-inpaint",
     first_stage=TINY_VQ_F4,
-    unet=_unet(7, 3, attention_resolutions=()),
-    diffusion=DiffusionConfig(
-        linear_start=0.0015,
-        linear_end=0.0205,
-        image_size=8,
-        channels=3,
-        conditioning_key="concat",
-        cond_stage_key="masked_image",
-    ),
+    unet=tiny_unet(7, 3, attention_resolutions=(), num_head_channels=16),
+    diffusion=tiny_ldm_diffusion(linear_end=0.0205, conditioning_key="concat", cond_stage_key="masked_image"),
     cond_stage=CondStageConfig(target="__is_first_stage__"),
 )
 CLASS = LDM_VQ_F4_CLASS
