@@ -2,12 +2,17 @@
 
     python bench/bench_sampling.py --device cuda --dtype fp16 --out results.json   # the real SD-1.5 size
     python bench/bench_sampling.py --device cpu --size small          # CPU smoke (1-2 min on 2 cores)
+    python bench/bench_sampling.py --device cpu --size small --fast   # ours on the CPU fast path
 
 Metrics per engine: one UNet call at batch 2 (a CFG-batched guidance step); end-to-end images (latent noise
 -> N DDIM steps with classifier-free guidance -> VAE decode) at each batch size; VAE decode alone; peak
 CUDA memory of the batch-1 end-to-end run; FLOPs of one UNet step (torch.utils.flop_counter) and MFU against
 a nominal peak; time to the first image of a freshly started process (cold: includes lazy CUDA/cuDNN setup
 and, with --compile, compilation). Text/class encoding is EXCLUDED: the context is random.
+--fast puts OUR engine on its fast path (diffusers stays eager, as users run it): on CUDA the guidance-batched
+UNet call is replayed from a CUDA graph (ldm_sdk.accel.CapturedModel); on the CPU the UNet and VAE get bf16
+weights where the CPU computes bf16 natively, channels_last and one thread per usable core
+(ldm_sdk.accel.configure_cpu_inference).
 The "speedup" column is diffusers/ours for lower-is-better rows and ours/diffusers for higher-is-better
 rows, so > 1 always means ours is better.
 """
@@ -56,6 +61,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd UNets (both engines)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="ours only: CUDA-graph replay of the UNet call on cuda; bf16 where native, channels_last and "
+        "threads on cpu (ldm_sdk.accel). diffusers stays eager",
+    )
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--iters", type=int, default=None, help="timed UNet/VAE calls (default 20 cuda, 3 cpu)")
     p.add_argument("--e2e-repeats", type=int, default=None, help="timed e2e runs (default 3 cuda, 1 cpu)")
@@ -75,6 +86,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--cold-compiled", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.fast and a.compile:
+        p.error("--fast and --compile are two different fast paths: pass one of them")
+    a.dtype_given = a.dtype is not None  # --fast on the CPU picks bf16 itself unless a dtype was asked for
     cuda = a.device.startswith("cuda")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -105,9 +119,50 @@ def build(args: argparse.Namespace, which: tuple[str, ...]) -> tuple[C.Arch, dic
         for e in engines.values():
             e.unet.to(memory_format=torch.channels_last)
             e.vae.to(memory_format=torch.channels_last)
+    if args.fast and "ours" in engines:
+        accelerate_ours(engines["ours"], arch, args)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return arch, engines, built
+
+
+def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None:
+    """Put our engine on the SDK's fast path (see the module docstring); the same sampler stack runs."""
+    from ldm_sdk.accel import CapturedModel, configure_cpu_inference
+    from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
+    from ldm_sdk.diffusion.denoiser import ModelDenoiser
+    from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
+    from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
+    from ldm_sdk.samplers.ddim import sample as ddim_sample
+
+    e.eager_call_unet = e.call_unet  # type: ignore[attr-defined]  # FLOPs: a graph replay dispatches no ops
+    if torch.device(args.device).type == "cuda":
+        captured = CapturedModel(
+            bind_unet(lambda x, t, **kw: e.fwd(x, t, **kw), "crossattn"), modules=[e.unet]
+        )
+        sched = DiffusionSchedule(make_beta_schedule("linear", 1000, arch.linear_start, arch.linear_end))
+
+        def sample(
+            noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int, scale: float
+        ) -> torch.Tensor:
+            cfg = ClassifierFreeGuidance(captured, scale, Conditioning(crossattn=uncond))
+            den = ModelDenoiser(cfg, sched, "eps", cond=Conditioning(crossattn=cond))
+            return ddim_sample(den, noise, torch.tensor(C.timesteps(steps), dtype=torch.float64), eta=0.0)
+
+        e.call_unet = lambda x, t, c: captured(x, t, Conditioning(crossattn=c))
+        e.sample = sample
+        e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
+        return
+    done = configure_cpu_inference(
+        e.unet,
+        e.vae,
+        dtype=args.dtype if args.dtype_given else None,
+        threads=0 if args.threads else None,  # --threads was applied already
+    )
+    e.dtype = done.dtype
+    vae, scale_factor = e.vae, arch.scale_factor
+    e.decode = lambda z: vae.decode((z / scale_factor).to(done.dtype))
+    e.loop += f"; CPU fast path: {done.describe()}"
 
 
 def inputs(arch: C.Arch, args: argparse.Namespace, batch: int) -> dict[str, torch.Tensor]:
@@ -284,14 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flops = {}
         for n, e in engines.items():
             with FlopCounterMode(display=False) as fc:
-                e.call_unet(x2["noise"], t2, ctx2)
+                getattr(e, "eager_call_unet", e.call_unet)(x2["noise"], t2, ctx2)
             flops[n] = fc.get_total_flops()
         results["unet_gflops_per_step"] = {n: f / 1e9 for n, f in flops.items()}
         results["finite"] = {n: bool(torch.isfinite(o).all()) for n, o in outs.items()}
         if "diffusers" in outs:
             results["unet_parity_rel_err"] = C.rel_err(outs["ours"], outs["diffusers"])
             results["unet_out_absmax"] = outs["diffusers"].abs().max().item()
-        sections = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+        first = "fast (ours)" if args.fast else "eager"
+        sections = [(first, False)] + ([("compiled", True)] if args.compile else [])
         for section, compiled in sections:
             if compiled:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_inductor_"))

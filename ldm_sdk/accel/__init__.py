@@ -1,0 +1,35 @@
+"""Inference fast paths: CUDA-graph capture of the denoising call, and CPU inference settings.
+
+- :mod:`ldm_sdk.accel.graphs`: :class:`CapturedModel` replays the (guidance-batched) network call as a CUDA
+  graph, which removes the per-kernel launch cost that bounds the eager UNet step on a fast GPU;
+  :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged.
+- :mod:`ldm_sdk.accel.cpu`: :func:`configure_cpu_inference` (bf16 weights where the CPU computes bf16
+  natively, channels_last, one torch thread per usable core) and :func:`cpu_features`.
+"""
+
+from __future__ import annotations
+
+from ldm_sdk.accel.cpu import CpuFeatures, CpuInference, configure_cpu_inference, cpu_features
+from ldm_sdk.accel.graphs import (
+    CallSignature,
+    CapturedModel,
+    CaptureError,
+    CaptureMode,
+    TensorSpec,
+    accelerate_denoiser,
+    bundle_denoiser,
+)
+
+__all__ = [
+    "CallSignature",
+    "CaptureError",
+    "CaptureMode",
+    "CapturedModel",
+    "CpuFeatures",
+    "CpuInference",
+    "TensorSpec",
+    "accelerate_denoiser",
+    "bundle_denoiser",
+    "configure_cpu_inference",
+    "cpu_features",
+]

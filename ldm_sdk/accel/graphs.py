@@ -1,0 +1,460 @@
+"""CUDA-graph capture of the denoising network call: a :data:`~ldm_sdk.diffusion.denoiser.ModelFn`
+``fn(x, t, cond) -> Tensor`` replayed from a graph instead of launched kernel by kernel.
+
+Why: on a fast GPU the eager SD-1.5 UNet step is bound by host-side kernel launches (H100, fp16, batch 2:
+21.2 ms eager, 11.3 ms as a graph replay; ``docs/benchmarks.md``). Capturing the call once per input
+signature and replaying it removes that cost. The sampler's own arithmetic (schedule look-ups, the DDIM
+update, the guidance combination) stays eager: it is a few small kernels per step.
+
+How :class:`CapturedModel` works:
+
+1. The *signature* of a call -- shape, stride, dtype and device of ``x``, ``t`` and of every present
+   :class:`~ldm_sdk.diffusion.conditioning.Conditioning` part -- keys a small LRU cache of captures.
+2. On a miss, static input buffers with exactly that layout are allocated and filled with the call's
+   values; ``fn`` runs ``warmup`` times on a side stream (lazy cuDNN / cuBLAS set-up, autotuning), the
+   last warm-up under torch's sync debug mode "error", so a host synchronisation inside ``fn`` is reported
+   with its traceback instead of as an opaque capture failure; then one call is captured into a
+   ``torch.cuda.CUDAGraph`` with its own memory pool.
+3. Every call (the first included) copies its inputs into the static buffers and replays the graph.
+4. The result is a clone of the static output (``clone_output=True``, the default). With
+   ``clone_output=False`` it is the static output itself, which the next call of the same signature
+   overwrites: safe under :class:`~ldm_sdk.diffusion.guidance.ClassifierFreeGuidance` (its arithmetic makes
+   new tensors), not safe for a bare model under a multistep sampler (PLMS, DPM++ 2M keep past outputs).
+
+What ``fn`` must satisfy to be captured (the UNet / attention / first-stage code of this SDK does):
+
+* fixed shapes and the same allocations on every call with the same signature;
+* no host synchronisation: no ``.item()``, ``.tolist()``, ``.cpu()``, printing of device tensors, Python
+  ``if`` on a device tensor's value (``if torch.any(t < 0):``) or tensors built on the CPU and moved in;
+  ``t`` must already be on ``x``'s device (the samplers' ``time_batch`` puts it there);
+* tensors that ``fn`` closes over (weights, a guidance wrapper's unconditional embedding) are read at
+  replay from the memory they occupied at capture time: keep them alive and change them only in place.
+  Anything that differs between calls must come in through ``x``, ``t`` or ``cond``;
+* no training-mode modules (dropout must be off): pass them as ``modules`` to have that checked;
+* inference only: the replay runs under ``torch.inference_mode``; inputs that require grad are refused.
+
+On other devices the default mode ``"auto"`` is a transparent pass-through (``fn(x, t, cond)``), so the
+same code runs everywhere. ``"emulate"`` runs the static-buffer and cache logic on any device, replaying by
+calling ``fn`` eagerly on the static buffers -- CI uses it to test the wrapper without a GPU.
+
+A ``CapturedModel`` is not thread-safe: use one per model and thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ldm_sdk.diffusion.conditioning import Conditioning
+from ldm_sdk.diffusion.denoiser import ModelDenoiser, ModelFn
+from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
+
+if TYPE_CHECKING:
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+
+CaptureMode = Literal["auto", "graph", "emulate", "off"]
+"""``auto``: capture on CUDA, pass-through elsewhere. ``graph``: capture, and refuse non-CUDA inputs.
+``emulate``: static buffers and cache on any device, replayed by an eager call (tests, debugging).
+``off``: always a plain call."""
+
+CAPTURE_MODES: tuple[str, ...] = get_args(CaptureMode)
+
+
+class CaptureError(RuntimeError):
+    """``fn`` or its inputs cannot be captured / replayed as a CUDA graph; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a static buffer must match: shape, stride, dtype and device."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.device)
+
+    def __str__(self) -> str:
+        return f"{list(self.shape)} {str(self.dtype).removeprefix('torch.')} on {self.device}"
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """The cache key of one capture: the specs of ``x``, ``t`` and each present conditioning part."""
+
+    x: TensorSpec
+    t: TensorSpec
+    cond: tuple[tuple[str, TensorSpec], ...]
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name}={spec}" for name, spec in self.cond)
+        return f"x={self.x}, t={self.t}" + (f", {parts}" if parts else "")
+
+
+@dataclass(eq=False)
+class _Capture:
+    """Static buffers of one signature, the static output and how to refresh it."""
+
+    signature: CallSignature
+    x: Tensor
+    t: Tensor
+    cond: Conditioning
+    out: Tensor | None = None
+    replay: Callable[[], None] = field(default=lambda: None, repr=False)
+    graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
+    replays: int = 0
+
+    def load(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        for name, value in cond.parts().items():
+            getattr(self.cond, name).copy_(value)
+
+    def release(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.out, self.replay = None, None, lambda: None
+
+
+@dataclass
+class CaptureStats:
+    """Counters of a :class:`CapturedModel`: captures, (graph or emulated) replays, plain calls, evictions."""
+
+    captures: int = 0
+    replays: int = 0
+    passthrough: int = 0
+    evictions: int = 0
+
+
+class CapturedModel:
+    """A ``ModelFn`` that replays ``fn`` from CUDA graphs, one per input signature (see the module doc).
+
+    ``mode``: see :data:`CaptureMode`. ``warmup``: eager calls of ``fn`` on a side stream before capture
+    (>= 1; with >= 2 the last one runs under sync debug mode "error"). ``max_graphs``: captures kept (least
+    recently used evicted; each holds its own activation memory). ``clone_output``: return a clone of the
+    static output (default) or the static output itself. ``modules``: modules ``fn`` runs, checked to be in
+    eval mode on every captured call.
+    """
+
+    def __init__(
+        self,
+        fn: ModelFn,
+        *,
+        mode: CaptureMode = "auto",
+        warmup: int = 2,
+        max_graphs: int = 4,
+        clone_output: bool = True,
+        modules: Sequence[nn.Module] = (),
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(x, t, cond) -> Tensor, got {type(fn).__name__}")
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"unknown capture mode {mode!r}; valid: {', '.join(CAPTURE_MODES)}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (eager calls before capture), got {warmup!r}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        bad = [type(m).__name__ for m in modules if not isinstance(m, nn.Module)]
+        if bad:
+            raise TypeError(f"modules must be torch.nn.Module instances, got {', '.join(bad)}")
+        self.fn = fn
+        self.mode: CaptureMode = mode
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.clone_output = clone_output
+        self.modules = tuple(modules)
+        self.stats = CaptureStats()
+        self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
+
+    # -- public ------------------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if not self._active(x):
+            self.stats.passthrough += 1
+            return self.fn(x, t, cond)
+        signature = self._check(x, t, cond)
+        capture = self._captures.get(signature)
+        with torch.inference_mode():
+            if capture is None:
+                capture = self._capture(signature, x, t, cond)
+            else:
+                self._captures.move_to_end(signature)
+                capture.load(x, t, cond)
+            capture.replay()
+        capture.replays += 1
+        self.stats.replays += 1
+        out = capture.out
+        if out is None:  # pragma: no cover - _capture always sets it
+            raise CaptureError("internal error: a capture has no static output")
+        return out.clone() if self.clone_output else out
+
+    @property
+    def signatures(self) -> list[CallSignature]:
+        """Signatures with a live capture, least recently used first."""
+        return list(self._captures)
+
+    def clear(self) -> None:
+        """Drop every capture and free its memory (the next call captures again)."""
+        for capture in self._captures.values():
+            capture.release()
+        self._captures.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"CapturedModel(mode={self.mode!r}, captures={len(self._captures)}/{self.max_graphs}, "
+            f"clone_output={self.clone_output}, stats={self.stats})"
+        )
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _active(self, x: Tensor) -> bool:
+        """Whether this call goes through static buffers (capture / replay) rather than a plain call."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self.mode == "off":
+            return False
+        if self.mode == "emulate":
+            return True
+        if x.device.type != "cuda":
+            if self.mode == "graph":
+                raise CaptureError(
+                    f"mode='graph' captures CUDA graphs, but x is on {x.device}; use mode='auto' "
+                    "(a plain call off CUDA) or mode='emulate'"
+                )
+            return False
+        # inside someone else's capture (a caller capturing the whole sampler step): just record the call
+        return not torch.cuda.is_current_stream_capturing()
+
+    def _check(self, x: Tensor, t: Tensor, cond: Conditioning) -> CallSignature:
+        if not isinstance(t, Tensor):
+            raise CaptureError(
+                f"t must be a tensor on x's device ({x.device}) for a captured call, got "
+                f"{type(t).__name__}; samplers pass time_batch(t, x)"
+            )
+        if not isinstance(cond, Conditioning):
+            raise CaptureError(f"cond must be a Conditioning, got {type(cond).__name__}")
+        parts = cond.parts()
+        named = [("x", x), ("t", t), *parts.items()]
+        for name, value in named[1:]:
+            if value.device != x.device:
+                raise CaptureError(
+                    f"every input of a captured call must be on x's device ({x.device}): {name} is on "
+                    f"{value.device}; move it there before sampling (a host-to-device copy cannot be "
+                    "captured)"
+                )
+        if torch.is_grad_enabled():
+            grads = [name for name, value in named if value.requires_grad]
+            if grads:
+                raise CaptureError(
+                    f"CapturedModel is for inference, but {', '.join(grads)} requires grad; call it under "
+                    "torch.no_grad() / torch.inference_mode() with detached inputs, or use mode='off'"
+                )
+        self._check_eval(deep=False)
+        return CallSignature(
+            TensorSpec.of(x), TensorSpec.of(t), tuple((k, TensorSpec.of(v)) for k, v in parts.items())
+        )
+
+    def _check_eval(self, *, deep: bool) -> None:
+        """Refuse modules in training mode: every submodule at capture time, the roots on later calls."""
+        found = (m for root in self.modules for m in (root.modules() if deep else (root,)))
+        training = sorted({type(m).__name__ for m in found if m.training})
+        if training:
+            raise CaptureError(
+                f"modules in training mode ({', '.join(training)}): dropout and other training behaviour "
+                "would be frozen into the graph; call .eval() on the model first"
+            )
+
+    def _capture(self, signature: CallSignature, x: Tensor, t: Tensor, cond: Conditioning) -> _Capture:
+        self._check_eval(deep=True)
+        while len(self._captures) >= self.max_graphs:
+            _, old = self._captures.popitem(last=False)
+            old.release()
+            self.stats.evictions += 1
+        capture = _Capture(
+            signature,
+            x=_static_like(x),
+            t=_static_like(t),
+            cond=Conditioning(**{k: _static_like(v) for k, v in cond.parts().items()}),
+        )
+        capture.load(x, t, cond)
+
+        def call() -> Tensor:
+            out = self.fn(capture.x, capture.t, capture.cond)
+            if not isinstance(out, Tensor):
+                raise CaptureError(f"fn must return a Tensor, got {type(out).__name__}")
+            if out.device != x.device:
+                raise CaptureError(f"fn returned a tensor on {out.device} for inputs on {x.device}")
+            return out
+
+        if self.mode == "emulate":
+            static_out = torch.empty_like(call())
+
+            def replay() -> None:
+                out = call()
+                if out.shape != static_out.shape or out.dtype != static_out.dtype:
+                    raise CaptureError(
+                        f"fn returned {list(out.shape)} {out.dtype} for signature ({signature}) after "
+                        f"{list(static_out.shape)} {static_out.dtype} at capture: it is not shape-static"
+                    )
+                static_out.copy_(out)
+
+            capture.out, capture.replay = static_out, replay
+        else:
+            capture.graph, capture.out = self._capture_graph(call, x.device, signature)
+            capture.replay = capture.graph.replay
+        self._captures[signature] = capture
+        self.stats.captures += 1
+        return capture
+
+    def _capture_graph(
+        self, call: Callable[[], Tensor], device: torch.device, signature: CallSignature
+    ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for i in range(self.warmup):
+                    strict = self.warmup > 1 and i == self.warmup - 1
+                    try:
+                        with _sync_errors() if strict else contextlib.nullcontext():
+                            call()
+                    except CaptureError:
+                        raise
+                    except RuntimeError as exc:
+                        if strict and "synchroniz" in str(exc):
+                            raise CaptureError(
+                                f"fn synchronizes the host with the GPU ({exc}), so it cannot be captured "
+                                f"for signature ({signature}). Remove .item() / .tolist() / .cpu() / Python "
+                                "`if` on device tensors from the model call, or use mode='off'"
+                            ) from exc
+                        raise
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    out = call()
+            except CaptureError:
+                raise
+            except RuntimeError as exc:
+                raise CaptureError(
+                    f"CUDA graph capture of fn failed for signature ({signature}): {exc}. Capture needs a "
+                    "shape-static call without host synchronisation, CPU tensors or host-to-device copies "
+                    "inside it (see ldm_sdk.accel.graphs); use mode='off' to run it eagerly"
+                ) from exc
+        return graph, out
+
+
+def _static_like(tensor: Tensor) -> Tensor:
+    """An uninitialised buffer with ``tensor``'s shape, dtype, device and (dense) strides."""
+    return torch.empty_like(tensor, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def _sync_errors() -> Iterator[None]:
+    """torch's CUDA sync debug mode set to "error" for the block (restored afterwards)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+# -- wiring into the sampler stack ------------------------------------------------------------------------
+def accelerate_denoiser(
+    source: ModelBundle | nn.Module | ModelFn,
+    *,
+    mode: CaptureMode = "auto",
+    warmup: int = 2,
+    max_graphs: int = 4,
+    clone_output: bool = True,
+    modules: Sequence[nn.Module] = (),
+) -> CapturedModel:
+    """The network call of ``source`` as a :class:`CapturedModel`, a drop-in ``ModelFn``.
+
+    ``source`` is a :class:`~ldm_sdk.checkpoints.bundle.ModelBundle` (its ``apply_model``), an ``nn.Module``
+    called as ``module(x, t, cond)`` (e.g. ``DiffusionWrapper``) or any ``ModelFn`` such as
+    ``bind_unet(unet, key)``; for a plain function pass the modules it runs as ``modules`` so that their
+    eval mode is checked. Hand the result to ``ClassifierFreeGuidance`` / ``ModelDenoiser`` exactly where
+    the eager function went::
+
+        fast = accelerate_denoiser(bundle)
+        den = ModelDenoiser(ClassifierFreeGuidance(fast, 7.5, uncond), bundle.schedule, "eps", cond)
+
+    With guidance the captured call is the batched ``[uncond; cond]`` pass of batch 2B. A bare ``UNetModel``
+    is refused: its call takes ``context=`` / ``y=``, not a Conditioning (wrap it with ``bind_unet``).
+    """
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.models.unet import UNetModel
+
+    watched = list(modules)
+    fn: ModelFn
+    if isinstance(source, ModelBundle):
+        if source.model is None:
+            raise ValueError(f"{source.family!r} is a first-stage-only model: it has no UNet to accelerate")
+        fn = source.apply_model
+        watched.append(source.model)
+    elif isinstance(source, UNetModel):
+        raise TypeError(
+            "a bare UNetModel is called as unet(x, t, context=..., y=...), not fn(x, t, cond): pass "
+            "bind_unet(unet, conditioning_key) with modules=(unet,), or the ModelBundle"
+        )
+    elif isinstance(source, nn.Module):
+        fn = source
+        watched.append(source)
+    elif callable(source):
+        fn = source
+    else:
+        raise TypeError(
+            f"source must be a ModelBundle, an nn.Module called as module(x, t, cond) or a function "
+            f"fn(x, t, cond); got {type(source).__name__}"
+        )
+    return CapturedModel(
+        fn, mode=mode, warmup=warmup, max_graphs=max_graphs, clone_output=clone_output, modules=watched
+    )
+
+
+def bundle_denoiser(
+    bundle: ModelBundle,
+    cond: Conditioning,
+    *,
+    guidance_scale: float = 1.0,
+    uncond: Conditioning | None = None,
+    captured: CapturedModel | None = None,
+    mode: CaptureMode = "auto",
+) -> ModelDenoiser:
+    """:meth:`ModelBundle.denoiser` with the network call captured: same arguments, same result.
+
+    Pass ``captured`` (from :func:`accelerate_denoiser`) to reuse its graphs across requests; otherwise a
+    new one is made with ``mode``.
+    """
+    if bundle.schedule is None or bundle.parameterization is None:
+        raise ValueError(f"{bundle.family!r} is a first-stage-only model: it cannot denoise")
+    fast: ModelFn = captured if captured is not None else accelerate_denoiser(bundle, mode=mode)
+    model_fn: ModelFn = fast
+    if guidance_scale != 1.0:
+        if uncond is None:
+            raise ValueError("guidance_scale != 1 needs the unconditional conditioning (uncond=...)")
+        model_fn = ClassifierFreeGuidance(fast, guidance_scale, uncond)
+    return ModelDenoiser(model_fn, bundle.schedule, bundle.parameterization, cond)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "CAPTURE_MODES",
+    "CallSignature",
+    "CaptureError",
+    "CaptureMode",
+    "CaptureStats",
+    "CapturedModel",
+    "TensorSpec",
+    "accelerate_denoiser",
+    "bundle_denoiser",
+]
