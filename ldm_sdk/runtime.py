@@ -46,6 +46,8 @@ from ldm_sdk.runtime_cache import (
 
 TRACE_ENV = "LDM_SDK_TRACE_PLUGINS"
 NO_ENTRYPOINTS_ENV = "LDM_SDK_NO_ENTRYPOINTS"
+#: how tasks run the denoising network (``Runtime(capture_mode=...)``)
+TASK_CAPTURE_MODES: tuple[str, ...] = ("auto", "off", "emulate")
 
 __all__ = ["PluginInfo", "PluginLoadError", "Runtime"]
 
@@ -82,10 +84,20 @@ class Runtime:
         disabled_plugins: Iterable[str] = (),
         trace: bool = False,
         plugins: Sequence[object] = (),
+        capture_mode: str = "auto",
     ) -> None:
         """The options of :meth:`create`. ``plugins`` are extra plugin objects registered after the built-in
         one and before entry points (scripts and tests); ``disabled_plugins`` adds to
-        ``$LDM_SDK_DISABLE_PLUGINS``."""
+        ``$LDM_SDK_DISABLE_PLUGINS``.
+
+        ``capture_mode``: the fast path of tasks whose request has ``accelerate=True`` (the default):
+        ``"auto"`` replays the denoising network from CUDA graphs for models on a CUDA device (one
+        :class:`~ldm_sdk.accel.graphs.CapturedModel` per loaded model, kept in the model cache) and changes
+        nothing elsewhere; ``"off"`` always runs it eagerly; ``"emulate"`` runs the capture logic (static
+        buffers, signature cache) on any device, replaying by an eager call, for tests."""
+        if capture_mode not in TASK_CAPTURE_MODES:
+            raise ValueError(f"unknown capture mode {capture_mode!r}; valid: {', '.join(TASK_CAPTURE_MODES)}")
+        self.capture_mode = capture_mode
         env = os.environ
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
@@ -115,7 +127,8 @@ class Runtime:
     @classmethod
     def create(cls, **options: Any) -> Runtime:
         """A new runtime; ``options`` are the keyword arguments of :class:`Runtime` (``load_entrypoints``,
-        ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``)."""
+        ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``,
+        ``capture_mode``)."""
         return cls(**options)
 
     @classmethod
@@ -220,7 +233,8 @@ class Runtime:
 
     def release(self, *, offload: bool = False) -> int:
         """Give memory back (to a host's renderer): drop every cached model, or with ``offload=True`` move
-        them to CPU memory until next used; empties the CUDA/MPS allocator cache. Returns bytes freed."""
+        them to CPU memory until next used, with what the cache keeps for them (their captured CUDA graphs);
+        empties the CUDA/MPS allocator cache. Returns the models' bytes freed."""
         freed = self.cache.release(offload=offload)
         empty_accelerator_cache([str(self.device)])  # also the blocks jobs' activations left cached
         return freed

@@ -5,6 +5,11 @@ loader that built them, so an evicted model is reloaded on demand. A model's siz
 and buffer bytes. When a model would push the cache over its budget, the least recently used models leave
 first; a model larger than the whole budget is still kept (alone), with a warning. Two threads asking for the
 same key at once load it once: the second waits for the first.
+
+Objects derived from a loaded model that must not outlive its stay on the device -- the tasks' captured CUDA
+graphs, which read the weights from the addresses they had at capture -- are kept with its entry
+(:meth:`ModelCache.attachment`) and dropped whenever the model leaves (eviction, release, offload, clear).
+They are not part of the model's bytes: the budget counts weights, as it leaves out activations.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from torch import nn
 logger = logging.getLogger("ldm_sdk.runtime")
 
 Loader = Callable[[], nn.Module]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,15 @@ class _Entry:
     model: nn.Module | None = None
     nbytes: int = 0  # last measured size; kept after eviction to make room before a reload
     offloaded: bool = False
+    attached: dict[str, Any] = field(default_factory=dict)  # ModelCache.attachment(); not in nbytes
+
+    def leave(self, *, offload: bool = False) -> None:
+        """The model leaves its device: dropped (or only marked offloaded), its attachments dropped."""
+        if offload:
+            self.offloaded = True
+        else:
+            self.model = None
+        self.attached = {}
 
 
 @dataclass
@@ -161,20 +176,51 @@ class ModelCache:
                     if torch.device(key.device).type == "cpu":
                         continue
                     entry.model.to("cpu")
-                    entry.offloaded = True
+                    entry.leave(offload=True)
                     gone.append((key, "offload"))
                 else:
-                    entry.model = None
+                    entry.leave()
                     gone.append((key, "release"))
                 freed += entry.nbytes
                 self._evictions += 1
         self._notify_evicted(gone)
         return freed
 
+    def attachment(self, model: nn.Module, name: str, factory: Callable[[], T]) -> T | None:
+        """The object called ``name`` kept with ``model`` (a resident model of this cache, by identity),
+        made by ``factory()`` on first use; None when ``model`` is not one (e.g. a model given in memory).
+
+        It lives exactly as long as the model stays loaded on its device: eviction, :meth:`release` (offload
+        included) and :meth:`clear` drop it, and a reloaded model starts without it. It is not counted in
+        the model's bytes. Use it for state derived from the loaded weights (the tasks keep the model's
+        ``CapturedModel`` here); callers that still hold it after the model left may finish with it.
+        """
+        with self._lock:
+            entry = self._resident_entry(model)
+            if entry is None:
+                return None
+            if name in entry.attached:
+                return entry.attached[name]  # type: ignore[no-any-return]
+        made = factory()  # outside the lock: it may be slow or use the cache
+        with self._lock:
+            entry = self._resident_entry(model)
+            if entry is None:
+                return made  # the model left meanwhile: the caller's to use, not kept
+            return entry.attached.setdefault(name, made)  # type: ignore[no-any-return]
+
+    def attachments(self, model: nn.Module) -> dict[str, Any]:
+        """A copy of what is kept with the resident ``model`` (:meth:`attachment`), by name; empty when it
+        has nothing or is not a resident model of this cache."""
+        with self._lock:
+            entry = self._resident_entry(model)
+            return dict(entry.attached) if entry is not None else {}
+
     def clear(self, reason: str = "close") -> None:
         """Forget every model and loader."""
         with self._lock:
             gone = [(k, reason) for k, e in self._entries.items() if e.model is not None]
+            for entry in self._entries.values():
+                entry.leave()
             self._entries.clear()
         self._notify_evicted(gone)
 
@@ -220,7 +266,7 @@ class ModelCache:
                         self.budget_bytes,
                     )
                 reloaded_from_cpu = entry.offloaded
-                entry.model, entry.nbytes, entry.offloaded = model, nbytes, False
+                entry.model, entry.nbytes, entry.offloaded, entry.attached = model, nbytes, False, {}
                 self._entries[key] = entry
                 self._entries.move_to_end(key)
                 if reloaded_from_cpu:
@@ -252,10 +298,17 @@ class ModelCache:
                 break
             if other == key or entry.model is None or entry.offloaded:
                 continue
-            entry.model = None
+            entry.leave()
             self._evictions += 1
             gone.append((other, "budget"))
         return gone
+
+    def _resident_entry(self, model: nn.Module) -> _Entry | None:
+        """With the lock held: the entry whose resident model is ``model`` (identity)."""
+        for entry in self._entries.values():
+            if entry.model is model and not entry.offloaded:
+                return entry
+        return None
 
     def _resident_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.model is not None and not e.offloaded)

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -362,6 +363,84 @@ def test_release_offload_moves_accelerator_models_to_cpu_and_back_without_reload
     assert moves == ["cpu"] and cache.resident() == [cpu_key]
     assert cache.get(gpu_key) is model
     assert moves == ["cpu", "cuda:0"] and len(calls) == 2
+
+
+class Attached:
+    """A stand-in for what is kept with a model (the tasks keep its CapturedModel)."""
+
+
+def test_attachments_live_while_the_model_is_resident_and_are_not_counted() -> None:
+    loads, made = Loads(), []
+
+    def factory() -> Attached:
+        made.append(weakref.ref(attached := Attached()))
+        return attached
+
+    cache = ModelCache(1000)
+    a = cache.get(key("a"), loads.loader("a", 10))  # 400 bytes
+    first = cache.attachment(a, "graphs", factory)
+    assert made[0]() is first and cache.attachment(a, "graphs", factory) is first and len(made) == 1
+    assert cache.attachments(a) == {"graphs": first}
+    assert cache.stats().resident_bytes == 400 == module_nbytes(a)  # the attachment is not in the budget
+    stranger = nn.Linear(2, 2)  # not in the cache (a model given in memory): nothing kept, nothing made
+    assert cache.attachment(stranger, "graphs", factory) is None and len(made) == 1
+    assert cache.attachments(stranger) == {}
+    del first
+    # evicted under the budget: the attachment goes with the model (nothing else holds it: it is freed)
+    b = cache.get(key("b"), loads.loader("b", 10))
+    cache.attachment(b, "graphs", factory)
+    cache.get(key("c"), loads.loader("c", 10))  # a (least recently used) leaves
+    assert cache.resident() == [key("b"), key("c")]
+    assert cache.attachments(a) == {} and cache.attachment(a, "graphs", factory) is None
+    assert made[0]() is None and made[1]() is not None
+    again = cache.get(key("a"))  # reloaded: a new model, which starts without attachments
+    assert again is not a and cache.attachments(again) == {}
+    cache.attachment(again, "graphs", factory)
+    assert len(made) == 3 and made[2]() is not None
+    # release and clear drop them too
+    cache.release()
+    assert cache.attachments(again) == {} and made[1]() is None and made[2]() is None
+    third = cache.get(key("a"))
+    cache.attachment(third, "graphs", factory)
+    cache.clear()
+    assert cache.attachments(third) == {} and made[3]() is None
+
+
+def test_an_attachment_made_while_its_model_leaves_is_not_kept() -> None:
+    cache = ModelCache()
+    model = cache.get(key("a"), Loads().loader("a", 2))
+
+    def factory() -> Attached:
+        cache.release()  # the model leaves while the attachment is made (another thread, in real life)
+        return Attached()
+
+    made = cache.attachment(model, "graphs", factory)
+    assert isinstance(made, Attached) and cache.attachments(model) == {}
+
+
+def test_offload_drops_attachments_of_models_that_leave_their_device() -> None:
+    class Recorded(nn.Linear):
+        def to(self, *args: Any, **kwargs: Any) -> Recorded:  # record instead of moving (no GPU here)
+            return self
+
+    cache = ModelCache()
+    gpu_key, cpu_key = ModelKey("g" * 8, device="cuda:0"), ModelKey("c" * 8, device="cpu")
+    gpu_model = cache.get(gpu_key, lambda: Recorded(2, 2))
+    cpu_model = cache.get(cpu_key, lambda: Recorded(2, 2))
+    kept = {m: cache.attachment(m, "graphs", Attached) for m in (gpu_model, cpu_model)}
+    cache.release(offload=True)
+    # graphs captured on the device read the weights where they were: they go when the weights move
+    assert cache.attachments(gpu_model) == {}
+    assert cache.attachments(cpu_model) == {"graphs": kept[cpu_model]}  # stayed where it was
+    assert cache.get(gpu_key) is gpu_model and cache.attachments(gpu_model) == {}
+    assert cache.attachment(gpu_model, "graphs", Attached) is not kept[gpu_model]
+
+
+def test_runtime_capture_mode() -> None:
+    with pytest.raises(ValueError, match="unknown capture mode 'graphs'; valid: auto, off, emulate"):
+        Runtime.create(load_entrypoints=False, device="cpu", capture_mode="graphs")
+    with Runtime.create(load_entrypoints=False, device="cpu", capture_mode="emulate") as runtime:
+        assert runtime.capture_mode == "emulate"
 
 
 def test_concurrent_gets_of_one_key_load_once() -> None:

@@ -19,7 +19,8 @@ How :class:`CapturedModel` works:
 4. The result is a clone of the static output (``clone_output=True``, the default). With
    ``clone_output=False`` it is the static output itself, which the next call of the same signature
    overwrites: safe under :class:`~ldm_sdk.diffusion.guidance.ClassifierFreeGuidance` (its arithmetic makes
-   new tensors), not safe for a bare model under a multistep sampler (PLMS, DPM++ 2M keep past outputs).
+   new tensors), not safe for a bare model under a multistep sampler (PLMS, DPM++ 2M keep past outputs),
+   nor when another thread may call the same ``CapturedModel``.
 
 What ``fn`` must satisfy to be captured (the UNet / attention / first-stage code of this SDK does):
 
@@ -29,7 +30,9 @@ What ``fn`` must satisfy to be captured (the UNet / attention / first-stage code
   ``t`` must already be on ``x``'s device (the samplers' ``time_batch`` puts it there);
 * tensors that ``fn`` closes over (weights, a guidance wrapper's unconditional embedding) are read at
   replay from the memory they occupied at capture time: keep them alive and change them only in place.
-  Anything that differs between calls must come in through ``x``, ``t`` or ``cond``;
+  Anything that differs between calls must come in through ``x``, ``t`` or ``cond``. For the ``modules``
+  it is given, the wrapper notices a move of their weights (``.to()``, a cast, an offload to the CPU and
+  back: new memory) and captures again instead of replaying graphs that read the old memory;
 * no training-mode modules (dropout must be off): pass them as ``modules`` to have that checked;
 * inference only: the replay runs under ``torch.inference_mode``; inputs that require grad are refused.
 
@@ -37,12 +40,16 @@ On other devices the default mode ``"auto"`` is a transparent pass-through (``fn
 same code runs everywhere. ``"emulate"`` runs the static-buffer and cache logic on any device, replaying by
 calling ``fn`` eagerly on the static buffers -- CI uses it to test the wrapper without a GPU.
 
-A ``CapturedModel`` is not thread-safe: use one per model and thread.
+Calls from several threads are serialised (a lock around copy-in, replay and copy-out), so one
+``CapturedModel`` can serve every thread that uses its model, as the tasks' per-model one does; the threads
+must issue their work on the same CUDA stream (the default stream unless they change it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +181,8 @@ class CapturedModel:
         self.modules = tuple(modules)
         self.stats = CaptureStats()
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
+        self._lock = threading.RLock()  # one call at a time through the static buffers
+        self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
     # -- public ------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -181,31 +190,36 @@ class CapturedModel:
             self.stats.passthrough += 1
             return self.fn(x, t, cond)
         signature = self._check(x, t, cond)
-        capture = self._captures.get(signature)
-        with torch.inference_mode():
-            if capture is None:
-                capture = self._capture(signature, x, t, cond)
-            else:
-                self._captures.move_to_end(signature)
-                capture.load(x, t, cond)
-            capture.replay()
-        capture.replays += 1
-        self.stats.replays += 1
-        out = capture.out
-        if out is None:  # pragma: no cover - _capture always sets it
-            raise CaptureError("internal error: a capture has no static output")
-        return out.clone() if self.clone_output else out
+        with self._lock:
+            weights = self._weights_key()
+            if weights != self._weights:  # the weights moved: every graph reads memory they left
+                self._drop_all()
+                self._weights = weights
+            capture = self._captures.get(signature)
+            with torch.inference_mode():
+                if capture is None:
+                    capture = self._capture(signature, x, t, cond)
+                else:
+                    self._captures.move_to_end(signature)
+                    capture.load(x, t, cond)
+                capture.replay()
+            capture.replays += 1
+            self.stats.replays += 1
+            out = capture.out
+            if out is None:  # pragma: no cover - _capture always sets it
+                raise CaptureError("internal error: a capture has no static output")
+            return out.clone() if self.clone_output else out
 
     @property
     def signatures(self) -> list[CallSignature]:
         """Signatures with a live capture, least recently used first."""
-        return list(self._captures)
+        with self._lock:
+            return list(self._captures)
 
     def clear(self) -> None:
         """Drop every capture and free its memory (the next call captures again)."""
-        for capture in self._captures.values():
-            capture.release()
-        self._captures.clear()
+        with self._lock:
+            self._drop_all()
 
     def __repr__(self) -> str:
         return (
@@ -214,6 +228,16 @@ class CapturedModel:
         )
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _drop_all(self) -> None:
+        for capture in self._captures.values():
+            capture.release()
+        self._captures.clear()
+
+    def _weights_key(self) -> tuple[int, ...]:
+        """Where the first parameter of each watched module lives (a move gives every parameter new
+        memory, so one per module tells)."""
+        return tuple(p.data_ptr() for m in self.modules for p in itertools.islice(m.parameters(), 1))
+
     def _active(self, x: Tensor) -> bool:
         """Whether this call goes through static buffers (capture / replay) rather than a plain call."""
         if not isinstance(x, Tensor):

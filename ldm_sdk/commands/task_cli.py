@@ -32,6 +32,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), help="compute dtype (default: per device)"
     )
+    group.add_argument(
+        "--no-accelerate",
+        dest="accelerate",
+        action="store_false",
+        help="on CUDA, run the network eagerly instead of replaying CUDA graphs (same result, slower)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, guidance: bool = True) -> None:
@@ -147,6 +153,7 @@ def common_fields(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "device": args.device,
         "dtype": args.dtype,
+        "accelerate": getattr(args, "accelerate", True),
     }
     return fields
 

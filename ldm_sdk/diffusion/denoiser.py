@@ -63,20 +63,34 @@ def alpha_bar_like(schedule: DiffusionSchedule, t: Tensor, like: Tensor) -> Tens
     return ab.to(work_dtype(like)).to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def lookup_device(t: Tensor) -> torch.device:
+    """Where the coefficients for timesteps ``t`` are looked up: ``t``'s own device when it computes in
+    float64 (CPU, CUDA), so that a step never copies ``t`` to the host (which would wait for the GPU);
+    else (MPS) the CPU."""
+    return t.device if t.device.type != "mps" else torch.device("cpu")
+
+
 def signal_noise_scales(schedule: DiffusionSchedule, t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sqrt(ab(t)), sqrt(1 - ab(t)))`` in float64 for timesteps ``t`` of shape (B,).
+    """``(sqrt(ab(t)), sqrt(1 - ab(t)))`` in float64 for timesteps ``t`` of shape (B,), on
+    :func:`lookup_device` of ``t``.
 
     At integer ``t`` these are CompVis's ``sqrt_alphas_cumprod`` / ``sqrt_one_minus_alphas_cumprod`` buffers
     (computed from float64 alpha_bar, so ``1 - ab`` keeps its precision near t = 0, where deriving it from
     the float32 ``alphas_cumprod`` would cost ~1e-5 relative); elsewhere the interpolated alpha_bar's.
+
+    The look-up reads the schedule's float64 tables on ``t``'s device (:meth:`DiffusionSchedule.tables`,
+    copied there once), so on a GPU it only queues kernels: no device-to-host copy, no wait for the model
+    call before it. Timesteps on the CPU are checked to lie in [0, T-1] (``ValueError``); on an accelerator
+    that check would read them on the host, so it is left to the samplers, which validate their timesteps
+    on the CPU before sampling (values outside are clamped into the table).
     """
-    t64 = t.to(schedule.betas.device, torch.float64)
-    ab = schedule.alpha_bar(t64)  # also validates the range
-    index = t64.round().long().clamp(0, schedule.num_timesteps - 1)
-    integral = t64 == t64.round()
-    sqrt_ab = torch.where(integral, schedule.sqrt_alphas_cumprod.double()[index], ab.sqrt())
-    sqrt_1m = torch.where(integral, schedule.sqrt_one_minus_alphas_cumprod.double()[index], (1.0 - ab).sqrt())
-    return sqrt_ab, sqrt_1m
+    device = lookup_device(t)
+    t64 = t.to(device, torch.float64)
+    if device.type == "cpu":
+        last = schedule.num_timesteps - 1
+        if torch.any((t64 < 0) | (t64 > last)):
+            raise ValueError(f"timesteps must lie in [0, {last}], got {t64.tolist()}")
+    return schedule.tables(device).signal_noise_scales(t64)
 
 
 def prediction_from_output(
@@ -87,6 +101,7 @@ def prediction_from_output(
     dtype = work_dtype(x)
 
     def coef(values: Tensor) -> Tensor:  # float64 math, then the work dtype, shaped to broadcast over x
+        # already on x's device when t is (samplers: time_batch), so nothing is copied
         return values.to(dtype).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
 
     x = x.to(dtype)
@@ -145,6 +160,7 @@ __all__ = [
     "Prediction",
     "alpha_bar_like",
     "batch_time",
+    "lookup_device",
     "prediction_from_output",
     "signal_noise_scales",
     "work_dtype",

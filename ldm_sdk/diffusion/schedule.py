@@ -6,11 +6,19 @@ CompVis checkpoint (``betas``, ``alphas_cumprod`` ...) are reproduced bit for bi
 Fractional timesteps (needed by sigma-space samplers such as Euler with Karras sigmas) are served by
 interpolating ``log sigma`` linearly between neighbouring integer steps, where
 ``sigma(t) = sqrt((1 - alpha_bar(t)) / alpha_bar(t))``; at integer ``t`` the table value is returned exactly.
+
+The lookups run on :class:`ScheduleTables`, float64 copies of the tables they read, made once per device
+(:meth:`DiffusionSchedule.tables`). The public methods validate the range and compute on the schedule's own
+device; a denoiser looks up on its input's device instead, with no host synchronisation
+(:func:`~ldm_sdk.diffusion.denoiser.signal_noise_scales`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +71,55 @@ def make_beta_schedule(
     return betas.numpy()
 
 
+@dataclass(frozen=True, eq=False)  # tensor fields: == would be elementwise
+class ScheduleTables:
+    """The float64 tables the timestep lookups read, on one device, and the lookups themselves.
+
+    The lookups take float64 timesteps on the tables' device and neither validate them nor read them on the
+    host, so on an accelerator they queue kernels without waiting for the device. Timesteps outside
+    ``[0, T-1]`` are clamped into the table (callers validate: :meth:`DiffusionSchedule.alpha_bar` and the
+    samplers' ``check_timesteps`` do, on the host); inside it the results are exactly those of the checked
+    methods.
+    """
+
+    alphas_cumprod: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    log_sigmas: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_sigmas.device
+
+    def _last(self) -> int:
+        return int(self.log_sigmas.shape[0]) - 1
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """``sigma`` at float64 timesteps ``t``: ``log sigma`` interpolated between integer steps."""
+        low = t.floor().long().clamp(0, self._last())
+        high = torch.clamp(low + 1, max=self._last())
+        w = t - low
+        log_sigma = (1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]
+        return log_sigma.exp()
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """alpha_bar at float64 timesteps ``t``: the table value at integer ``t``, else interpolated."""
+        integral = t == t.round()
+        exact = self.alphas_cumprod[t.round().long().clamp(0, self._last())]
+        interp = 1.0 / (1.0 + self.sigma(t).pow(2))
+        return torch.where(integral, exact, interp)
+
+    def signal_noise_scales(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(ab(t)), sqrt(1 - ab(t)))`` at float64 timesteps ``t``: the ``sqrt_alphas_cumprod`` /
+        ``sqrt_one_minus_alphas_cumprod`` table values at integer ``t``, else from the interpolated ab."""
+        ab = self.alpha_bar(t)
+        index = t.round().long().clamp(0, self._last())
+        integral = t == t.round()
+        sqrt_ab = torch.where(integral, self.sqrt_alphas_cumprod[index], ab.sqrt())
+        sqrt_1m = torch.where(integral, self.sqrt_one_minus_alphas_cumprod[index], (1.0 - ab).sqrt())
+        return sqrt_ab, sqrt_1m
+
+
 class DiffusionSchedule(nn.Module):
     """The discrete forward process: CompVis schedule buffers plus lookups at (fractional) timesteps."""
 
@@ -112,6 +169,7 @@ class DiffusionSchedule(nn.Module):
         self.register_buffer(
             "_log_sigmas", torch.tensor(0.5 * np.log((1 - alphas_cumprod) / alphas_cumprod)), persistent=False
         )
+        self._tables: dict[torch.device, ScheduleTables] = {}
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> DiffusionSchedule:
@@ -121,24 +179,37 @@ class DiffusionSchedule(nn.Module):
         return cls(betas, v_posterior=config.v_posterior)
 
     # -- lookups -------------------------------------------------------------------------------------
-    def sigma(self, t: Tensor) -> Tensor:
-        """``sqrt((1 - alpha_bar) / alpha_bar)`` (float64) at (fractional) timesteps ``t``."""
+    def tables(self, device: torch.device | str | None = None) -> ScheduleTables:
+        """The float64 lookup tables on ``device`` (default: the schedule's own), made on first use and
+        kept until the schedule's buffers are moved, cast or loaded (``.to()``, ``load_state_dict``). They
+        are copies: change the schedule through those, not by writing into its buffers."""
+        device = self._log_sigmas.device if device is None else torch.device(device)
+        tables = self._tables.get(device)
+        if tables is None:
+            tables = ScheduleTables(
+                alphas_cumprod=self.alphas_cumprod.to(device, torch.float64),
+                sqrt_alphas_cumprod=self.sqrt_alphas_cumprod.to(device, torch.float64),
+                sqrt_one_minus_alphas_cumprod=self.sqrt_one_minus_alphas_cumprod.to(device, torch.float64),
+                log_sigmas=self._log_sigmas.to(device, torch.float64),
+            )
+            self._tables[device] = tables
+        return tables
+
+    def _checked(self, t: Tensor) -> Tensor:
+        """``t`` as float64 on the schedule's device; ``ValueError`` unless every value lies in [0, T-1]
+        (this reads ``t`` on the host)."""
         t = t.to(self._log_sigmas.device, torch.float64)
         if torch.any((t < 0) | (t > self.num_timesteps - 1)):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {t.tolist()}")
-        low = t.floor().long()
-        high = torch.clamp(low + 1, max=self.num_timesteps - 1)
-        w = t - low
-        log_sigma = (1 - w) * self._log_sigmas[low] + w * self._log_sigmas[high]
-        return log_sigma.exp()
+        return t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """``sqrt((1 - alpha_bar) / alpha_bar)`` (float64) at (fractional) timesteps ``t``."""
+        return self.tables().sigma(self._checked(t))
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """alpha_bar (float64) at timesteps ``t``: the table value at integer ``t``, else interpolated."""
-        t64 = t.to(self._log_sigmas.device, torch.float64)
-        integral = t64 == t64.round()
-        exact = self.alphas_cumprod.double()[t64.round().long().clamp(0, self.num_timesteps - 1)]
-        interp = 1.0 / (1.0 + self.sigma(t64).pow(2))
-        return torch.where(integral, exact, interp)
+        return self.tables().alpha_bar(self._checked(t))
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Inverse of :meth:`sigma`: the fractional timestep whose interpolated sigma is ``sigma``."""
@@ -155,6 +226,15 @@ class DiffusionSchedule(nn.Module):
             _extract(self.sqrt_alphas_cumprod, t, x0) * x0
             + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
+
+    # the lookup tables are copies of the buffers: dropped when the buffers are moved, cast or loaded
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DiffusionSchedule:
+        self._tables = {}
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._tables = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def _extract(table: Tensor, t: Tensor, like: Tensor) -> Tensor:

@@ -119,6 +119,11 @@ class TaskRequest(BaseModel):
     - ``guidance``: classifier-free guidance scale (None: 7.5 for text-conditioned models, else 1 = off).
     - ``seed``: item ``i`` of the batch uses ``seed + i``; ``batch``: images to make (1..64).
     - ``device`` / ``dtype``: where the model runs (None: the runtime's device and dtype).
+    - ``accelerate``: the fast path -- on CUDA the denoising network is replayed from CUDA graphs captured
+      once per loaded model (:mod:`ldm_sdk.accel.graphs`). The replay computes exactly what the eager call
+      does, so this changes speed only (and keeps the graphs' activation memory on the GPU while the model
+      is loaded); ``False`` runs eagerly. Elsewhere it changes nothing. Recorded in the manifest like every
+      field.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -136,6 +141,7 @@ class TaskRequest(BaseModel):
     batch: int = Field(1, ge=1, le=MAX_BATCH)
     device: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] | None = None
+    accelerate: bool = True
 
     @field_validator("dtype", mode="before")
     @classmethod

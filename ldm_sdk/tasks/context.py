@@ -7,25 +7,30 @@
 - :func:`size_multiple` / :func:`check_size`: image sizes must be multiples of the latent factor times the
   UNet's downsampling (``f * 2 ** (levels - 1)``); errors name the nearest valid sizes and ``pad`` / ``crop``.
 - :func:`cond_stage`: the model's condition encoder, built once per loaded bundle (kept on the bundle).
+- :func:`captured_model`: the model's CUDA-graph fast path, one per loaded model (kept in the model cache).
 - :func:`make_generator`: an explicit ``torch.Generator`` on the task's device.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ldm_sdk.tasks.base import NoDefaultModelError, TaskError, TaskInputs, TaskRequest, UnsupportedTaskError
 
 if TYPE_CHECKING:
+    from ldm_sdk.accel.graphs import CapturedModel, CaptureMode
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.encoders.base import ConditionEncoder
     from ldm_sdk.registry import Registry
     from ldm_sdk.runtime import Runtime
 
 __all__ = [
+    "CAPTURED_MODEL",
+    "TASK_MAX_GRAPHS",
     "bundle_device_dtype",
+    "captured_model",
     "check_size",
     "cond_modality",
     "cond_stage",
@@ -39,6 +44,11 @@ __all__ = [
 ]
 
 _COND_STAGE_ATTR = "_ldm_sdk_task_cond_stage"
+#: the name of the tasks' CapturedModel among a cached model's attachments (``ModelCache.attachment``)
+CAPTURED_MODEL = "ldm_sdk.tasks.captured_model"
+#: captures (input signatures) a task model keeps: each holds its own activation memory on the GPU, so a host
+#: alternating between two sizes (or guided / unguided) keeps both, and a third evicts the oldest
+TASK_MAX_GRAPHS = 2
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -214,6 +224,37 @@ def cond_stage(bundle: ModelBundle, runtime: Runtime) -> ConditionEncoder | None
     # plain attribute, not a registered submodule: the bundle's state_dict stays the checkpoint's
     object.__setattr__(bundle, _COND_STAGE_ATTR, ((device, dtype), encoder))
     return encoder
+
+
+def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
+    """The bundle's network call as a :class:`~ldm_sdk.accel.graphs.CapturedModel` (mode: the runtime's
+    ``capture_mode``), for :func:`~ldm_sdk.tasks.sampling.run_sampling`; None where the eager call is used:
+    the runtime's capture mode is ``"off"``, or ``"auto"`` with the model off CUDA (there a capture would be
+    a plain call), the model is first-stage-only, or part of its UNet is in training mode (a model built in
+    memory without ``.eval()``: a graph would freeze its dropout; loaded models are in eval mode).
+
+    A model in the runtime's cache has one, made on first use and kept with the cache entry
+    (:meth:`~ldm_sdk.runtime_cache.ModelCache.attachment`): its graphs are captured once and replayed by
+    every later job, and go when the model leaves the device (eviction, ``runtime.release()``, offload). A
+    model given in memory (``TaskInputs.bundle``) gets a new one, which lives as long as the caller keeps
+    it (a task keeps it for its run). Captured replay computes exactly what the eager call computes, so
+    this changes speed only. Output clones are on (``clone_output``): PLMS and DPM++ 2M keep earlier
+    model outputs, which an unguided run returns as they come from the model.
+    """
+    mode = cast("CaptureMode", runtime.capture_mode)
+    unet = bundle.model
+    if mode == "off" or unet is None or any(m.training for m in unet.modules()):
+        return None
+    if mode == "auto" and next(unet.parameters()).device.type != "cuda":
+        return None
+
+    def make() -> CapturedModel:
+        from ldm_sdk.accel.graphs import accelerate_denoiser
+
+        return accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
+
+    kept = runtime.cache.attachment(bundle, CAPTURED_MODEL, make)
+    return kept if kept is not None else make()
 
 
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:

@@ -3,7 +3,8 @@
 :class:`Run` is one task invocation: it loads the model (through the runtime's cache), checks that the model
 can do the task, resolves the sampler plan, reads the inputs (recording their hashes), computes the
 conditioning (:meth:`Run.conditioning`), samples the batch item by item (item ``i`` with its own generator
-seeded ``seed + i``, so it equals the single run with that seed), decodes, and builds the result with its
+seeded ``seed + i``, so it equals the single run with that seed; on CUDA through the model's captured
+network call unless the request sets ``accelerate=False``), decodes, and builds the result with its
 manifest (:meth:`Run.finish`).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -30,6 +32,7 @@ from ldm_sdk.tasks.base import (
 )
 from ldm_sdk.tasks.context import (
     bundle_device_dtype,
+    captured_model,
     check_size,
     cond_modality,
     cond_stage,
@@ -42,6 +45,7 @@ from ldm_sdk.tasks.context import (
 from ldm_sdk.tasks.sampling import SamplingPlan, batch_callback, plan_sampling
 
 if TYPE_CHECKING:
+    from ldm_sdk.accel.graphs import CapturedModel
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
     from ldm_sdk.encoders.base import ConditionEncoder
@@ -279,9 +283,21 @@ class Run:
             )
         return x
 
+    @cached_property
+    def captured(self) -> CapturedModel | None:
+        """The model's captured network call (:func:`~ldm_sdk.tasks.context.captured_model`) when the
+        request asks for the fast path (``accelerate``), else None; resolved once per run, so the batch
+        items share it."""
+        return captured_model(self.bundle, self.runtime) if self.request.accelerate else None
+
     def sample_kwargs(self, guided: Guided) -> dict[str, Any]:
         """The keyword arguments of :func:`~ldm_sdk.tasks.sampling.run_sampling` every task passes."""
-        return {"guidance": guided.guidance, "samplers": self.runtime.registries.samplers, "plan": self.plan}
+        return {
+            "guidance": guided.guidance,
+            "samplers": self.runtime.registries.samplers,
+            "plan": self.plan,
+            "captured": self.captured,
+        }
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The requested output size (default: the model's training size), checked against the model."""

@@ -11,6 +11,9 @@ The request picks the sampler (a name in the runtime's sampler registry) and its
 The denoiser is built outward: the bundle's :class:`~ldm_sdk.diffusion.denoiser.ModelDenoiser` (raw UNet
 output as eps / x0), classifier-free guidance around the network when ``guidance != 1``, then a
 :class:`~ldm_sdk.diffusion.masking.MaskedDenoiser` when known latents are kept (``mask == 1`` keeps ``x0``).
+With a ``captured`` model (CUDA, ``request.accelerate``) the network call inside it -- the guidance-batched
+``[uncond; cond]`` pass -- is replayed from a CUDA graph (:mod:`ldm_sdk.accel.graphs`): the same result,
+faster.
 All randomness comes from the one ``generator``: the starting noise first, then the sampler's and the
 mask's noise in the order they ask for it.
 """
@@ -28,6 +31,7 @@ from torch import Tensor
 from ldm_sdk.tasks.base import TaskError, TaskRequest
 
 if TYPE_CHECKING:
+    from ldm_sdk.accel.graphs import CapturedModel
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
     from ldm_sdk.diffusion.denoiser import Denoiser
@@ -143,6 +147,7 @@ def run_sampling(
     samplers: Mapping[str, Any] | Any | None = None,
     plan: SamplingPlan | None = None,
     denoiser: Denoiser | None = None,
+    captured: CapturedModel | None = None,
 ) -> Tensor:
     """Sample latents of ``shape`` for ``cond`` and return the final state (float32, on the model's device).
 
@@ -154,6 +159,10 @@ def run_sampling(
       the result has ``x0`` pasted back there.
     - ``init`` + ``strength`` (img2img): noise ``init`` to the timestep ``strength`` selects
       (:func:`~ldm_sdk.diffusion.img2img.img2img_start`) and denoise the remaining steps.
+    - ``captured``: the bundle's :class:`~ldm_sdk.accel.graphs.CapturedModel`
+      (:func:`~ldm_sdk.tasks.context.captured_model`); when given and ``request.accelerate``, the bundle's
+      denoiser calls the network through it (:func:`~ldm_sdk.accel.graphs.bundle_denoiser`). Unused with a
+      prebuilt ``denoiser``. A model that cannot be captured is a :class:`TaskError` naming the opt-out.
     Noise: the starting ``randn(shape)`` is the generator's first draw (also for img2img).
     """
     from ldm_sdk.diffusion.img2img import img2img_start, stochastic_encode
@@ -176,8 +185,15 @@ def run_sampling(
         x = stochastic_encode(bundle.schedule, init.to(device, torch.float32), t_enc, noise)
     else:
         x = noise
+    fast = captured is not None and request.accelerate and denoiser is None
     if denoiser is None:
-        denoiser = bundle.denoiser(cond, guidance_scale=guidance, uncond=uncond if guidance != 1.0 else None)
+        unc = uncond if guidance != 1.0 else None
+        if fast:
+            from ldm_sdk.accel.graphs import bundle_denoiser
+
+            denoiser = bundle_denoiser(bundle, cond, guidance_scale=guidance, uncond=unc, captured=captured)
+        else:
+            denoiser = bundle.denoiser(cond, guidance_scale=guidance, uncond=unc)
     if mask is not None:
         if x0 is None:
             raise ValueError("a mask needs the known latent x0")
@@ -185,7 +201,17 @@ def run_sampling(
     if timesteps.numel() == 0:
         return x
     with torch.inference_mode():
-        out = sample(denoiser, x, timesteps, callback=callback, generator=generator, **options)
+        try:
+            out = sample(denoiser, x, timesteps, callback=callback, generator=generator, **options)
+        except RuntimeError as exc:
+            from ldm_sdk.accel.graphs import CaptureError
+
+            if fast and isinstance(exc, CaptureError):
+                raise TaskError(
+                    f"the CUDA-graph fast path cannot run model {bundle.family!r}: {exc}. Run it eagerly "
+                    "with accelerate=False (--no-accelerate); the result is the same"
+                ) from exc
+            raise
     if mask is not None and x0 is not None:
         out = blend_known(out, x0.to(device, out.dtype), mask.to(device))
     return out.float()

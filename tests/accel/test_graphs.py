@@ -136,6 +136,45 @@ def test_clear_drops_captures() -> None:
     assert model.stats.captures == 2 and not model.stats.evictions and len(model.signatures) == 1
 
 
+def test_moved_weights_are_captured_again() -> None:
+    """Graphs read the weights where they were at capture: after the model's weights move (a cast and back
+    here; an offload to the CPU and back on a GPU) the wrapper captures again instead of replaying."""
+    bundle = tiny_bundle("sd1", CPU, torch.float32)
+    fast = accelerate_denoiser(bundle, mode="emulate")
+    x, t, cond = random_inputs(bundle, 2, 16, CPU, torch.float32, seed=2)
+    with torch.no_grad():
+        first = fast(x, t, cond)
+        fast(x, t, cond)
+        assert fast.stats.captures == 1 and fast.stats.replays == 2
+        bundle.model.double().float()  # same values, new memory
+        again = fast(x, t, cond)
+    assert fast.stats.captures == 2 and len(fast.signatures) == 1 and torch.equal(again, first)
+
+
+def test_concurrent_calls_are_serialised() -> None:
+    """Threads sharing one CapturedModel (the tasks keep one per model) never mix their inputs."""
+    import threading
+
+    model = CapturedModel(affine, mode="emulate")
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(50):
+            x, t = torch.randn(2, 4, 8, 8, generator=g), torch.full((2,), float(seed), dtype=torch.float64)
+            cond = Conditioning(crossattn=torch.randn(2, 5, 16, generator=g))
+            if not torch.equal(model(x, t, cond), affine(x, t, cond)):
+                errors.append(f"thread {seed}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    with torch.no_grad():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and model.stats.captures == 1 and model.stats.replays == 200
+
+
 def test_bundle_denoiser_matches_bundle_denoiser_on_cpu() -> None:
     bundle = tiny_bundle("sd2_v", CPU, torch.float32)
     x, _, cond = random_inputs(bundle, 1, 16, CPU, torch.float32, seed=4)

@@ -1,5 +1,6 @@
-"""Tasks on a CUDA device (mark ``gpu``): generators on the device, batch items equal single runs, and replays
-bit-exact in every dtype. Skipped without CUDA; run on the GPU machine and recorded in the report."""
+"""Tasks on a CUDA device (mark ``gpu``): generators on the device, batch items equal single runs, replays
+bit-exact in every dtype, and the CUDA-graph fast path (``accelerate``) equal to the eager run bit for bit.
+Skipped without CUDA; run on the GPU machine and recorded in the report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import torch
 
 from ldm_sdk.runtime import Runtime
 from ldm_sdk.tasks import get_task
-from ldm_sdk.tasks.base import ClassRequest, InpaintRequest, TaskError, TaskInputs, UncondRequest
+from ldm_sdk.tasks.base import (
+    ClassRequest,
+    InpaintRequest,
+    TaskError,
+    TaskInputs,
+    TaskResult,
+    Txt2ImgRequest,
+    UncondRequest,
+)
+from ldm_sdk.tasks.context import CAPTURED_MODEL
 from ldm_sdk.tasks.images import read_image, save_outputs
 from ldm_sdk.tasks.manifest import replay
 from tests.tasks.tiny_models import save_tiny
@@ -23,7 +33,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("gpu-models")
-    return {name: save_tiny(name, folder) for name in ("class", "uncond", "ldm_inpaint")}
+    return {name: save_tiny(name, folder) for name in ("class", "uncond", "ldm_inpaint", "txt")}
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +92,47 @@ def test_cuda_batches_and_replays(
             outside = mask < 0.5
             assert np.array_equal(batch.images[0][outside], image[outside])
     print(f"{torch.cuda.get_device_name()}: {dtype} batches equal single runs, replays bit-exact")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_graph_fast_path_equals_eager(runtime: Runtime, files: dict[str, Path], dtype: str) -> None:
+    """txt2img through the model's captured CUDA graphs (``accelerate=True``, the default) equals the eager
+    run (``accelerate=False``) bit for bit: guided DDIM (the batched [uncond; cond] call), and unguided PLMS
+    and DPM++ 2M, which keep earlier model outputs (the captured call returns clones)."""
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    txt2img = get_task("txt2img")
+    base = Txt2ImgRequest(
+        model=str(files["txt"]), prompt="a red boat", width=64, height=64, steps=8, seed=3, batch=2
+    ).model_copy(update={"device": "cuda", "dtype": dtype})
+    runs = [
+        base,
+        base.model_copy(update={"sampler": "plms", "guidance": 1.0}),
+        base.model_copy(update={"sampler": "dpmpp_2m", "guidance": 1.0}),
+    ]
+
+    def same(a: TaskResult, b: TaskResult) -> bool:
+        assert a.latents is not None and b.latents is not None
+        return torch.equal(a.latents, b.latents) and all(
+            np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True)
+        )
+
+    for request in runs:
+        try:
+            eager = txt2img(request.model_copy(update={"accelerate": False}), runtime)
+        except TaskError as exc:
+            if dtype != "fp16" or "non-finite" not in str(exc):
+                raise
+            print(f"{request.sampler}: {exc}")  # random tiny weights may overflow fp16: refused, not black
+            continue
+        fast = txt2img(request, runtime)
+        bundle = runtime.load_model(files["txt"], device="cuda", dtype=dtype)
+        captured = runtime.cache.attachments(bundle)[CAPTURED_MODEL]
+        assert captured.mode == "auto" and captured.stats.passthrough == 0, captured
+        assert captured.stats.captures >= 1 and captured.stats.replays > 0, captured
+        assert same(fast, eager), f"{request.sampler} {dtype}: captured replay differs from eager"
+        replays = captured.stats.replays
+        again = txt2img(request, runtime)  # the graphs captured by the first run, replayed
+        assert captured.stats.replays > replays and same(again, eager)
+        assert fast.manifest.request["accelerate"] is True and eager.manifest.request["accelerate"] is False
+    print(f"{torch.cuda.get_device_name()}: {dtype} txt2img through CUDA graphs equals eager")

@@ -1,0 +1,251 @@
+"""The tasks' fast path (CPU): the ``accelerate`` request flag, and the CapturedModel kept per loaded model.
+
+On CUDA a task samples through its model's :class:`~ldm_sdk.accel.graphs.CapturedModel` (CUDA graphs).
+Here the runtime's ``capture_mode="emulate"`` runs the same wiring on the CPU -- static buffers, signature
+cache, one CapturedModel per cached model, dropped with the model -- and every result must equal the eager
+run bit for bit. ``tests/tasks/test_gpu_tasks.py`` checks the real graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_sdk.accel.graphs import CapturedModel, CaptureError
+from ldm_sdk.checkpoints.bundle import ModelBundle
+from ldm_sdk.runtime import Runtime
+from ldm_sdk.runtime_cache import module_nbytes
+from ldm_sdk.tasks import get_task, runner
+from ldm_sdk.tasks.base import (
+    ClassRequest,
+    Img2ImgRequest,
+    InpaintRequest,
+    TaskError,
+    TaskInputs,
+    TaskRequest,
+    TaskResult,
+    Txt2ImgRequest,
+    UncondRequest,
+)
+from ldm_sdk.tasks.context import CAPTURED_MODEL, TASK_MAX_GRAPHS
+from ldm_sdk.tasks.images import read_image, save_outputs
+from ldm_sdk.tasks.manifest import replay
+from tests.tasks.tiny_models import tiny_bundle
+
+SMALL = {"width": 32, "height": 32, "steps": 3}
+IMAGE = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+MASK = np.zeros((32, 32), np.float32)
+MASK[8:20, 10:24] = 1.0
+
+
+@pytest.fixture(scope="module")
+def emulated() -> Iterator[Runtime]:
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate") as rt:
+        yield rt
+
+
+def captured_of(runtime: Runtime, path: Path) -> CapturedModel | None:
+    """The CapturedModel kept with the cached model of ``path`` (None when there is none)."""
+    bundle = runtime.load_model(path)  # a cache hit: the model the tasks ran
+    return runtime.cache.attachments(bundle).get(CAPTURED_MODEL)
+
+
+def same(a: TaskResult, b: TaskResult) -> bool:
+    assert a.latents is not None and b.latents is not None
+    images = len(a.images) == len(b.images) and all(
+        np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True)
+    )
+    return images and torch.equal(a.latents, b.latents)
+
+
+# -- the request flag ---------------------------------------------------------------------------------------
+def test_flag_is_on_by_default_recorded_and_replayed(
+    emulated: Runtime, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    assert TaskRequest().accelerate is True
+    assert Txt2ImgRequest(prompt="a", accelerate=False).accelerate is False
+    request = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a cat", accelerate=False, **SMALL)
+    result = get_task("txt2img")(request, emulated)
+    assert result.manifest.request["accelerate"] is False
+    fast = get_task("txt2img")(request.model_copy(update={"accelerate": True}), emulated)
+    assert fast.manifest.request["accelerate"] is True
+    for item in (result, fast):  # replay runs the recorded flag and reproduces the image exactly
+        [path] = save_outputs(item, tmp_path / f"{item.manifest.request['accelerate']}.png")
+        again = replay(path, emulated)
+        assert again.manifest.request["accelerate"] is item.manifest.request["accelerate"]
+        assert np.array_equal(again.images[0], read_image(path))
+
+
+def test_cli_flag(model_files: dict[str, Path]) -> None:
+    from ldm_sdk.cli import build_parser
+    from ldm_sdk.commands.task_cli import common_fields
+
+    argv = ["txt2img", "a cat", "--model", str(model_files["txt"])]
+    assert common_fields(build_parser().parse_args(argv))["accelerate"] is True
+    assert common_fields(build_parser().parse_args([*argv, "--no-accelerate"]))["accelerate"] is False
+
+
+# -- the emulated fast path equals eager -------------------------------------------------------------------
+RUNS: dict[str, tuple[str, str, dict[str, Any], bool]] = {
+    # name: (task, model, request fields, needs image + mask)
+    "txt2img-ddim-cfg": ("txt2img", "txt", {"prompt": "a boat", "batch": 2, "eta": 0.5, **SMALL}, False),
+    "txt2img-plms-1": ("txt2img", "txt", {"prompt": "a", "sampler": "plms", "guidance": 1, **SMALL}, False),
+    "class-dpmpp": ("class", "class", {"class_label": 1, "sampler": "dpmpp_2m", **SMALL}, False),
+    "uncond-plms": ("uncond", "uncond", {"sampler": "plms", **SMALL}, False),
+    "inpaint-model": ("inpaint", "ldm_inpaint", {"steps": 3, "sampler": "dpmpp_2m"}, True),
+    "inpaint-blend": ("inpaint", "txt", {"prompt": "x", "steps": 3, "eta": 1.0}, True),
+    "img2img": ("img2img", "txt", {"prompt": "x", "steps": 4, "strength": 0.6}, True),
+}
+REQUESTS = {
+    "txt2img": Txt2ImgRequest,
+    "class": ClassRequest,
+    "uncond": UncondRequest,
+    "inpaint": InpaintRequest,
+    "img2img": Img2ImgRequest,
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_emulated_fast_path_equals_eager(
+    emulated: Runtime, runtime: Runtime, model_files: dict[str, Path], name: str
+) -> None:
+    task_name, model, fields, needs_image = RUNS[name]
+    task = get_task(task_name)
+    request = REQUESTS[task_name](model=str(model_files[model]), seed=5, **fields)
+    inputs = TaskInputs(image=IMAGE, mask=MASK if task_name == "inpaint" else None) if needs_image else None
+    eager = task(request.model_copy(update={"accelerate": False}), emulated, inputs=inputs)
+    captured = captured_of(emulated, model_files[model])
+    before = captured.stats.replays if captured is not None else 0
+    fast = task(request, emulated, inputs=inputs)
+    captured = captured_of(emulated, model_files[model])
+    assert captured is not None and captured.mode == "emulate"
+    assert captured.stats.replays > before, "the fast run went through the CapturedModel"
+    assert same(fast, eager), f"{name}: the fast path changed the result"
+    # and both equal the default CPU runtime, where nothing is captured
+    assert same(task(request, runtime, inputs=inputs), eager)
+
+
+# -- one CapturedModel per loaded model --------------------------------------------------------------------
+def test_one_captured_model_per_model_reused_across_jobs(model_files: dict[str, Path]) -> None:
+    txt2img = get_task("txt2img")
+    request = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a cat", **SMALL)
+    with Runtime.create(load_entrypoints=False, device="cpu", capture_mode="emulate") as rt:
+        first = txt2img(request, rt)
+        captured = captured_of(rt, model_files["txt"])
+        assert captured is not None and captured.stats.captures == 1
+        steps = first.manifest.steps
+        assert captured.stats.replays == steps
+        txt2img(request.model_copy(update={"seed": 9, "batch": 2}), rt)  # same signature: replayed
+        assert captured_of(rt, model_files["txt"]) is captured
+        assert captured.stats.captures == 1 and captured.stats.replays == 3 * steps
+        txt2img(request.model_copy(update={"accelerate": False}), rt)  # opted out: not used
+        assert captured.stats.replays == 3 * steps
+        for size in (64, 96):  # new signatures: captured too; beyond TASK_MAX_GRAPHS the oldest goes
+            txt2img(request.model_copy(update={"width": size, "height": size}), rt)
+        assert captured_of(rt, model_files["txt"]) is captured
+        assert captured.stats.captures == 3 and len(captured.signatures) == TASK_MAX_GRAPHS == 2
+        assert captured.stats.evictions == 1
+        # kept beside the model, not in its bytes
+        bundle = rt.load_model(model_files["txt"])
+        assert rt.cache_stats().resident_bytes == module_nbytes(bundle)
+
+
+def _gone(ref: weakref.ref[CapturedModel]) -> bool:
+    gc.collect()  # an emulated capture's replay closure refers back to it (a graph capture's does not)
+    return ref() is None
+
+
+def test_captured_model_goes_with_its_model(model_files: dict[str, Path]) -> None:
+    sizes = {name: module_nbytes(tiny_bundle(name)) for name in ("txt", "class")}
+    budget = max(sizes.values()) + min(sizes.values()) // 2  # room for one model at a time
+    txt = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a cat", **SMALL)
+    cls = ClassRequest(model=str(model_files["class"]), class_label=1, **SMALL)
+    with Runtime.create(
+        load_entrypoints=False, device="cpu", capture_mode="emulate", memory_budget_bytes=budget
+    ) as rt:
+        get_task("txt2img")(txt, rt)
+        txt_bundle = rt.load_model(model_files["txt"])
+        captured = rt.cache.attachments(txt_bundle)[CAPTURED_MODEL]
+        ref = weakref.ref(captured)
+        del captured
+        get_task("class")(cls, rt)  # the class model evicts the text model, and its graphs with it
+        assert rt.cache.resident() == [rt.model_key(model_files["class"])]
+        assert rt.cache.attachments(txt_bundle) == {}
+        del txt_bundle
+        assert _gone(ref), "the evicted model's CapturedModel is still referenced"
+        class_ref = weakref.ref(rt.cache.attachments(rt.load_model(model_files["class"]))[CAPTURED_MODEL])
+        rt.release()  # a host takes its memory back
+        assert rt.cache.resident() == [] and _gone(class_ref)
+        get_task("class")(cls, rt)  # reloaded: a new CapturedModel, captured again
+        fresh = captured_of(rt, model_files["class"])
+        assert fresh is not None and fresh.stats.captures == 1
+
+
+# -- when there is none -------------------------------------------------------------------------------------
+def test_nothing_is_captured_on_cpu_by_default_or_when_off(
+    runtime: Runtime, model_files: dict[str, Path]
+) -> None:
+    request = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a cat", **SMALL)
+    get_task("txt2img")(request, runtime)  # "auto" on the CPU: a capture would be a plain call
+    assert captured_of(runtime, model_files["txt"]) is None
+    with Runtime.create(load_entrypoints=False, device="cpu", capture_mode="off") as rt:
+        get_task("txt2img")(request, rt)
+        assert captured_of(rt, model_files["txt"]) is None
+    with Runtime.create(load_entrypoints=False, device="cpu", capture_mode="emulate") as rt:
+        get_task("txt2img")(request.model_copy(update={"accelerate": False}), rt)
+        assert captured_of(rt, model_files["txt"]) is None
+
+
+def test_a_model_given_in_memory_gets_one_for_the_run(
+    emulated: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[CapturedModel | None] = []
+    original = runner.captured_model
+
+    def spy(bundle: ModelBundle, rt: Runtime) -> CapturedModel | None:
+        made.append(original(bundle, rt))
+        return made[-1]
+
+    monkeypatch.setattr(runner, "captured_model", spy)
+    bundle = tiny_bundle("txt")
+    request = Txt2ImgRequest(prompt="a cat", batch=2, **SMALL)
+    fast = get_task("txt2img")(request, emulated, inputs=TaskInputs(bundle=bundle))
+    eager = get_task("txt2img")(
+        request.model_copy(update={"accelerate": False}), emulated, inputs=TaskInputs(bundle=bundle)
+    )
+    assert same(fast, eager)
+    [captured] = made  # one per run, shared by the batch items; none for the eager run
+    assert captured is not None and captured.stats.captures == 1
+    assert captured.stats.replays == 2 * fast.manifest.steps
+    assert emulated.cache.attachments(bundle) == {}  # not the cache's: it went with the run
+
+
+def test_a_model_in_training_mode_runs_eagerly(emulated: Runtime) -> None:
+    """A bundle built in memory without ``.eval()``: a graph would freeze its dropout, so it is not captured
+    (the request still succeeds, eagerly)."""
+    bundle = tiny_bundle("txt").train()
+    assert runner.captured_model(bundle, emulated) is None
+    request = Txt2ImgRequest(prompt="a cat", **SMALL)
+    assert len(get_task("txt2img")(request, emulated, inputs=TaskInputs(bundle=bundle)).images) == 1
+
+
+def test_a_model_that_cannot_be_captured_names_the_opt_out(
+    emulated: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: CapturedModel, *args: object) -> None:
+        raise CaptureError("fn synchronizes the host with the GPU (...)")
+
+    monkeypatch.setattr(CapturedModel, "_capture", refuse)
+    bundle = tiny_bundle("txt")
+    request = Txt2ImgRequest(prompt="a cat", **SMALL)
+    with pytest.raises(TaskError, match=r"synchronizes the host .* accelerate=False \(--no-accelerate\)"):
+        get_task("txt2img")(request, emulated, inputs=TaskInputs(bundle=bundle))
+    eager = request.model_copy(update={"accelerate": False})
+    assert len(get_task("txt2img")(eager, emulated, inputs=TaskInputs(bundle=bundle)).images) == 1
