@@ -60,3 +60,29 @@ def vq_first_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_images() -> TinyImages:
     return TinyImages()
+
+
+def autoencoder_args(*extra: str, model: str = "tiny:kl-f4") -> list[str]:
+    """Command-line flags of a tiny, fast autoencoder run on CPU (the tests add what they vary)."""
+    return [
+        "--model",
+        model,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--no-scale-lr",
+        "--disc-ndf",
+        "8",
+        "--disc-layers",
+        "2",
+        "--log-every",
+        "100",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]

@@ -12,7 +12,7 @@ import torch
 
 from ldm_sdk.training import train_autoencoder, train_ldm
 from ldm_sdk.training.checkpointing import load_training_checkpoint
-from tests.training.conftest import TinyImages
+from tests.training.conftest import TinyImages, autoencoder_args
 
 
 def _assert_same(a: Any, b: Any, where: str = "") -> None:
@@ -133,32 +133,7 @@ def test_ldm_resume_refuses_another_model(tmp_path: Path, kl_first_stage: Path) 
 
 def test_autoencoder_resume_is_exact(tmp_path: Path) -> None:
     data = TinyImages(8)
-    common = [
-        "--model",
-        "tiny:kl-f4",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--no-scale-lr",
-        "--perceptual-weight",
-        "1",
-        "--random-lpips",
-        "--disc-ndf",
-        "8",
-        "--disc-layers",
-        "2",
-        "--disc-start",
-        "2",
-        "--log-every",
-        "100",
-        "--sample-every",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    common = autoencoder_args("--perceptual-weight", "1", "--random-lpips", "--disc-start", "2")
     whole = train_autoencoder.main(
         [*common, "--out-dir", str(tmp_path / "whole"), "--max-steps", "5"], dataset=data
     )

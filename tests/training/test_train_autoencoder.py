@@ -18,36 +18,11 @@ from ldm_sdk.training.discriminator import NLayerDiscriminator
 from ldm_sdk.training.losses import AutoencoderLoss, adaptive_weight, hinge_d_loss, vanilla_d_loss
 from ldm_sdk.training.lpips import LPIPS, SLICES, build_perceptual_loss
 from ldm_sdk.training.train_autoencoder import main
-from tests.training.conftest import TinyImages
+from tests.training.conftest import TinyImages, autoencoder_args
 
 
 def _args(out: Path, *extra: str, model: str = "tiny:kl-f4") -> list[str]:
-    return [
-        "--model",
-        model,
-        "--image-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--no-scale-lr",
-        "--perceptual-weight",
-        "0",
-        "--disc-ndf",
-        "8",
-        "--disc-layers",
-        "2",
-        "--log-every",
-        "100",
-        "--sample-every",
-        "0",
-        "--device",
-        "cpu",
-        "--out-dir",
-        str(out),
-        *extra,
-    ]
+    return autoencoder_args("--perceptual-weight", "0", "--out-dir", str(out), *extra, model=model)
 
 
 def _l1(ae: nn.Module, data: TinyImages) -> float:
