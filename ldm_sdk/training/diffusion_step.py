@@ -7,6 +7,12 @@ A frozen encoder (CLIP, MiniLM, a concat map) is run outside it, without gradien
 in. Condition dropout for classifier-free guidance replaces a sample's condition by the encoder's
 ``unconditional()`` output with probability ``p`` (for a trainable encoder the null embedding learns).
 
+A ``hybrid`` model (Stable Diffusion inpainting) takes a second, concatenated part: the ``concat`` map
+(mask + masked-image latent), computed outside the step by a weight-free encoder and handed in. Dropout
+never touches it: like SD-inpainting training, a dropped sample keeps its mask and masked image and loses
+only its text, which is exactly what the sampler's unconditional half sees (``uc_full`` of the SD scripts:
+the same ``c_concat``, the empty prompt).
+
 Every random draw of a step (timesteps, noise, dropout, the KL posterior sample) is drawn for the GLOBAL
 batch from a generator all ranks share, and each rank takes its own rows (``rank::world_size``, the
 positions ``DistributedSampler`` gives it). So the training of N processes equals one process on the same
@@ -71,11 +77,11 @@ def drop_conditions(cond: Tensor, uncond: Tensor, drop: Tensor) -> Tensor:
 
 
 class LatentDiffusionStep(nn.Module):
-    """``forward(z, cond_input, t, noise, drop) -> (loss, logs)`` for clean (scaled) latents ``z``.
+    """``forward(z, cond_input, t, noise, drop, concat) -> (loss, logs)`` for clean (scaled) latents ``z``.
 
     ``encoder``: the condition encoder when it trains jointly (its output is computed here, inside the
     autograd graph and DDP's reducer); None for an unconditional model or a frozen encoder, whose output is
-    then ``cond_input``. ``to_input`` turns the batch's raw condition into the encoder's input.
+    then ``cond_input``. ``concat``: the hybrid model's concat map (module docstring).
     """
 
     def __init__(
@@ -96,21 +102,36 @@ class LatentDiffusionStep(nn.Module):
         self.wrap = wrap if wrap is not None else (encoder.conditioning if encoder is not None else None)
         self.logvar = logvar
 
-    def encode(self, cond_input: Any, drop: Tensor | None, batch: int) -> Conditioning:
+    def encode(
+        self, cond_input: Any, drop: Tensor | None, batch: int, concat: Tensor | None = None
+    ) -> Conditioning:
+        """The step's conditioning: the encoder's part (``drop`` rows made unconditional) plus, for a
+        hybrid model, the ``concat`` map as it is (never dropped)."""
         if self.wrap is None:
-            return Conditioning()
+            return Conditioning(concat=concat)
         c = self.cond_stage_model(cond_input) if self.cond_stage_model is not None else cond_input
         if drop is not None and bool(drop.any()):
             source = self.cond_stage_model
             if source is None:
                 raise ValueError("condition dropout of a frozen encoder is applied before the step")
             c = drop_conditions(c, source.unconditional(batch), drop)
-        return self.wrap(c)
+        cond = self.wrap(c)
+        if concat is None:
+            return cond
+        if cond.concat is not None:
+            raise ValueError("the encoder gives a concat map already; a hybrid model takes one concat part")
+        return Conditioning(crossattn=cond.crossattn, concat=concat, y=cond.y)
 
     def forward(
-        self, z: Tensor, cond_input: Any, t: Tensor, noise: Tensor, drop: Tensor | None = None
+        self,
+        z: Tensor,
+        cond_input: Any,
+        t: Tensor,
+        noise: Tensor,
+        drop: Tensor | None = None,
+        concat: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        cond = self.encode(cond_input, drop, z.shape[0])
+        cond = self.encode(cond_input, drop, z.shape[0], concat)
         logvar = self.logvar if self.logvar is not None else None
         return diffusion_loss(self.model, self.schedule, z, cond, t, noise, self.config, logvar)
 

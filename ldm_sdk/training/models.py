@@ -9,6 +9,12 @@ Model specs (``--model``):
   ``tiny:kl-f8``, and the LDMs ``tiny:ldm_kl_f4_uncond``, ``tiny:ldm_vq_f4_class``, ``tiny:sd1`` ...);
 - a file: an original CompVis YAML (``*.yaml``: an autoencoder or a ``LatentDiffusion`` config), or an
   ldm-sdk ``ModelConfig`` JSON (``*.json``).
+
+Conditioning keys trained: none, ``crossattn``, ``concat``, ``adm`` (one encoder), and ``hybrid`` (two: the
+model's cond stage through cross-attention - text or class - plus a weight-free concat encoder, by default
+``mask`` for an inpainting UNet of ``2 * latent + 1`` input channels, Stable Diffusion inpainting's layout).
+The checkpoint records the cross-attention encoder as the cond stage, as SD inpainting's config does; the
+concat map is rebuilt at sampling time from the first stage by the same encoder class.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm_sdk.encoders.base import ConditionEncoder, EncoderSpec
+from ldm_sdk.encoders.base import ConditionEncoder, EncoderSpec, OutputContract
 from ldm_sdk.models.configs import CondStageConfig, FirstStageConfig, ModelConfig
 
 #: encoder modality -> the dataset key it reads by default (CompVis ``cond_stage_key`` names where they exist)
@@ -143,6 +149,12 @@ def encoder_input(encoder: ConditionEncoder, batch: Mapping[str, Any], key: str)
     if encoder.modality == "mask":
         from ldm_sdk.encoders.mask import MaskedImage
 
+        if "image" not in batch:
+            raise ValueError(
+                "the inpainting condition encodes the masked IMAGE, but the batch has no 'image' "
+                "(precomputed latents cannot be masked): train on images (--data folder:, scenes ...); "
+                f"it has {sorted(batch)}"
+            )
         return MaskedImage(image=batch["image"], mask=value)
     if encoder.modality == "layout" and "box_classes" in batch:
         from ldm_sdk.training.data.scenes import layout_objects
@@ -153,17 +165,96 @@ def encoder_input(encoder: ConditionEncoder, batch: Mapping[str, Any], key: str)
     return value
 
 
-def check_conditioning(encoder: ConditionEncoder | None, config: ModelConfig) -> None:
-    """Refuse an encoder whose output cannot feed this UNet (kind vs conditioning key, widths)."""
+#: conditioning keys whose UNet input is the latent plus concatenated channels
+CONCAT_KEYS = ("concat", "hybrid")
+#: conditioning keys the LDM trainer supports (one encoder each, hybrid: two)
+TRAINED_KEYS: tuple[str | None, ...] = (None, "crossattn", "concat", "adm", "hybrid")
+
+
+def choose_concat_encoder(
+    registry: Any, config: ModelConfig, name: str | None
+) -> tuple[str, EncoderSpec] | None:
+    """The concat encoder of a ``hybrid`` model (None for any other key): ``name`` when given, else ``mask``
+    when the UNet takes ``2 * latent + 1`` channels (Stable Diffusion inpainting). It must be a frozen,
+    weight-free ``concat`` encoder: the checkpoint's cond stage is the cross-attention encoder, so the concat
+    map has to be rebuilt from the model alone when it is loaded."""
+    from ldm_sdk.encoders.from_bundle import encoder_specs
+
+    specs = encoder_specs(registry)
+    concat_names = sorted(n for n, s in specs.items() if s.kind == "concat" and not s.trainable)
+    key = config.diffusion.conditioning_key if config.diffusion is not None else None
+    if key != "hybrid":
+        if name is not None:
+            raise ValueError(
+                f"--concat-encoder {name!r} is for hybrid models (a concat map plus cross-attention); this "
+                f"model's conditioning_key is {key!r}: give its one encoder with --cond-encoder"
+            )
+        return None
+    if name is None:
+        latent = config.first_stage.embed_dim
+        in_channels = config.unet.in_channels if config.unet is not None else latent
+        if in_channels != 2 * latent + 1:
+            raise ValueError(
+                f"the hybrid UNet takes {in_channels} input channels = {latent} latent + "
+                f"{in_channels - latent} concat, not the inpainting layout ({2 * latent + 1}: latent, mask, "
+                f"masked-image latent): pass --concat-encoder NAME, one of {concat_names}"
+            )
+        name = "mask"
+    if name not in specs:
+        raise ValueError(f"unknown concat encoder {name!r}; registered concat encoders: {concat_names}")
+    spec = specs[name]
+    if spec.kind != "concat" or spec.trainable:
+        raise ValueError(
+            f"--concat-encoder {name!r} is a {'trained ' if spec.trainable else ''}{spec.kind} encoder; the "
+            f"concat part of a hybrid model needs a frozen, weight-free concat encoder: one of {concat_names}"
+        )
+    return name, spec
+
+
+def build_concat_encoder(name: str, spec: EncoderSpec, bundle: Any) -> ConditionEncoder:
+    """The hybrid model's concat encoder on ``bundle`` (as the sampling tasks build it: no params)."""
+    encoder = build_encoder(name, spec, {}, first_stage=bundle.first_stage_model, bundle=bundle)
+    if encoder.state_dict():
+        raise ValueError(
+            f"the {name!r} concat encoder has weights ({sorted(encoder.state_dict())[:3]} ...); a hybrid "
+            "checkpoint stores only the cross-attention encoder, so the concat encoder must have none"
+        )
+    return encoder.eval().requires_grad_(False)
+
+
+def check_conditioning(
+    encoder: ConditionEncoder | None, config: ModelConfig, concat: ConditionEncoder | None = None
+) -> None:
+    """Refuse encoders whose output cannot feed this UNet (kind vs conditioning key, widths). ``concat``:
+    the concat encoder of a hybrid model (``encoder`` is then its cross-attention encoder)."""
     if config.unet is None or config.diffusion is None:
         raise ValueError(f"{config.family!r} is a first-stage-only config: give an LDM config (--model)")
     key = config.diffusion.conditioning_key
     latent, unet = config.first_stage.embed_dim, config.unet
-    if unet.out_channels != latent or (key != "concat" and unet.in_channels != latent):
+    if unet.out_channels != latent or (key not in CONCAT_KEYS and unet.in_channels != latent):
         raise ValueError(
             f"the first stage has {latent} latent channels but the UNet takes {unet.in_channels} and gives "
             f"{unet.out_channels}: give a first stage (--first-stage) or a model (--model) that match"
         )
+    if key not in TRAINED_KEYS:
+        raise ValueError(f"conditioning_key {key!r} is not trained here; valid: {list(TRAINED_KEYS)}")
+    if key == "hybrid":
+        if encoder is None or concat is None:
+            raise ValueError(
+                "a hybrid model needs a cross-attention encoder (--cond-encoder, default: the config's cond "
+                "stage) and a concat encoder (--concat-encoder, default: mask)"
+            )
+        contract = encoder.contract()
+        if contract.kind != "crossattn":
+            raise ValueError(
+                f"in a hybrid model --cond-encoder is the cross-attention part (text, class); "
+                f"{type(encoder).__name__} is a {contract.kind} encoder (the concat part is --concat-encoder)"
+            )
+        _check_widths(contract, config)
+        _check_widths(concat.contract(), config)
+        return
+    if concat is not None:
+        raise ValueError(f"a concat encoder is for hybrid models; this one's conditioning_key is {key!r}")
     if encoder is None:
         if key is not None:
             raise ValueError(
@@ -174,9 +265,14 @@ def check_conditioning(encoder: ConditionEncoder | None, config: ModelConfig) ->
     if key != contract.kind:
         raise ValueError(
             f"a {contract.kind} encoder ({type(encoder).__name__}) needs conditioning_key "
-            f"{contract.kind!r}; the model has {key!r} (one encoder per model: hybrid keys, two conditions "
-            "at once, are not trained here)"
+            f"{contract.kind!r}; the model has {key!r}"
         )
+    _check_widths(contract, config)
+
+
+def _check_widths(contract: OutputContract, config: ModelConfig) -> None:
+    assert config.unet is not None
+    unet = config.unet
     if contract.kind == "crossattn" and unet.context_dim not in (None, contract.channels):
         raise ValueError(
             f"the encoder gives {contract.channels}-d tokens but the UNet's context_dim is {unet.context_dim}"
@@ -203,10 +299,14 @@ def can_drop(encoder: ConditionEncoder | None) -> bool:
 
 
 __all__ = [
+    "CONCAT_KEYS",
     "MODALITY_KEYS",
+    "TRAINED_KEYS",
+    "build_concat_encoder",
     "build_encoder",
     "can_drop",
     "check_conditioning",
+    "choose_concat_encoder",
     "choose_encoder",
     "cond_stage_config",
     "encoder_input",

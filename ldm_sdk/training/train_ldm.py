@@ -6,6 +6,9 @@ Reads top to bottom: config, processes, model (first stage, UNet, encoder), data
 
     python -m ldm_sdk.training.train_ldm --model ldm.yaml --first-stage runs/kl-f4/first_stage.safetensors \\
         --data scenes --cond-encoder minilm --cond-drop 0.1 --out-dir runs/ldm
+    # Stable Diffusion inpainting (hybrid: text by cross-attention + mask and masked-image latent concat)
+    python -m ldm_sdk.training.train_ldm --model sd1-inpaint --init-from sd-v1-5-inpainting.ckpt \\
+        --data scenes --data-options '{"mask": "random"}' --cond-drop 0.1 --out-dir runs/sd-inpaint
     torchrun --standalone --nproc_per_node=2 -m ldm_sdk.training.train_ldm --config ldm.yaml
     ldm-sdk train ldm --config ldm.yaml
 
@@ -15,11 +18,24 @@ EMA of the UNet after every step (``LitEma``), ``scale_factor = 1 / std`` of the
 ``scale_by_std`` (here the std over the global batch), the KL posterior sampled. Added: condition dropout
 (``--cond-drop``: a sample's condition becomes the encoder's ``unconditional()``), bf16 autocast, gradient
 accumulation and checkpointing, FSDP for the UNet (``--fsdp``), precomputed latents (``--data latents:``).
+
+``hybrid`` models (SD inpainting: UNet input = latent + mask + masked-image latent, and text by
+cross-attention) take two encoders: ``--cond-encoder`` (default: the config's cond stage) for the
+cross-attention part, and ``--concat-encoder`` (default ``mask``) whose map is built from the batch's
+``image`` and ``mask`` by :class:`~ldm_sdk.encoders.mask.MaskConditioner` - the same code, with the same
+bundle-derived settings, the inpaint task samples with. Condition dropout replaces only the cross-attention
+part; the concat map is kept, as in SD-inpainting training and as classifier-free guidance samples
+(the unconditional half has the same mask and masked image, only the prompt is empty).
+
+Rank 0 appends each log line's values (window means over every rank, ``s_per_step``, ``samples_per_s``, on
+CUDA ``max_mem_gb``) to ``OUT_DIR/metrics.jsonl``; ``--no-save-final`` skips the final checkpoint and export
+(benchmarks: ``training/bench_scaling.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -63,6 +79,12 @@ class TrainLDMConfig(BaseTrainConfig):
     cond_params: dict[str, Any] = Field(default_factory=dict, description="encoder params as JSON")
     cond_key: str | None = Field(None, description="batch key of the condition (default: by modality)")
     cond_drop: float = Field(0.0, ge=0, le=1, description="condition dropout for classifier-free guidance")
+    concat_encoder: str | None = Field(
+        None, description="hybrid models: registry name of the concat part (default: mask, SD inpainting)"
+    )
+    concat_key: str | None = Field(
+        None, description="batch key of the concat condition (default: by modality)"
+    )
     lr: float = Field(2e-6, gt=0, description="base learning rate (CompVis base_learning_rate)")
     scale_lr: bool = Field(True, description="lr x batch x world size x grad accumulation (CompVis main.py)")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (torch default, as CompVis)")
@@ -79,6 +101,7 @@ class TrainLDMConfig(BaseTrainConfig):
     sample_count: int = Field(8, ge=1, description="samples per grid (conditions: the first data items)")
     sample_steps: int = Field(50, ge=1, description="DDIM steps of the grid")
     sample_cfg: float = Field(3.0, description="classifier-free guidance scale of the grid (1: none)")
+    save_final: bool = Field(True, description="write the last checkpoint and the export at the end")
 
 
 @dataclass
@@ -91,6 +114,7 @@ class TrainResult:
     step: int = 0
     bundle: ModelBundle | None = None
     encoder: nn.Module | None = None
+    concat_encoder: nn.Module | None = None
     ema: LitEma | None = None
 
 
@@ -134,7 +158,9 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
     from ldm_sdk.runtime import Runtime
 
     with Runtime.create(device="cpu", dtype="fp32") as runtime:
-        choice = models.choose_encoder(runtime.registries.condition_encoders, model_cfg, cfg.cond_encoder)
+        registry = runtime.registries.condition_encoders
+        choice = models.choose_encoder(registry, model_cfg, cfg.cond_encoder)
+        concat_choice = models.choose_concat_encoder(registry, model_cfg, cfg.concat_encoder)
     params: dict[str, Any] = {}
     if choice is not None and model_cfg.cond_stage is not None and cfg.cond_encoder is None:
         params.update(model_cfg.cond_stage.params)
@@ -149,9 +175,14 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
         if choice
         else None
     )
-    models.check_conditioning(encoder, model_cfg)
+    # hybrid: the concat part (weight-free, built on the bundle as the sampling tasks build it)
+    concat_encoder = models.build_concat_encoder(*concat_choice, bundle) if concat_choice else None
+    models.check_conditioning(encoder, model_cfg, concat_encoder)
     trainable_encoder = encoder is not None and type(encoder).trainable
     cond_key = cfg.cond_key or (models.MODALITY_KEYS.get(encoder.modality, "") if encoder is not None else "")
+    concat_key = cfg.concat_key or (
+        models.MODALITY_KEYS.get(concat_encoder.modality, "") if concat_encoder is not None else ""
+    )
     if cfg.cond_drop > 0 and not models.can_drop(encoder):
         raise ValueError(
             f"--cond-drop {cfg.cond_drop}: the {choice and choice[0]} condition cannot be dropped "
@@ -195,12 +226,13 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     draws = SharedDraws(torch.Generator(device=device).manual_seed(cfg.seed + 1), info)
     log.info(
-        "%s: UNet %.2fM parameters, first stage %s (frozen), encoder %s (%s), EMA %s, %d process(es) on %s",
+        "%s: UNet %.2fM parameters, first stage %s (frozen), encoder %s (%s)%s, EMA %s, %d process(es) on %s",
         model_cfg.family,
         sum(p.numel() for p in bundle.unet.parameters()) / 1e6,
         model_cfg.first_stage.kind,
         choice[0] if choice else "none",
         "trained" if trainable_encoder else "frozen",
+        f" + concat {concat_choice[0]}" if concat_choice else "",
         "on" if ema is not None else "off",
         info.world_size,
         device,
@@ -243,6 +275,20 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
                 eps = draws.randn(tuple(posterior.mean.shape), device)
                 return (posterior.mean + posterior.std * eps.to(posterior.mean.dtype)).float()
             return fs.encode(x).float()
+
+    def sync_scale() -> None:
+        """SD inpainting concatenates SCALED masked-image latents: its encoder follows the bundle's factor."""
+        for enc in (encoder, concat_encoder):
+            if enc is not None and getattr(enc, "variant", None) == "sd":
+                enc.scale_factor = bundle.scale_factor  # type: ignore[union-attr]
+
+    def concat_map(batch: dict[str, Any]) -> torch.Tensor | None:
+        """A hybrid model's concat part of ``batch`` (None otherwise), computed without gradients."""
+        if concat_encoder is None:
+            return None
+        with torch.no_grad(), autocast:
+            out: torch.Tensor = concat_encoder(models.encoder_input(concat_encoder, batch, concat_key))
+        return out
 
     # -- optimizer ------------------------------------------------------------------------------------------
     params_to_train = [p for p in bundle.model.parameters() if p.requires_grad]
@@ -298,6 +344,7 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
                 "resuming on %d processes from %d: RNG streams restart", info.world_size, len(state.rng)
             )
         log.info("resumed from %s at step %d (epoch %d)", resume, step, stream.epoch)
+    sync_scale()
 
     def sync_bundle() -> None:
         """Put the encoder, EMA and logvar into the bundle (what compvis_state_dict() writes)."""
@@ -346,6 +393,11 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
             encoder.train(trainable_encoder)
         else:
             cond, uncond = Conditioning(), None
+        concat = concat_map(grid_batch)
+        if concat is not None:  # hybrid: the same concat map on both halves of guidance
+            cond = Conditioning(crossattn=cond.crossattn, concat=concat.float(), y=cond.y)
+            if uncond is not None:
+                uncond = Conditioning(crossattn=uncond.crossattn, concat=concat.float(), y=uncond.y)
         if "latent" in grid_batch:
             shape = tuple(grid_batch["latent"].shape[1:])
         else:  # the image size over the first stage's factor (no encoding: it would draw from training's RNG)
@@ -374,6 +426,10 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
             save_grid(images.float(), out_dir / "samples" / f"step-{step:08d}.png")
 
     # -- training loop --------------------------------------------------------------------------------------
+    metrics_file = out_dir / "metrics.jsonl"
+    if info.is_main:
+        trim_metrics(metrics_file, step)  # a fresh run starts it over, a resume drops lines past it
+    samples_per_step = cfg.batch_size * info.world_size * cfg.grad_accum
     bundle.model.train()
     result = TrainResult(step=step)
     t0 = time.perf_counter()
@@ -387,14 +443,14 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
                 bundle.scale_factor = scale_from_std(z, info)
                 scale_ready = True
                 log.info("scale_by_std: scale_factor = %.6f", bundle.scale_factor)
-                if encoder is not None and getattr(encoder, "variant", None) == "sd":
-                    encoder.scale_factor = bundle.scale_factor  # SD inpainting concatenates scaled latents
+                sync_scale()
             z = z * bundle.scale_factor
             b = z.shape[0]
             t = draws.randint(diffusion.timesteps, b, device)
             noise = draws.randn(tuple(z.shape), device)
             drop = draws.bernoulli(cfg.cond_drop, b, device) if cfg.cond_drop > 0 else None
             cond_in = models.encoder_input(encoder, batch, cond_key) if encoder is not None else None
+            concat = concat_map(batch)  # hybrid: never dropped (module docstring)
             if encoder is not None and not trainable_encoder:  # frozen: encode (and drop) outside the graph
                 with torch.no_grad(), autocast:
                     cond_in = encoder(cond_in)
@@ -404,7 +460,7 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
             last = micro == cfg.grad_accum - 1
             no_sync = getattr(trainer, "no_sync", None)
             with no_sync() if no_sync is not None and not last else contextlib.nullcontext(), autocast:
-                loss, loss_logs = trainer(z, cond_in, t, noise, drop)
+                loss, loss_logs = trainer(z, cond_in, t, noise, drop, concat)
             (loss / cfg.grad_accum).backward()
             for k, v in loss_logs.items():
                 logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -438,6 +494,13 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
                 scheduler.get_last_lr()[0],
                 dt,
             )
+            if info.is_main:
+                record = {"step": step, **mean, "lr": scheduler.get_last_lr()[0], "s_per_step": dt}
+                record["samples_per_s"] = samples_per_step / dt if dt > 0 else 0.0
+                if device.type == "cuda":
+                    record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                with metrics_file.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
             window, t0 = [], time.perf_counter()
         if cfg.sample_every and step % cfg.sample_every == 0 and (info.is_main or cfg.fsdp):
             sample_grid()
@@ -445,15 +508,33 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
             result.checkpoint = save_checkpoint()
 
     # -- save -----------------------------------------------------------------------------------------------
-    result.checkpoint = save_checkpoint()
+    if cfg.save_final:
+        result.checkpoint = save_checkpoint()
     result.step = step
-    if info.is_main and not cfg.fsdp:
+    if info.is_main and not cfg.fsdp and cfg.save_final:
         result.export = save(bundle, out_dir / "model.safetensors", metadata={"global_step": step})
         log.info("exported %s (ldm_sdk.load; use_ema=True for the EMA weights)", result.export)
     bundle.eval()
     result.bundle, result.encoder, result.ema = bundle, encoder, ema
+    result.concat_encoder = concat_encoder
     ddp.cleanup(info)
     return result
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``path`` (``metrics.jsonl``) up to ``step`` (all removed for step 0; a line cut
+    short by a crash is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 if __name__ == "__main__":
