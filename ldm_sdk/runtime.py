@@ -46,6 +46,8 @@ from ldm_sdk.runtime_cache import (
 
 TRACE_ENV = "LDM_SDK_TRACE_PLUGINS"
 NO_ENTRYPOINTS_ENV = "LDM_SDK_NO_ENTRYPOINTS"
+#: ``0`` turns the fused GroupNorm+SiLU / GEGLU kernels off for models the runtime loads
+FUSED_KERNELS_ENV = "LDM_SDK_FUSED_KERNELS"
 #: how tasks run the denoising network (``Runtime(capture_mode=...)``)
 TASK_CAPTURE_MODES: tuple[str, ...] = ("auto", "off", "emulate")
 
@@ -85,6 +87,7 @@ class Runtime:
         trace: bool = False,
         plugins: Sequence[object] = (),
         capture_mode: str = "auto",
+        fused_kernels: bool | None = None,
     ) -> None:
         """The options of :meth:`create`. ``plugins`` are extra plugin objects registered after the built-in
         one and before entry points (scripts and tests); ``disabled_plugins`` adds to
@@ -94,11 +97,19 @@ class Runtime:
         ``"auto"`` replays the denoising network from CUDA graphs for models on a CUDA device (one
         :class:`~ldm_sdk.accel.graphs.CapturedModel` per loaded model, kept in the model cache) and changes
         nothing elsewhere; ``"off"`` always runs it eagerly; ``"emulate"`` runs the capture logic (static
-        buffers, signature cache) on any device, replaying by an eager call, for tests."""
+        buffers, signature cache) on any device, replaying by an eager call, for tests.
+
+        ``fused_kernels``: models loaded on CUDA in fp16 / bf16 run GroupNorm (+ the SiLU after it) and GEGLU
+        as fused Triton kernels that compute in float32 and round once
+        (:func:`ldm_sdk.accel.fusion.fuse_for_inference`; eager and CUDA-graph runs alike); float32 and CPU
+        models are never changed. ``None``: on unless ``$LDM_SDK_FUSED_KERNELS`` is ``0``."""
         if capture_mode not in TASK_CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {capture_mode!r}; valid: {', '.join(TASK_CAPTURE_MODES)}")
         self.capture_mode = capture_mode
         env = os.environ
+        if fused_kernels is None:
+            fused_kernels = env.get(FUSED_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self.fused_kernels = fused_kernels
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
             trace=trace or _env_flag(env, TRACE_ENV),
@@ -128,7 +139,7 @@ class Runtime:
     def create(cls, **options: Any) -> Runtime:
         """A new runtime; ``options`` are the keyword arguments of :class:`Runtime` (``load_entrypoints``,
         ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``,
-        ``capture_mode``)."""
+        ``capture_mode``, ``fused_kernels``)."""
         return cls(**options)
 
     @classmethod
@@ -208,7 +219,12 @@ class Runtime:
 
         def load() -> nn.Module:
             target, precision = torch.device(key.device), parse_dtype(key.dtype)
-            return fmt.load(Path(path), config, device=target, dtype=precision, use_ema=use_ema)
+            model = fmt.load(Path(path), config, device=target, dtype=precision, use_ema=use_ema)
+            if self.fused_kernels and target.type == "cuda":
+                from ldm_sdk.accel.fusion import fuse_for_inference
+
+                fuse_for_inference(model)
+            return model
 
         return self.get_model(key, load)
 

@@ -77,8 +77,10 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: norm-SiLU-conv, (+ time embedding), norm-SiLU-dropout-conv, + skip.
 
-    The skip is a 1x1 ``nin_shortcut`` (or a 3x3 ``conv_shortcut`` when ``conv_shortcut=True``) only when the
-    channel count changes. ``temb_proj`` exists only when ``temb_channels > 0``; the first stages use 0.
+    The SiLUs after the norms are parameter-free submodules ``act1`` / ``act2`` (no state-dict keys) so that
+    :func:`ldm_sdk.accel.fusion.fuse_model` can see them and fold them into the norms. The skip is a 1x1
+    ``nin_shortcut`` (or a 3x3 ``conv_shortcut`` when ``conv_shortcut=True``) only when the channel count
+    changes. ``temb_proj`` exists only when ``temb_channels > 0``; the first stages use 0.
     """
 
     def __init__(
@@ -97,10 +99,12 @@ class ResnetBlock(nn.Module):
         self.use_conv_shortcut = conv_shortcut
 
         self.norm1 = Normalize(in_channels)
+        self.act1 = nn.SiLU()
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels)
+        self.act2 = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -110,14 +114,14 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(self.act1(self.norm1(x)))
         if temb is not None:
             if not hasattr(self, "temb_proj"):
                 raise ValueError(
                     "this ResnetBlock was built with temb_channels=0 and takes no time embedding"
                 )
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(self.act2(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
@@ -263,6 +267,7 @@ class Encoder(nn.Module):
 
         self.mid = _Mid(block_in, dropout, attn_type)
         self.norm_out = Normalize(block_in)
+        self.act_out = nn.SiLU()  # parameter-free: visible to ldm_sdk.accel.fusion, no state-dict key
         self.conv_out = nn.Conv2d(
             block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
         )
@@ -282,7 +287,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -350,6 +355,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
 
         self.norm_out = Normalize(block_in)
+        self.act_out = nn.SiLU()  # parameter-free: visible to ldm_sdk.accel.fusion, no state-dict key
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     @classmethod
@@ -366,7 +372,7 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(self.act_out(self.norm_out(h)))
         if self.tanh_out:
             h = torch.tanh(h)
         return h

@@ -85,7 +85,7 @@ def check_unet_capture(
     """``accelerate_denoiser(bundle)`` vs ``bundle.apply_model`` on ``calls`` different inputs of one
     signature (capture, then replays that must pick up the new inputs), then one other batch size."""
     bundle = tiny_bundle(family, device, dtype)
-    captured = accelerate_denoiser(bundle, mode=mode)
+    captured = accelerate_denoiser(bundle, mode=mode, fuse=False)
     worst = 0.0
     with torch.inference_mode():
         for i in range(calls):
@@ -122,7 +122,7 @@ def run_ddim_cfg(
     if mode is None:
         den = bundle.denoiser(cond, guidance_scale=scale, uncond=uncond)
     else:
-        captured = accelerate_denoiser(bundle, mode=mode)
+        captured = accelerate_denoiser(bundle, mode=mode, fuse=False)
         den = bundle_denoiser(bundle, cond, guidance_scale=scale, uncond=uncond, captured=captured)
     with torch.inference_mode():
         out = ddim_sample(den, x, ddim_timesteps(steps))

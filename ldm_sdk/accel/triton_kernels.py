@@ -1,0 +1,758 @@
+"""Fused GroupNorm (+ SiLU) and GEGLU as Triton kernels, with pure-torch references.
+
+What
+----
+* :func:`group_norm_act` -- ``act(group_norm(x) * weight + bias)`` with ``act`` in ``"none"`` / ``"silu"``:
+  what ``GroupNorm32`` + ``nn.SiLU`` (UNet) and ``nn.GroupNorm`` + ``nonlinearity`` (first stage) compute,
+  in two kernels (statistics, then normalise-affine-activation) instead of ~5 (casts, norm, SiLU).
+* :func:`geglu` -- ``a * gelu(gate)`` for ``a, gate = h.chunk(2, -1)`` (the GEGLU feed-forward of the
+  transformer blocks; exact erf GELU, torch's default) in one kernel instead of three.
+* :func:`group_norm_act_reference` / :func:`geglu_reference` -- the same maths in torch, in float32: the
+  fallback where Triton or CUDA is missing (and when autograd needs a backward) and the tests' oracle.
+
+``backend="auto"`` (the default of the dispatching functions) runs the Triton kernel when the input is a
+CUDA tensor of dtype fp16 / bf16 / fp32, Triton imports and no gradient is needed; otherwise the reference.
+``"triton"`` always runs the kernel (errors say why it cannot), ``"reference"`` never does.
+
+Why
+---
+On an H100 the CUDA-graph-replayed SD-1.5 UNet step is dominated by elementwise and GroupNorm kernels;
+each GroupNorm32 + SiLU reads / writes the activation about five times (cast up, stats, normalise, cast
+down, SiLU). The fused op reads it twice and writes it once.
+
+Numerics
+--------
+* Everything is computed in float32 (``float64`` inputs are computed in float64 by the reference and are
+  not taken by the kernels), and the result is rounded once to the input dtype. GroupNorm32's float32
+  round trip is therefore kept (the unfused path rounds twice in half precision: after the norm and after
+  the SiLU; the fused one rounds once, so it is at least as accurate).
+* Statistics: each program keeps a per-lane Welford state (count, mean, M2) over its chunk of a group,
+  combines its lanes with the parallel (Chan et al.) formula ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``,
+  and the apply pass merges the chunks of a group the same way. No sum / sum-of-squares in low precision.
+  Variance is the biased one (divide by the group size), as ``torch.nn.functional.group_norm``.
+* Normalisation is ``(x - mean) * (rstd * w) + b`` (no ``x * scale + shift`` cancellation); SiLU is
+  ``y / (1 + exp(-y))``; GELU is ``0.5 g (1 + erf(g / sqrt 2))``. The float32 results differ from torch's
+  float32 ones by a few float32 ulps, so after rounding to fp16 / bf16 they are equal or one output ulp
+  apart (values within ~1e-4 of zero after a cancellation can differ by a few float32 ulps in absolute
+  terms, which may be more than one ulp of such a tiny output).
+
+Layouts and sizes
+-----------------
+``x`` is ``(N, C, *spatial)`` with ``C`` divisible by ``num_groups``. NCHW-contiguous (any number of spatial
+dims, 3-D ``(N, C, T)`` included) and 4-D channels_last inputs are read in place and the output has the
+input's memory format; any other strided input is made contiguous first (one copy). Offsets are 64-bit, so
+tensors above 2**31 elements are fine. A group may hold up to 2**34 elements.
+
+Kernel configurations (fixed, no autotuning, so the first call compiles each variant once; size arguments
+that only index -- group counts, splits -- are not specialised by Triton, to keep the variants few):
+
+* statistics: a grid of ``(N * groups, split)``; each program walks a chunk of its group in tiles of
+  ``BLOCK`` (contiguous layout, <= 2048 elements) or ``BLOCK_S x BLOCK_C`` (channels_last: rows of the
+  group's ``C / groups`` channels, <= 2048 elements). ``split`` is chosen so that about
+  ``4 x (number of SMs)`` programs run -- batch 2 x 32 groups is only 64 groups, too few for 132 SMs --
+  without making chunks shorter than one tile.
+* apply: contiguous layout: a grid of ``(N * C, split)`` over the channels' spatial runs (one weight and
+  bias per program, no per-element channel division); channels_last: the statistics grid and tiling.
+* GEGLU: ``(rows / BLOCK_R, inner / BLOCK_C)`` tiles of about 2048 outputs, ``BLOCK_C`` picked among
+  128..1024 to waste at most 1/8 of a row (SD-1.5's inner widths 1280 / 2560 / 5120 give 256 / 512 / 1024).
+
+Limits
+------
+The kernels have no backward: with autograd active, ``"auto"`` uses the reference (differentiable) and
+``"triton"`` refuses. Triton runs CUDA tensors, or CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported; slow, used by the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional: the reference ops and the rest of the SDK need no Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+Act = Literal["none", "silu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Act)
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+MAX_BLOCK = 2048  # elements per tile (fp16: 16 per thread at 4 warps)
+MAX_SPLIT = 1024  # chunks per group in the statistics pass (merged by one vector load)
+MAX_CHUNK = 2**24  # elements per chunk: counts stay exact in float32
+PROGRAMS_PER_SM = 4
+
+
+# -- references (float32 maths, one rounding) ----------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (never less precise than the input)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def group_norm_act_reference(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    act: Act = "none",
+) -> Tensor:
+    """``act(F.group_norm(x, ...))`` computed in float32 (float64 for float64 ``x``), cast to ``x.dtype``
+    once, in ``x``'s memory format. For float32 inputs this is exactly ``GroupNorm32`` followed by
+    ``nn.SiLU`` (the same torch calls in the same order)."""
+    _check_group_norm(x, weight, bias, num_groups, eps, act)
+    ct = _compute_dtype(x.dtype)
+    w = weight.to(ct) if weight is not None else None
+    b = bias.to(ct) if bias is not None else None
+    y = F.group_norm(x.to(ct), num_groups, w, b, eps)
+    if act == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def geglu_reference(h: Tensor) -> Tensor:
+    """``a * gelu(gate)`` for ``a, gate = h.chunk(2, -1)`` (exact erf GELU) computed in float32 (float64
+    for float64 ``h``), cast to ``h.dtype`` once. For float32 this is exactly ``GEGLU``'s arithmetic."""
+    _check_geglu(h)
+    a, gate = h.to(_compute_dtype(h.dtype)).chunk(2, dim=-1)
+    return (a * F.gelu(gate)).to(h.dtype)
+
+
+# -- accuracy measure (tests, bench/validate_kernels.py) ---------------------------------------------------
+FLOAT32_NOISE = 2.0**-19
+"""Relative size (to the largest reference value) of the float32 evaluation differences allowed on top of
+one output ulp: two float32 evaluations of the same formula differ by a few float32 ulps of the operands."""
+
+
+def output_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """The spacing of ``dtype`` numbers at each of ``values`` (float64; the subnormal spacing near 0)."""
+    info = torch.finfo(dtype)
+    v = values.double().abs()
+    _, exponent = torch.frexp(v)
+    spacing = torch.ldexp(torch.ones_like(v), exponent - 1).clamp_min(info.tiny)
+    return torch.where(v == 0, torch.full_like(v, info.tiny), spacing) * info.eps
+
+
+@dataclass(frozen=True)
+class UlpReport:
+    """``out`` against ``ref`` in ulps of ``out``'s dtype at ``ref``: the largest distance, the fraction of
+    elements more than one ulp apart, and whether every element is within one ulp plus ``noise``."""
+
+    max_ulps: float
+    frac_over_1ulp: float
+    max_abs: float
+    noise: float
+    within_bound: bool
+
+    def ok(self, max_frac_over_1ulp: float = 1e-4) -> bool:
+        """Every element within 1 ulp + noise, and at most ``max_frac_over_1ulp`` of them beyond 1 ulp."""
+        return self.within_bound and self.frac_over_1ulp <= max_frac_over_1ulp
+
+    def __str__(self) -> str:
+        flag = "" if self.within_bound else " OUT OF BOUND"
+        return (
+            f"max {self.max_ulps:.3g} ulp, {self.frac_over_1ulp:.2e} of elements > 1 ulp, max |diff| "
+            f"{self.max_abs:.3e} (noise allowance {self.noise:.2e}){flag}"
+        )
+
+
+def compare_ulps(out: Tensor, ref: Tensor, *, noise: float = FLOAT32_NOISE) -> UlpReport:
+    """Measure ``out`` (fp16 / bf16 / fp32) against ``ref`` (any precision) in ulps of ``out.dtype``. The
+    bound: ``|out - ref| <= ulp(ref) + noise * max|ref|`` everywhere."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shapes differ: out {tuple(out.shape)}, ref {tuple(ref.shape)}")
+    diff = (out.double() - ref.double()).abs()
+    ulp = output_ulp(ref, out.dtype)
+    ulps = diff / ulp
+    allowance = noise * float(ref.double().abs().max()) if ref.numel() else 0.0
+    return UlpReport(
+        max_ulps=float(ulps.max()) if ulps.numel() else 0.0,
+        frac_over_1ulp=float((ulps > 1).double().mean()) if ulps.numel() else 0.0,
+        max_abs=float(diff.max()) if diff.numel() else 0.0,
+        noise=allowance,
+        within_bound=bool((diff <= ulp + allowance).all()),
+    )
+
+
+# -- dispatch ------------------------------------------------------------------------------------------------
+def triton_available() -> bool:
+    """Whether Triton imported (the kernels can be built)."""
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _use_triton(backend: str, what: str, x: Tensor, *others: Tensor | None) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return x.is_cuda and triton is not None and x.dtype in KERNEL_DTYPES and not _needs_grad(x, *others)
+    if _needs_grad(x, *others):
+        raise RuntimeError(
+            f"the Triton {what} kernel has no backward, but autograd is recording: run it under "
+            "torch.no_grad() / torch.inference_mode(), or use backend='auto' (which falls back to the "
+            "differentiable reference) or backend='reference'"
+        )
+    return True
+
+
+def group_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    act: Act = "none",
+    *,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Fused GroupNorm + optional SiLU (see the module doc); ``backend`` picks Triton or the reference."""
+    if _use_triton(backend, "group_norm_act", x, weight, bias):
+        return group_norm_act_triton(x, weight, bias, num_groups, eps, act)
+    return group_norm_act_reference(x, weight, bias, num_groups, eps, act)
+
+
+def geglu(h: Tensor, *, backend: Backend = "auto") -> Tensor:
+    """Fused ``a * gelu(gate)`` of a GEGLU projection output ``h`` (``(..., 2 * inner)``)."""
+    if _use_triton(backend, "geglu", h):
+        return geglu_triton(h)
+    return geglu_reference(h)
+
+
+# -- argument checks ---------------------------------------------------------------------------------------
+def _check_group_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, act: str
+) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point tensor (N, C, *spatial), got a {got}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+    channels = x.shape[1]
+    if channels % num_groups:
+        raise ValueError(
+            f"x has {channels} channels, not divisible by num_groups={num_groups}; GroupNorm needs "
+            "C % num_groups == 0"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (not isinstance(p, Tensor) or p.numel() != channels or p.dim() != 1):
+            shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(f"{name} must be None or a 1-D tensor of {channels} values (C), got {shape}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def _check_geglu(h: Tensor) -> None:
+    if not isinstance(h, Tensor) or not h.is_floating_point() or h.dim() < 1 or h.shape[-1] % 2:
+        got = f"{h.dtype} tensor of shape {tuple(h.shape)}" if isinstance(h, Tensor) else type(h).__name__
+        raise ValueError(
+            f"geglu takes the projection output (..., 2 * inner): a floating-point tensor with an even last "
+            f"dimension, got a {got}"
+        )
+
+
+def _check_kernel_input(x: Tensor, what: str) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        valid = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+        raise ValueError(f"the Triton {what} kernel takes {valid}, got {x.dtype}; use backend='reference'")
+    if triton is None:
+        raise RuntimeError(f"the Triton {what} kernel needs triton, which is not installed")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"the Triton {what} kernel runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), but the "
+            f"input is on {x.device}; use backend='auto' or 'reference'"
+        )
+
+
+# -- launch plans ----------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _warps(block: int) -> int:
+    return min(8, max(1, block // 512))
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """``units`` (elements or rows) cut into ``split`` chunks of ``chunk`` units (a multiple of ``tile``)."""
+
+    tile: int
+    chunk: int
+    split: int
+
+
+def _chunking(units: int, tile: int, parallel: int, target: int, max_split: int, unit_size: int) -> Chunking:
+    """Chunks of whole tiles so that ``parallel * split`` reaches about ``target`` programs, without chunks
+    shorter than a tile, more than ``max_split`` of them, or more than ``MAX_CHUNK`` elements in one."""
+    tiles = max(1, math.ceil(units / tile))
+    split = min(tiles, max(1, math.ceil(target / max(1, parallel))), max_split)
+    per_chunk = math.ceil(tiles / split)
+    per_chunk = min(per_chunk, max(1, MAX_CHUNK // (tile * unit_size)))
+    split = math.ceil(tiles / per_chunk)
+    if split > max_split:
+        raise ValueError(
+            f"a group of {units * unit_size} elements is too large for the fused GroupNorm (at most "
+            f"{max_split * MAX_CHUNK} elements per group); use backend='reference'"
+        )
+    return Chunking(tile, per_chunk * tile, split)
+
+
+@dataclass(frozen=True)
+class GroupNormPlan:
+    """How :func:`group_norm_act_triton` launches for one input: layout, tiles, chunks and warps."""
+
+    channels_last: bool
+    n: int
+    c: int
+    s: int  # spatial size (product of the spatial dims)
+    groups: int
+    block: int  # contiguous layout: statistics tile (elements)
+    block_s: int  # channels_last: tile rows
+    block_c: int  # channels_last: tile columns (>= C / groups)
+    stats: Chunking  # contiguous: over the group's elements; channels_last: over its rows
+    apply: Chunking  # contiguous: over one channel's spatial run; channels_last: as stats
+    apply_block: int  # contiguous layout: apply tile (elements)
+    num_warps: int
+    apply_warps: int
+
+    @property
+    def group_size(self) -> int:
+        return (self.c // self.groups) * self.s
+
+
+def plan_group_norm(
+    shape: tuple[int, ...],
+    num_groups: int,
+    *,
+    channels_last: bool,
+    target_programs: int,
+    max_block: int = MAX_BLOCK,
+) -> GroupNormPlan:
+    """The launch plan for an ``(N, C, *spatial)`` input (see the module doc). ``target_programs``: the
+    parallelism to aim for (the kernels use 4 x the SM count); ``max_block``: the largest tile (a power of
+    two; smaller values exercise the chunk loops in tests)."""
+    if max_block < 16 or max_block & (max_block - 1):
+        raise ValueError(f"max_block must be a power of two >= 16, got {max_block}")
+    n, c = shape[0], shape[1]
+    s = math.prod(shape[2:])
+    cg = c // num_groups
+    groups_total = n * num_groups
+    if channels_last:
+        block_c = _pow2(cg)
+        block_s = max(1, min(max_block // block_c, _pow2(s)))
+        stats = _chunking(s, block_s, groups_total, target_programs, MAX_SPLIT, cg)
+        warps = _warps(block_s * block_c)
+        return GroupNormPlan(True, n, c, s, num_groups, 0, block_s, block_c, stats, stats, 0, warps, warps)
+    length = cg * s
+    block = max(16, min(max_block, _pow2(length)))
+    stats = _chunking(length, block, groups_total, target_programs, MAX_SPLIT, 1)
+    apply_block = max(16, min(max_block, _pow2(s)))
+    apply = _chunking(s, apply_block, n * c, target_programs, 65535, 1)
+    return GroupNormPlan(
+        False, n, c, s, num_groups, block, 0, 0, stats, apply, apply_block, _warps(block), _warps(apply_block)
+    )
+
+
+def _target_programs(x: Tensor) -> int:
+    if x.is_cuda:
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return PROGRAMS_PER_SM  # the interpreter runs programs one after another
+
+
+# -- torch-facing kernel calls -----------------------------------------------------------------------------
+def group_norm_act_triton(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    act: Act = "none",
+    *,
+    target_programs: int | None = None,
+    max_block: int = MAX_BLOCK,
+) -> Tensor:
+    """:func:`group_norm_act` through the Triton kernels. ``target_programs`` / ``max_block`` tune the launch
+    plan (:func:`plan_group_norm`; defaults: 4 x the SM count, 2048); the result does not depend on them
+    beyond float32 rounding of the statistics."""
+    _check_group_norm(x, weight, bias, num_groups, eps, act)
+    _check_kernel_input(x, "group_norm_act")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}: move the module to x's device")
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    channels_last = _memory_format(x) == torch.channels_last
+    if not channels_last and not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty_like(x)  # preserve_format: the same strides as x
+    if y.stride() != x.stride():  # pragma: no cover - dense tensors keep their strides
+        raise RuntimeError(f"internal error: output strides {y.stride()} differ from input {x.stride()}")
+    plan = plan_group_norm(
+        tuple(x.shape),
+        num_groups,
+        channels_last=channels_last,
+        target_programs=target_programs or _target_programs(x),
+        max_block=max_block,
+    )
+    groups_total = plan.n * num_groups
+    mean = torch.empty(groups_total * plan.stats.split, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
+    b = bias.contiguous() if bias is not None else x
+    cg = plan.c // num_groups
+    block_split = max(2, _pow2(plan.stats.split))
+    common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "ACT": act}
+    if channels_last:
+        grid = (groups_total, plan.stats.split)
+        _gn_stats_nhwc_kernel[grid](
+            x,
+            mean,
+            m2,
+            plan.c,
+            plan.s,
+            cg,
+            num_groups,
+            plan.stats.chunk,
+            plan.stats.split,
+            BLOCK_S=plan.block_s,
+            BLOCK_C=plan.block_c,
+            num_warps=plan.num_warps,
+        )
+        _gn_apply_nhwc_kernel[grid](
+            x,
+            y,
+            w,
+            b,
+            mean,
+            m2,
+            plan.c,
+            plan.s,
+            cg,
+            num_groups,
+            plan.stats.chunk,
+            plan.stats.split,
+            float(eps),
+            BLOCK_S=plan.block_s,
+            BLOCK_C=plan.block_c,
+            BLOCK_SPLIT=block_split,
+            num_warps=plan.num_warps,
+            **common,
+        )
+    else:
+        length = cg * plan.s
+        _gn_stats_ncs_kernel[(groups_total, plan.stats.split)](
+            x,
+            mean,
+            m2,
+            length,
+            plan.stats.chunk,
+            plan.stats.split,
+            BLOCK=plan.block,
+            num_warps=plan.num_warps,
+        )
+        _gn_apply_ncs_kernel[(plan.n * plan.c, plan.apply.split)](
+            x,
+            y,
+            w,
+            b,
+            mean,
+            m2,
+            plan.c,
+            plan.s,
+            cg,
+            length,
+            plan.stats.chunk,
+            plan.stats.split,
+            plan.apply.chunk,
+            float(eps),
+            BLOCK=plan.apply_block,
+            BLOCK_SPLIT=block_split,
+            num_warps=plan.apply_warps,
+            **common,
+        )
+    return y
+
+
+def _geglu_block_c(inner: int) -> int:
+    """The widest column tile (1024 .. 128) that wastes at most 1/8 of a row; 128 otherwise."""
+    for block in (1024, 512, 256, 128):
+        if math.ceil(inner / block) * block - inner <= inner // 8:
+            return block
+    return 128
+
+
+def geglu_triton(h: Tensor) -> Tensor:
+    """:func:`geglu` through the Triton kernel; ``h`` is made contiguous first when it is not."""
+    _check_geglu(h)
+    _check_kernel_input(h, "geglu")
+    inner = h.shape[-1] // 2
+    h = h.contiguous()
+    y = torch.empty((*h.shape[:-1], inner), device=h.device, dtype=h.dtype)
+    rows = h.numel() // h.shape[-1] if h.numel() else 0
+    if rows == 0 or inner == 0:
+        return y
+    block_c = min(_geglu_block_c(inner), _pow2(inner))
+    block_r = max(1, min(MAX_BLOCK // block_c, _pow2(rows)))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_c))
+    _geglu_kernel[grid](
+        h, y, rows, inner, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(block_r * block_c)
+    )
+    return y
+
+
+# -- kernels -------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _welford_update(x, valid, count, mean, m2, step):
+        """Element ``step`` (0-based) of each lane into the lanes' running (count, mean, M2); invalid lanes
+        unchanged. A lane's positions only grow, so a lane valid at ``step`` was valid at every earlier
+        step: its count is ``step + 1``, and one scalar reciprocal serves every lane (no divide per element).
+        """
+        count_new = count + valid.to(tl.float32)
+        delta = x - mean
+        inv = 1.0 / (step + 1.0)  # int + float: float32
+        mean_new = mean + tl.where(valid, delta * inv, 0.0)
+        m2_new = m2 + tl.where(valid, delta * (x - mean_new), 0.0)
+        return count_new, mean_new, m2_new
+
+    @triton.jit
+    def _welford_finish(count, mean, m2):
+        """(mean, M2) of the union of the lanes' states (1-D), by the parallel (Chan) formula."""
+        n = tl.sum(count, axis=0)
+        mu = tl.sum(count * mean, axis=0) / tl.maximum(n, 1.0)
+        d = tl.where(count > 0, mean - mu, 0.0)
+        return mu, tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
+
+    @triton.jit
+    def _welford_finish_2d(count, mean, m2):
+        """:func:`_welford_finish` of 2-D lane states (summed over both axes)."""
+        n = tl.sum(tl.sum(count, axis=1), axis=0)
+        mu = tl.sum(tl.sum(count * mean, axis=1), axis=0) / tl.maximum(n, 1.0)
+        d = tl.where(count > 0, mean - mu, 0.0)
+        m2_sum = tl.sum(tl.sum(m2, axis=1), axis=0) + tl.sum(tl.sum(count * d * d, axis=1), axis=0)
+        return mu, m2_sum
+
+    @triton.jit
+    def _merged_stats(
+        mean_ptr, m2_ptr, group, units, chunk_units, unit_size, split, eps, BLOCK_SPLIT: tl.constexpr
+    ):
+        """(mean, 1 / sqrt(var + eps)) of ``group`` from its ``split`` chunk partials."""
+        k = tl.arange(0, BLOCK_SPLIT)
+        valid = k < split
+        base = group * split
+        means = tl.load(mean_ptr + base + k, mask=valid, other=0.0)
+        m2s = tl.load(m2_ptr + base + k, mask=valid, other=0.0)
+        chunk_len = tl.minimum(tl.maximum(units - k.to(tl.int64) * chunk_units, 0), chunk_units)
+        counts = tl.where(valid, (chunk_len * unit_size).to(tl.float32), 0.0)
+        n = tl.sum(counts, axis=0)
+        mean = tl.sum(counts * means, axis=0) / n
+        d = tl.where(valid, means - mean, 0.0)
+        m2 = tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
+        var = tl.maximum(m2 / n, 0.0)
+        return mean, 1.0 / tl.sqrt_rn(var + eps)
+
+    @triton.jit
+    def _activate(y, ACT: tl.constexpr):
+        if ACT == "silu":
+            y = y / (1.0 + tl.exp(-y))
+        return y
+
+    @triton.jit(do_not_specialize=["SPLIT"])
+    def _gn_stats_ncs_kernel(x_ptr, mean_ptr, m2_ptr, L, CHUNK, SPLIT, BLOCK: tl.constexpr):
+        """Contiguous (N, C, S): group g is the run ``[g L, (g + 1) L)``; program (g, k) reduces chunk k."""
+        group = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64)
+        x_group = x_ptr + group * L
+        start = k * CHUNK
+        offs = tl.arange(0, BLOCK)
+        count = tl.zeros([BLOCK], dtype=tl.float32)
+        mean = tl.zeros([BLOCK], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            idx = start + i + offs
+            valid = idx < L
+            x = tl.load(x_group + idx, mask=valid, other=0.0).to(tl.float32)
+            count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK)
+        mu, m2_sum = _welford_finish(count, mean, m2)
+        tl.store(mean_ptr + group * SPLIT + k, mu)
+        tl.store(m2_ptr + group * SPLIT + k, m2_sum)
+
+    @triton.jit(do_not_specialize=["C", "CG", "L", "STAT_CHUNK", "STAT_SPLIT"])
+    def _gn_apply_ncs_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        m2_ptr,
+        C,
+        S,
+        CG,
+        L,
+        STAT_CHUNK,
+        STAT_SPLIT,
+        CHUNK,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_SPLIT: tl.constexpr,
+    ):
+        """Contiguous (N, C, S): program (n C + c, k) normalises chunk k of channel c's spatial run."""
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64)
+        c = row % C
+        mean, rstd = _merged_stats(
+            mean_ptr, m2_ptr, row // CG, L, STAT_CHUNK, 1, STAT_SPLIT, eps, BLOCK_SPLIT
+        )
+        scale = rstd
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + c).to(tl.float32)
+        shift = 0.0
+        if HAS_B:
+            shift = tl.load(b_ptr + c).to(tl.float32)
+        x_row = x_ptr + row * S
+        y_row = y_ptr + row * S
+        start = k * CHUNK
+        offs = tl.arange(0, BLOCK)
+        for i in range(0, CHUNK, BLOCK):
+            idx = start + i + offs
+            valid = idx < S
+            x = tl.load(x_row + idx, mask=valid, other=0.0).to(tl.float32)
+            y = _activate((x - mean) * scale + shift, ACT)
+            tl.store(y_row + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    def _gn_stats_nhwc_kernel(
+        x_ptr, mean_ptr, m2_ptr, C, S, CG, G, CHUNK, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        """channels_last (N, S, C): group (n, g) is S rows of CG channels at stride C; program (n G + g, k)
+        reduces rows ``[k CHUNK, (k + 1) CHUNK)``."""
+        group = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64)
+        x_group = x_ptr + (group // G) * S * C + (group % G) * CG
+        rows = tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < CG
+        count = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        start = k * CHUNK
+        for i in range(0, CHUNK, BLOCK_S):
+            r = start + i + rows
+            valid = (r < S)[:, None] & col_ok[None, :]
+            x = tl.load(x_group + r[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK_S)
+        mu, m2_sum = _welford_finish_2d(count, mean, m2)
+        tl.store(mean_ptr + group * SPLIT + k, mu)
+        tl.store(m2_ptr + group * SPLIT + k, m2_sum)
+
+    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    def _gn_apply_nhwc_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        mean_ptr,
+        m2_ptr,
+        C,
+        S,
+        CG,
+        G,
+        CHUNK,
+        SPLIT,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_SPLIT: tl.constexpr,
+    ):
+        """channels_last: program (n G + g, k) normalises rows ``[k CHUNK, (k + 1) CHUNK)`` of group n, g."""
+        group = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64)
+        mean, rstd = _merged_stats(mean_ptr, m2_ptr, group, S, CHUNK, CG, SPLIT, eps, BLOCK_SPLIT)
+        g = group % G
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < CG
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32) * rstd
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + g * CG + cols, mask=col_ok, other=1.0).to(tl.float32)
+        shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_B:
+            shift = tl.load(b_ptr + g * CG + cols, mask=col_ok, other=0.0).to(tl.float32)
+        offset = (group // G) * S * C + g * CG
+        rows = tl.arange(0, BLOCK_S)
+        start = k * CHUNK
+        for i in range(0, CHUNK, BLOCK_S):
+            r = start + i + rows
+            valid = (r < S)[:, None] & col_ok[None, :]
+            idx = offset + r[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            y = _activate((x - mean) * scale[None, :] + shift[None, :], ACT)
+            tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit(do_not_specialize=["ROWS"])
+    def _geglu_kernel(h_ptr, y_ptr, ROWS, INNER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``y[r, j] = h[r, j] * gelu(h[r, INNER + j])`` over a BLOCK_R x BLOCK_C tile."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (r < ROWS)[:, None] & (j < INNER)[None, :]
+        src = r[:, None] * (2 * INNER) + j[None, :]
+        a = tl.load(h_ptr + src, mask=valid, other=0.0).to(tl.float32)
+        gate = tl.load(h_ptr + src + INNER, mask=valid, other=0.0).to(tl.float32)
+        y = a * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))
+        tl.store(y_ptr + r[:, None] * INNER + j[None, :], y.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "FLOAT32_NOISE",
+    "KERNEL_DTYPES",
+    "Act",
+    "Backend",
+    "Chunking",
+    "GroupNormPlan",
+    "UlpReport",
+    "compare_ulps",
+    "geglu",
+    "geglu_reference",
+    "geglu_triton",
+    "group_norm_act",
+    "group_norm_act_reference",
+    "group_norm_act_triton",
+    "output_ulp",
+    "plan_group_norm",
+    "triton_available",
+]

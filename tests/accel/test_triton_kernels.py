@@ -1,0 +1,459 @@
+"""The fused GroupNorm(+SiLU) and GEGLU ops of ``ldm_sdk.accel.triton_kernels``.
+
+CPU (always):
+
+* the float32 references against the closed-form maths written out here in float64 (group statistics,
+  affine, SiLU, erf-GELU), both memory formats, fp32 / bf16 / fp16;
+* the references are bit-identical to the eager modules in float32 (``GroupNorm32`` + ``nn.SiLU``,
+  ``nn.GroupNorm`` + ``F.silu``, ``GEGLU``): they make the same torch calls in the same order;
+* dispatch (``auto`` falls back off CUDA and under autograd), argument errors, the launch plans;
+* the Triton kernels themselves through the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before
+  Triton is imported, so :func:`test_triton_kernels_in_the_interpreter` runs this file as a script in a
+  subprocess (:func:`interpreter_checks`): both memory formats, odd sizes, 3-D input, forced chunking,
+  no affine, fp32 / bf16, against float64 (a few seconds).
+
+GPU (mark ``gpu``, run by ``bench/validate_kernels.py``): the kernels against the float32 reference at the
+SD-1.5 UNet shapes (N=2, C 320..2560, 64x64..8x8) and the kl-f8 VAE shapes (C 128..512 up to 512x512), fp16
+/ bf16, both memory formats, measured in ulps of the output dtype (:func:`compare_ulps`): every element
+within 1 ulp + ``2**-19 * max|ref|`` (two float32 evaluations differ by a few float32 ulps; this only
+matters for outputs within ~1e-4 of zero) and at most 1e-4 of the elements more than 1 ulp apart; the
+same bound against float64 truth; fp32 kernels against float64; replay under a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm_sdk.accel import triton_kernels as K
+from ldm_sdk.accel.triton_kernels import compare_ulps
+from ldm_sdk.models.attention import GEGLU
+from ldm_sdk.models.embeddings import GroupNorm32
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- float64 closed forms ------------------------------------------------------------------------------------
+def group_norm_truth(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float, act: str
+) -> Tensor:
+    """GroupNorm written out in float64: per (sample, group) mean and biased variance over the group's
+    channels and positions, ``(x - mean) / sqrt(var + eps) * w + b``, then ``y * sigmoid(y)`` for SiLU."""
+    n, c = x.shape[:2]
+    xd = x.double().reshape(n, groups, -1)
+    mean = xd.sum(-1, keepdim=True) / xd.shape[-1]
+    var = ((xd - mean) ** 2).sum(-1, keepdim=True) / xd.shape[-1]
+    y = ((xd - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().reshape(shape)
+    if bias is not None:
+        y = y + bias.double().reshape(shape)
+    if act == "silu":
+        y = y / (1 + torch.exp(-y))
+    return y
+
+
+def geglu_truth(h: Tensor) -> Tensor:
+    """``a * 0.5 g (1 + erf(g / sqrt 2))`` in float64."""
+    a, g = h.double().chunk(2, dim=-1)
+    return a * 0.5 * g * (1 + torch.erf(g / 2**0.5))
+
+
+def assert_close_to_truth(out: Tensor, truth: Tensor, what: str, *, max_frac: float = 1e-4) -> None:
+    """fp32: within float32 rounding of the float64 result; half precision: one rounding of it (see
+    :func:`compare_ulps`; ``max_frac``: the fraction of elements allowed beyond 1 ulp, still in the bound)."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), truth, rtol=2e-6, atol=2e-6 * float(truth.abs().max()))
+        return
+    report = compare_ulps(out, truth)
+    assert report.ok(max_frac), f"{what}: {report}"
+
+
+# GELU's erf form cancels in float32 for gates below about -4 (1 + erf -> 0; torch's float32 GELU alike):
+# there the outputs are ~1e-8 in absolute terms but many ulps of such tiny numbers, so GEGLU is held to
+# the absolute part of the bound only (|diff| <= 1 ulp + 2**-19 max|ref| everywhere).
+GEGLU_FRAC = 1.0
+
+
+def make_inputs(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    channels_last: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Activations with an offset mean (so the statistics must subtract it) and GroupNorm-like affine."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 1.5 + 0.7).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = (1 + 0.2 * torch.randn(c, generator=g)).to(device, dtype)
+    b = (0.2 * torch.randn(c, generator=g)).to(device, dtype)
+    return x, w, b
+
+
+# -- references: closed forms, eager equality ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_group_norm_reference_matches_float64(dtype: torch.dtype, channels_last: bool, act: str) -> None:
+    x, w, b = make_inputs((3, 12, 5, 7), dtype, channels_last=channels_last)
+    out = K.group_norm_act_reference(x, w, b, 4, 1e-5, act)  # type: ignore[arg-type]
+    assert out.dtype == dtype and out.shape == x.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    assert_close_to_truth(out, group_norm_truth(x, w, b, 4, 1e-5, act), f"reference {dtype} {act}")
+
+
+def test_group_norm_reference_without_affine_and_3d() -> None:
+    x = torch.randn(2, 8, 33) * 2 - 1
+    out = K.group_norm_act_reference(x, None, None, 2, 1e-6, "silu")
+    assert_close_to_truth(out, group_norm_truth(x, None, None, 2, 1e-6, "silu"), "3-D, no affine")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_geglu_reference_matches_float64(dtype: torch.dtype) -> None:
+    h = (torch.randn(3, 5, 2 * 37) * 2).to(dtype)
+    out = K.geglu_reference(h)
+    assert out.shape == (3, 5, 37) and out.dtype == dtype
+    assert_close_to_truth(out, geglu_truth(h), f"geglu reference {dtype}", max_frac=GEGLU_FRAC)
+
+
+def test_references_are_bit_identical_to_eager_float32() -> None:
+    """Why fused models equal unfused ones bit for bit on the CPU in float32: same calls, same order."""
+    x = torch.randn(2, 64, 6, 6)
+    norm32 = GroupNorm32(32, 64)
+    plain = nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        for norm in (norm32, plain):
+            norm.weight.normal_(1, 0.2)
+            norm.bias.normal_(0, 0.2)
+        eager32 = nn.SiLU()(norm32(x))
+        fused32 = K.group_norm_act_reference(x, norm32.weight, norm32.bias, 32, norm32.eps, "silu")
+        assert torch.equal(fused32, eager32)
+        assert torch.equal(
+            K.group_norm_act_reference(x, plain.weight, plain.bias, 32, 1e-6, "silu"), F.silu(plain(x))
+        )
+        assert torch.equal(
+            K.group_norm_act_reference(x, plain.weight, plain.bias, 32, 1e-6, "none"), plain(x)
+        )
+        geglu = GEGLU(16, 24)
+        tokens = torch.randn(2, 9, 16)
+        assert torch.equal(K.geglu_reference(geglu.proj(tokens)), geglu(tokens))
+
+
+# -- dispatch and errors -------------------------------------------------------------------------------------
+def test_auto_backend_uses_the_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> Tensor:
+        raise AssertionError("the Triton path must not run for CPU tensors with backend='auto'")
+
+    monkeypatch.setattr(K, "group_norm_act_triton", refuse)
+    monkeypatch.setattr(K, "geglu_triton", refuse)
+    x, w, b = make_inputs((2, 8, 4, 4), torch.float32)
+    assert torch.equal(
+        K.group_norm_act(x, w, b, 4, 1e-5, "silu"), K.group_norm_act_reference(x, w, b, 4, 1e-5, "silu")
+    )
+    h = torch.randn(4, 10)
+    assert torch.equal(K.geglu(h), K.geglu_reference(h))
+
+
+def test_autograd_falls_back_or_is_refused() -> None:
+    x, w, b = make_inputs((2, 8, 4, 4), torch.float32)
+    w.requires_grad_(True)
+    K.group_norm_act(x, w, b, 4, 1e-5, "silu").sum().backward()  # auto: the differentiable reference
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    if K.triton_available():
+        with pytest.raises(RuntimeError, match="no backward"):
+            K.group_norm_act(x, w, b, 4, 1e-5, "silu", backend="triton")
+
+
+@pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("this session runs the Triton interpreter")
+    x, w, b = make_inputs((2, 8, 4, 4), torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        K.group_norm_act(x, w, b, 4, 1e-5, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        K.group_norm_act_triton(x.double(), None, None, 4, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda x: K.group_norm_act_reference(x, None, None, 5, 1e-5), "not divisible by num_groups=5"),
+        (lambda x: K.group_norm_act_reference(x, None, None, 0, 1e-5), "num_groups must be an int >= 1"),
+        (lambda x: K.group_norm_act_reference(x, torch.ones(3), None, 4, 1e-5), "weight must be None or"),
+        (lambda x: K.group_norm_act_reference(x, None, None, 4, -1.0), "eps must be a float >= 0"),
+        (lambda x: K.group_norm_act_reference(x, None, None, 4, 1e-5, "gelu"), "valid: none, silu"),  # type: ignore[arg-type]
+        (lambda x: K.group_norm_act_reference(x.long(), None, None, 4, 1e-5), "floating-point"),
+        (
+            lambda x: K.group_norm_act(x, None, None, 4, 1e-5, backend="cuda"),
+            "valid: auto, triton, reference",
+        ),  # type: ignore[arg-type]
+        (lambda x: K.geglu_reference(torch.randn(3, 5)), "even last"),
+    ],
+)
+def test_argument_errors_say_what_is_valid(call: Callable[[Tensor], object], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        call(torch.randn(2, 8, 4, 4))
+
+
+# -- launch plans --------------------------------------------------------------------------------------------
+def _covers(units: int, chunking: K.Chunking) -> None:
+    assert chunking.chunk % chunking.tile == 0
+    assert chunking.split * chunking.chunk >= units > (chunking.split - 1) * chunking.chunk
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 320, 64, 64), (2, 1280, 8, 8), (2, 2560, 8, 8), (1, 128, 512, 512), (1, 512, 64, 64), (3, 12, 5, 7),
+     (2, 64, 4, 4), (2, 8, 33)],
+)  # fmt: skip
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_plans_cover_the_groups_and_fill_the_gpu(shape: tuple[int, ...], channels_last: bool) -> None:
+    groups = 4 if shape[1] % 32 else 32
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    plan = K.plan_group_norm(shape, groups, channels_last=channels_last, target_programs=4 * 132)
+    cg = shape[1] // groups
+    if channels_last:
+        assert plan.block_c >= cg and plan.block_c & (plan.block_c - 1) == 0
+        _covers(plan.s, plan.stats)
+    else:
+        assert plan.block & (plan.block - 1) == 0 and plan.apply_block & (plan.apply_block - 1) == 0
+        _covers(cg * plan.s, plan.stats)
+        _covers(plan.s, plan.apply)
+    assert plan.stats.chunk * (1 if not channels_last else cg) <= K.MAX_CHUNK
+    big = plan.group_size >= 4 * plan.stats.tile * (1 if not channels_last else cg)
+    if big:  # enough work: the statistics pass runs on more programs than there are groups
+        assert shape[0] * groups * plan.stats.split >= min(4 * 132, shape[0] * groups * 4)
+
+
+def test_sd15_batch2_statistics_use_more_than_64_programs() -> None:
+    """Batch 2 x 32 groups is 64 groups; the split reduction must spread them over the 132 SMs."""
+    plan = K.plan_group_norm((2, 320, 64, 64), 32, channels_last=False, target_programs=4 * 132)
+    assert 2 * 32 * plan.stats.split >= 2 * 132  # whole tiles per chunk: about, not exactly, the target
+    plan = K.plan_group_norm((1, 128, 512, 512), 32, channels_last=True, target_programs=4 * 132)
+    assert 32 * plan.stats.split >= 2 * 132
+
+
+def test_plan_rejects_a_bad_block() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        K.plan_group_norm((2, 8, 4, 4), 4, channels_last=False, target_programs=4, max_block=24)
+
+
+def test_ulp_measure() -> None:
+    ref = torch.tensor([1.0, 1.0, -2.0, 0.0, 1e-3], dtype=torch.float64)
+    out = torch.tensor([1.0, 1.0 + 2**-10, -2.0, 0.0, 1e-3], dtype=torch.float16)
+    report = compare_ulps(out, ref, noise=0.0)
+    assert report.max_ulps == pytest.approx(1.0, rel=1e-3) and report.within_bound
+    assert K.output_ulp(torch.tensor([1.0, 3.0, 0.0]), torch.bfloat16).tolist() == [2**-7, 2**-6, 2**-133]
+
+
+# -- the kernels in the Triton interpreter (CPU) -------------------------------------------------------------
+def interpreter_checks() -> list[str]:
+    """Run in a subprocess with TRITON_INTERPRET=1 (see the module doc); returns what was checked."""
+    done: list[str] = []
+    cases = [
+        # shape, groups, dtype, channels_last, act, affine, max_block, target_programs
+        ((2, 12, 5, 7), 4, torch.float32, False, "silu", True, 16, 32),  # split chunks, several tiles each
+        ((2, 12, 5, 7), 4, torch.bfloat16, True, "none", True, 16, 32),
+        ((3, 12, 5, 7), 4, torch.float32, True, "silu", True, 2048, None),
+        ((1, 64, 4, 4), 32, torch.bfloat16, False, "silu", True, 2048, None),  # 4x4 maps, 2 channels / group
+        ((1, 64, 4, 4), 32, torch.bfloat16, True, "silu", True, 2048, None),
+        ((2, 8, 33), 2, torch.float32, False, "none", False, 16, 16),  # 3-D (AttentionBlock), no affine
+    ]
+    with torch.no_grad():
+        for shape, groups, dtype, channels_last, act, affine, max_block, target in cases:
+            x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
+            weight, bias = (w, b) if affine else (None, None)
+            out = K.group_norm_act_triton(
+                x, weight, bias, groups, 1e-5, act, max_block=max_block, target_programs=target
+            )
+            assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
+            what = f"group_norm_act{shape} G={groups} {dtype} cl={channels_last} {act} affine={affine}"
+            assert_close_to_truth(out, group_norm_truth(x, weight, bias, groups, 1e-5, act), what)
+            done.append(what)
+        x, w, b = make_inputs((2, 12, 6, 5), torch.float32)
+        strided = x.transpose(2, 3)  # neither contiguous nor channels_last: copied first
+        out = K.group_norm_act_triton(strided, w, b, 4, 1e-6, "silu")
+        assert_close_to_truth(out, group_norm_truth(strided, w, b, 4, 1e-6, "silu"), "strided input")
+        done.append("group_norm_act strided input")
+        for shape, dtype in (((5, 3, 2 * 37), torch.float32), ((4, 2 * 130), torch.bfloat16)):
+            h = (torch.randn(shape) * 2).to(dtype)
+            out = K.geglu_triton(h)
+            assert out.shape == (*shape[:-1], shape[-1] // 2)
+            assert_close_to_truth(out, geglu_truth(h), f"geglu {shape} {dtype}", max_frac=GEGLU_FRAC)
+            done.append(f"geglu{shape} {dtype}")
+        assert K.group_norm_act_triton(torch.empty(0, 8, 3, 3), None, None, 4, 1e-5).shape == (0, 8, 3, 3)
+        # the fusion pass's modules, forced onto the kernels
+        from ldm_sdk.accel.fusion import FusedGEGLU, FusedGroupNorm
+
+        norm = GroupNorm32(4, 12)
+        nn.init.normal_(norm.weight, 1, 0.2)
+        nn.init.normal_(norm.bias, 0, 0.2)
+        x = torch.randn(2, 12, 5, 7).to(torch.bfloat16)
+        fused = FusedGroupNorm.from_norm(norm.to(torch.bfloat16), act="silu", backend="triton")
+        assert_close_to_truth(
+            fused(x), group_norm_truth(x, norm.weight, norm.bias, 4, norm.eps, "silu"), "module"
+        )
+        done.append("FusedGroupNorm(backend='triton')")
+        plain = GEGLU(6, 10)
+        tokens = torch.randn(3, 4, 6)
+        out = FusedGEGLU.from_geglu(plain, backend="triton")(tokens)
+        assert_close_to_truth(out, geglu_truth(plain.proj(tokens)), "FusedGEGLU")
+        done.append("FusedGEGLU(backend='triton')")
+    return done
+
+
+@pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
+def test_triton_kernels_in_the_interpreter() -> None:
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpreter-checks"], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(done) == 11, done
+
+
+# -- GPU -----------------------------------------------------------------------------------------------------
+SD15_SHAPES = [(2, 320, 64, 64), (2, 640, 64, 64), (2, 640, 32, 32), (2, 960, 32, 32), (2, 1280, 16, 16),
+               (2, 1920, 16, 16), (2, 1280, 8, 8), (2, 2560, 8, 8)]  # fmt: skip
+VAE_SHAPES = [(1, 128, 512, 512), (1, 256, 256, 256), (1, 512, 128, 128), (1, 512, 64, 64)]
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _gpu_case(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, act: str, eps: float
+) -> list[str]:
+    x, w, b = make_inputs(shape, dtype, channels_last=channels_last, device="cuda", seed=shape[1])
+    out = K.group_norm_act_triton(x, w, b, 32, eps, act)  # type: ignore[arg-type]
+    torch.cuda.synchronize()
+    assert out.stride() == x.stride() and out.dtype == dtype
+    failures = []
+    for name, ref in (
+        ("float32 reference", K.group_norm_act_reference(x, w, b, 32, eps, act)),  # type: ignore[arg-type]
+        ("float64 truth", group_norm_truth(x, w, b, 32, eps, act)),
+    ):
+        report = compare_ulps(out, ref)
+        if not report.ok():
+            failures.append(f"{shape} {dtype} cl={channels_last} {act} vs {name}: {report}")
+    return failures
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_kernel_ulps_sd15_shapes(dtype: torch.dtype, channels_last: bool) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    failures = [
+        f
+        for s in SD15_SHAPES
+        for act in ("silu", "none")
+        for f in _gpu_case(s, dtype, channels_last, act, 1e-5)
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_kernel_ulps_vae_shapes(dtype: torch.dtype, channels_last: bool) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    failures = [
+        f
+        for s in VAE_SHAPES
+        for act in ("silu", "none")
+        for f in _gpu_case(s, dtype, channels_last, act, 1e-6)
+    ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_kernel_float32_and_odd_shapes(channels_last: bool) -> None:
+    for shape, groups in (
+        ((2, 320, 64, 64), 32),
+        ((3, 12, 5, 7), 4),
+        ((1, 64, 4, 4), 32),
+        ((5, 96, 33, 17), 32),
+    ):
+        x, w, b = make_inputs(shape, torch.float32, channels_last=channels_last, device="cuda")
+        for act in ("none", "silu"):
+            out = K.group_norm_act_triton(x, w, b, groups, 1e-5, act)
+            assert_close_to_truth(out, group_norm_truth(x, w, b, groups, 1e-5, act), f"fp32 {shape} {act}")
+        for dtype in HALF:
+            xh, wh, bh = x.to(dtype), w.to(dtype), b.to(dtype)
+            report = compare_ulps(
+                K.group_norm_act_triton(xh, wh, bh, groups, 1e-5, "silu"),
+                group_norm_truth(xh, wh, bh, groups, 1e-5, "silu"),
+            )
+            assert report.ok(), f"{shape} {dtype}: {report}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32], ids=str)
+def test_geglu_kernel(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((2, 4096, 2560), (2, 1024, 5120), (2, 256, 10240), (2, 64, 10240), (3, 7, 74)):
+        h = (torch.randn(shape, generator=g, device="cuda") * 2).to(dtype)
+        out = K.geglu_triton(h)
+        if dtype == torch.float32:
+            assert_close_to_truth(out, geglu_truth(h), f"geglu {shape}")
+            continue
+        for name, ref in (("float32 reference", K.geglu_reference(h)), ("float64 truth", geglu_truth(h))):
+            report = compare_ulps(out, ref)
+            assert report.ok(GEGLU_FRAC), f"geglu {shape} {dtype} vs {name}: {report}"
+
+
+@pytest.mark.gpu
+def test_kernels_replay_in_a_cuda_graph() -> None:
+    x, w, b = make_inputs((2, 640, 32, 32), torch.float16, device="cuda")
+    h = torch.randn(2, 1024, 5120, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = (K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu"), K.geglu_triton(h))  # compiles
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu")
+            K.geglu_triton(h)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = (K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu"), K.geglu_triton(h))
+        x.mul_(-1)
+        h.mul_(0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static[0], K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu"))
+        assert torch.equal(static[1], K.geglu_triton(h))
+        assert not torch.equal(static[0], eager[0])
+
+
+if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1 (before Triton is imported) to run the interpreter checks")
+    print(json.dumps(interpreter_checks()))
