@@ -72,16 +72,28 @@ class LitEma(nn.Module):
             self.m_name2s_name[name] = s_name
             self.register_buffer(s_name, p.detach().clone())
         self._stored: list[Tensor] = []
+        self._host: tuple[float, int] | None = None
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """One EMA update towards ``model``'s current parameters."""
-        decay = float(self.decay)
-        if int(self.num_updates) >= 0:
-            self.num_updates += 1
-            decay = decay_at(decay, int(self.num_updates))
+        """One EMA update towards ``model``'s current parameters.
+
+        No host synchronisation: ``decay`` and ``num_updates`` are mirrored on the host (read once after
+        construction or a load), and the update is three ``torch._foreach`` ops over all parameters
+        (``diff = shadow - param; diff *= 1 - d; shadow -= diff``: the loop's arithmetic, bit for bit) where
+        every tensor is a plain tensor; FSDP's DTensors take the per-parameter loop.
+        """
+        final_decay, updates = self._host_state()
+        decay = final_decay
+        if updates >= 0:
+            updates += 1
+            self.num_updates += 1  # on the buffer's device, no sync
+            decay = decay_at(final_decay, updates)
+        self._host = (final_decay, updates)
         one_minus_decay = 1.0 - decay
-        shadows = dict(self.named_buffers())
+        buffers = dict(self.named_buffers())
+        shadows: list[Tensor] = []
+        params: list[Tensor] = []
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 if name in self.m_name2s_name:
@@ -90,10 +102,28 @@ class LitEma(nn.Module):
             s_name = self.m_name2s_name.get(name)
             if s_name is None:
                 raise ValueError(f"parameter {name!r} has no EMA shadow; the EMA follows another model")
-            shadow = shadows[s_name]
+            shadow = buffers[s_name]
             if shadow.dtype != p.dtype:
                 raise ValueError(f"EMA shadow {s_name} is {shadow.dtype} but the parameter is {p.dtype}")
-            shadow.sub_(one_minus_decay * (shadow - p.detach()))
+            shadows.append(shadow)
+            params.append(p.detach())
+        if all(type(t) is Tensor or type(t) is nn.Parameter for t in (*shadows, *params)):
+            diffs = torch._foreach_sub(shadows, params)
+            torch._foreach_mul_(diffs, one_minus_decay)
+            torch._foreach_sub_(shadows, diffs)
+        else:
+            for shadow, p in zip(shadows, params, strict=True):
+                shadow.sub_(one_minus_decay * (shadow - p))
+
+    def _host_state(self) -> tuple[float, int]:
+        """``(decay, num_updates)`` as Python numbers: read from the buffers once, then kept in step."""
+        if self._host is None:
+            self._host = (float(self.decay), int(self.num_updates))
+        return self._host
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._host = None  # the buffers change: read them again at the next update
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -137,6 +167,7 @@ class LitEma(nn.Module):
                 f"EMA weights do not fit this model: missing {missing[:5]} ({len(missing)}), "
                 f"unexpected {unexpected[:5]} ({len(unexpected)})"
             )
+        self._host = None  # decay / num_updates change: read them again at the next update
         with torch.no_grad():
             for k, target in state.items():
                 value = given[k]

@@ -41,6 +41,31 @@ def test_ema_follows_the_litema_schedule_in_closed_form() -> None:
     assert (1 + 1) / (10 + 1) < 0.8 < (1 + 39) / (10 + 39)  # both regimes of the min() were exercised
 
 
+def test_ema_foreach_update_equals_the_compvis_per_parameter_loop_bit_for_bit() -> None:
+    """The batched update against LitEma's own loop (``s.sub_((1 - d) * (s - p))`` per parameter), with a
+    reload of the EMA state in between (the host mirror of ``num_updates`` must follow the loaded value)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    ema = LitEma(model, decay=0.999)
+    shadows = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(25):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        if step == 12:  # resume: a fresh EMA loaded from the state so far
+            state = ema.bundle_weights()
+            ema = LitEma(model, decay=0.5)
+            ema.load_bundle_weights(state)
+        ema(model)
+        n_updates = step + 1
+        d = 1.0 - min(0.999, (1 + n_updates) / (10 + n_updates))
+        for n, p in model.named_parameters():
+            shadows[n].sub_(d * (shadows[n] - p.detach()))
+    assert int(ema.num_updates) == 25
+    for n in shadows:
+        assert torch.equal(getattr(ema, n.replace(".", "")), shadows[n]), n
+
+
 def test_ema_without_update_counting_uses_the_decay_from_the_start() -> None:
     model = nn.Linear(2, 1, bias=False)
     ema = LitEma(model, decay=0.5, use_num_updates=False)
