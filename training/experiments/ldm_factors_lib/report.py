@@ -25,6 +25,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     env = results.get("environment", {})
     workers = results.get("workers", 1)
     steps = sorted({s for r in rows for s in r["fid"]})
+    reached = {r["factor"]: r["step"] for r in rows}
+    if len(set(reached.values())) == 1:
+        trained = f"{next(iter(reached.values()))} steps"
+    else:  # the step count was lowered between calls (--ldm-steps): say what each factor reached
+        trained = ", ".join(f"LDM-{f} {n}" for f, n in sorted(reached.items()))
+        trained = f"steps ({trained})"
     device = env.get("gpu", env.get("device", "?")) + (f" x{workers} workers" if workers > 1 else "")
     commit = str(env.get("git_commit", "?"))[:10]
     if fid.get("standin", True):
@@ -35,8 +41,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     else:
         weights = f"Inception weights: `{fid.get('weights')}`."
     lines = [
-        f"Preset `{p['name']}`: {p['image_size']} px scenes, {p['ldm_steps']} steps x batch "
-        f"{p['ldm_batch']} per factor, {p['precision']}; device {device}, torch {env.get('torch', '?')}, "
+        f"Preset `{p['name']}`: {p['image_size']} px scenes, {trained} x batch "
+        f"{p['ldm_batch']}, {p['precision']}; device {device}, torch {env.get('torch', '?')}, "
         f"commit {commit}, {env.get('date', '?')}.",
         "",
         f"FID: {fid.get('samples', p['fid_samples'])} DDIM-{p['ddim_steps']} samples (EMA weights, no "
