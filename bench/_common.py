@@ -89,6 +89,19 @@ def small(arch: Arch) -> Arch:
     )
 
 
+def ci(arch: Arch) -> Arch:
+    """CPU benchmark size that CI can afford, SD-1.5-shaped: ``small`` (UNet width 64, first stage width 32,
+    256 px -> 32x32 latents, the same 37.5 M UNet parameters, levels, attention resolutions, transformer
+    depth and 77 x 768 context) with **2 attention heads** instead of 8, so that the head dims are 32 / 64 /
+    128, near SD-1.5's 40 / 80 / 160. ``small`` keeps 8 heads, i.e. head dims 8 / 16 / 32: there torch's CPU
+    flash-attention kernel (the same in both engines, exp-bound at head dim 8) is about 60 % of the bf16 UNet
+    step on the development VM, against about a third at this size."""
+    return replace(small(arch), unet={**small(arch).unet, "num_heads": 2})
+
+
+SIZES: dict[str, Callable[[Arch], Arch]] = {"full": lambda a: a, "small": small, "ci": ci}
+
+
 @torch.no_grad()
 def randomize_(model: nn.Module, gen: torch.Generator) -> None:
     """Variance-preserving random values for every parameter, zero-initialised layers included (so the

@@ -3,6 +3,7 @@
     python bench/bench_sampling.py --device cuda --dtype fp16 --out results.json   # the real SD-1.5 size
     python bench/bench_sampling.py --device cpu --size small          # CPU smoke (1-2 min on 2 cores)
     python bench/bench_sampling.py --device cpu --size small --fast   # ours on the CPU fast path
+    python bench/bench_sampling.py --cpu-compare --size ci --out bench/results/cpu_DATE.json   # CPU mode
 
 Metrics per engine: one UNet call at batch 2 (a CFG-batched guidance step); end-to-end images (latent noise
 -> N DDIM steps with classifier-free guidance -> VAE decode) at each batch size; VAE decode alone; peak
@@ -11,8 +12,13 @@ a nominal peak; time to the first image of a freshly started process (cold: incl
 and, with --compile, compilation). Text/class encoding is EXCLUDED: the context is random.
 --fast puts OUR engine on its fast path (diffusers stays eager, as users run it): on CUDA the guidance-batched
 UNet call is replayed from a CUDA graph (ldm_sdk.accel.CapturedModel); on the CPU the UNet and VAE get bf16
-weights where the CPU computes bf16 natively, channels_last and one thread per usable core
-(ldm_sdk.accel.configure_cpu_inference).
+weights where the CPU computes bf16 natively, channels_last, one thread per usable core, the cross-attention
+K/V cache and prepacked weights (ldm_sdk.accel.configure_cpu_inference).
+--cpu-compare is the CPU mode: ours eager fp32, ours on the CPU fast path, diffusers fp32 (its default) and
+diffusers bf16 + channels_last (the same dtype / layout settings as ours, so the reader sees what the SDK adds
+beyond them), optionally ours under torch.compile (--with-compiled), all in one process, measured round-robin
+with the 1-minute load average recorded with every measurement; fresh processes give the time to the first
+image and the peak RSS. See cpu_compare().
 The "speedup" column is diffusers/ours for lower-is-better rows and ours/diffusers for higher-is-better
 rows, so > 1 always means ours is better.
 """
@@ -53,10 +59,18 @@ def log(msg: str) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=sorted(C.ARCHS), default="sd15")
-    p.add_argument("--size", choices=["full", "small"], default="full", help="small: width-shrunk CPU smoke")
+    p.add_argument(
+        "--size",
+        choices=sorted(C.SIZES),
+        default="full",
+        help="small: width-shrunk CPU smoke (8 heads: head dims 8/16/32); ci: the same with 2 heads "
+        "(head dims 32/64/128, nearer SD-1.5's 40/80/160), the CPU comparison size",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; 10 with --size small)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps (default 50; 10 with --size small / ci)"
+    )
     p.add_argument("--batch-sizes", default=None, help="end-to-end batch sizes (default 1,8; small 1,2)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--channels-last", action="store_true")
@@ -83,20 +97,41 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write everything as JSON here")
-    p.add_argument("--cold-child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cpu-compare",
+        action="store_true",
+        help="CPU: ours eager fp32, ours on the CPU fast path, diffusers fp32 and diffusers bf16 + "
+        "channels_last in one process, measured round-robin with the load average of every measurement",
+    )
+    p.add_argument(
+        "--with-compiled",
+        action="store_true",
+        help="with --cpu-compare: also ours bf16 + channels_last under torch.compile (inductor, freezing); "
+        "its compile time is reported (minutes on 2 cores)",
+    )
+    p.add_argument("--cold-child", help=argparse.SUPPRESS)
     p.add_argument("--cold-compiled", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.fast and a.compile:
         p.error("--fast and --compile are two different fast paths: pass one of them")
+    if a.cpu_compare and (a.fast or a.compile or a.device != "cpu" or a.dtype or a.channels_last):
+        p.error(
+            "--cpu-compare sets the engines itself: no --fast / --compile / --dtype / --channels-last; "
+            "cpu only"
+        )
+    if a.with_compiled and not a.cpu_compare:
+        p.error("--with-compiled belongs to --cpu-compare (elsewhere use --compile)")
     a.dtype_given = a.dtype is not None  # --fast on the CPU picks bf16 itself unless a dtype was asked for
     cuda = a.device.startswith("cuda")
     if a.threads:
         torch.set_num_threads(a.threads)
     a.dtype = a.dtype or ("fp16" if cuda else "fp32")
-    a.steps = a.steps or (10 if a.size == "small" else 50)
-    a.batch_sizes = [int(b) for b in (a.batch_sizes or ("1,2" if a.size == "small" else "1,8")).split(",")]
-    a.iters = a.iters or (20 if cuda else 3)
-    a.e2e_repeats = a.e2e_repeats or (3 if cuda else 1)
+    shrunk = a.size in ("small", "ci")
+    a.steps = a.steps or (10 if shrunk else 50)
+    default_batches = "1" if a.cpu_compare else ("1,2" if shrunk else "1,8")
+    a.batch_sizes = [int(b) for b in (a.batch_sizes or default_batches).split(",")]
+    a.iters = a.iters or (20 if cuda else 10 if a.cpu_compare else 3)
+    a.e2e_repeats = a.e2e_repeats or (3 if cuda else 5 if a.cpu_compare else 1)
     a.cold_repeats = a.cold_repeats or (2 if cuda else 1)
     if a.peak_tflops is None and cuda and a.dtype != "fp32":
         a.peak_tflops = H100_DENSE_TFLOPS
@@ -104,8 +139,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, which: tuple[str, ...]) -> tuple[C.Arch, dict[str, C.Engine], dict]:
-    arch = C.ARCHS[args.arch]
-    arch = C.small(arch) if args.size == "small" else arch
+    arch = C.SIZES[args.size](C.ARCHS[args.arch])
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     ours, built = C.build_ours(arch, device, dtype, args.seed)
     engines = {"ours": ours}
@@ -137,6 +171,9 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
 
     e.eager_call_unet = e.call_unet  # type: ignore[attr-defined]  # FLOPs: a graph replay dispatches no ops
     if torch.device(args.device).type == "cuda":
+        from ldm_sdk.accel.fusion import fuse_for_inference
+
+        fused = [r for r in (fuse_for_inference(e.unet), fuse_for_inference(e.vae)) if r is not None]
         captured = CapturedModel(
             bind_unet(lambda x, t, **kw: e.fwd(x, t, **kw), "crossattn"), modules=[e.unet]
         )
@@ -152,7 +189,17 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
         e.call_unet = lambda x, t, c: captured(x, t, Conditioning(crossattn=c))
         e.sample = sample
         e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
+        if fused:  # half precision: the runtime's load-time fusion (UNet and VAE)
+            e.loop += "; fused Triton GroupNorm+SiLU / GEGLU kernels (ldm_sdk.accel.fusion)"
         return
+    # FLOPs counted before: FlopCounterMode does not see the prepacked oneDNN ops, nor the K/V projections
+    # the cache skips; the FLOP row keeps the eager definition of a step (the same work as diffusers')
+    x2, dtype = inputs(arch, args, 2), DTYPES[args.dtype]
+    ctx2 = torch.cat([x2["uncond"], x2["cond"][:1]]).to(dtype)
+    t2 = torch.tensor([999.0, 500.0], device=args.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        e.call_unet(x2["noise"].to(dtype), t2, ctx2)
+    e.eager_flops = fc.get_total_flops()  # type: ignore[attr-defined]
     done = configure_cpu_inference(
         e.unet,
         e.vae,
@@ -208,11 +255,15 @@ def cold_child(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def run_cold(argv: list[str], engine: str, compiled: bool) -> dict[str, Any]:
+def run_cold(argv: list[str], engine: str, compiled: bool, cache_dir: str | None = None) -> dict[str, Any]:
+    """``engine``'s first image in a fresh process; ``cache_dir``: its inductor cache (default: a new, empty
+    one, so compilation starts cold). The Triton kernel cache (the fused kernels of the fast path) is
+    always a new, empty folder: their JIT compilation counts toward the first image."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--cold-child", engine]
     cmd += ["--cold-compiled"] if compiled else []
     env = dict(os.environ)
-    env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_inductor_")  # cold: no warm cache
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="bench_inductor_")
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_triton_")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     log(f"fresh process {engine}{' compiled' if compiled else ''}: {proc.stdout.strip()[-120:]}")
     for line in proc.stdout.splitlines():
@@ -299,9 +350,350 @@ def table(results: dict[str, Any], args: argparse.Namespace, px: int) -> list[li
     return rows
 
 
+# -- CPU comparison: four engines in one process, round-robin ------------------------------------------------
+CPU_ENGINES = ("ours_fp32", "ours_fast", "diffusers_fp32", "diffusers_bf16_cl")
+CPU_LABELS = {
+    "ours_fp32": "ours eager fp32",
+    "ours_fast": "ours CPU fast path",
+    "diffusers_fp32": "diffusers fp32 (default)",
+    "diffusers_bf16_cl": "diffusers bf16 + channels_last",
+    "ours_compiled": "ours bf16 + channels_last, torch.compile (freezing)",
+}
+
+
+def build_cpu_engines(
+    args: argparse.Namespace, names: tuple[str, ...]
+) -> tuple[C.Arch, dict[str, C.Engine], dict]:
+    """The engines of ``--cpu-compare``, each built from the same seed (identical random weights):
+
+    * ``ours_fp32``: our UNet + first stage, eager fp32, the SDK's DDIM + CFG loop;
+    * ``ours_fast``: the same after ``ldm_sdk.accel.configure_cpu_inference`` (bf16 where native,
+      channels_last, threads, cross-attention K/V cache, prepacked weights);
+    * ``diffusers_fp32``: diffusers' UNet2DConditionModel + AutoencoderKL in fp32, a StableDiffusionPipeline
+      loop, as users run it by default;
+    * ``diffusers_bf16_cl``: the same in bf16 with channels_last weights (a pipeline loaded with
+      ``torch_dtype=torch.bfloat16`` and ``.to(memory_format=torch.channels_last)``);
+    * ``ours_compiled`` (``--with-compiled``): ours in bf16 + channels_last, UNet and first-stage decoder
+      under ``torch.compile`` with ``torch._inductor.config.freezing = True``.
+    """
+    from ldm_sdk.accel import configure_cpu_inference
+
+    arch = C.SIZES[args.size](C.ARCHS[args.arch])
+    cpu = torch.device("cpu")
+    engines: dict[str, C.Engine] = {}
+    built: dict = {}
+    for name in names:
+        ours, b = C.build_ours(arch, cpu, torch.float32, args.seed)
+        built = built or b
+        if name == "ours_fp32":
+            engines[name] = ours
+        elif name == "ours_fast":
+            done = configure_cpu_inference(ours.unet, ours.vae, threads=0 if args.threads else None)
+            ours.dtype = done.dtype
+            ours.decode = _decoder(ours.vae, arch.scale_factor, done.dtype)
+            ours.loop += f"; CPU fast path: {done.describe()}"
+            engines[name] = ours
+        elif name == "ours_compiled":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            ours.unet.to(torch.bfloat16, memory_format=torch.channels_last)
+            ours.vae.to(torch.bfloat16, memory_format=torch.channels_last)
+            ours.dtype = torch.bfloat16
+            ours.fwd = torch.compile(ours.unet, dynamic=False)
+            ours.vae.decoder = torch.compile(ours.vae.decoder, dynamic=False)  # type: ignore[assignment]
+            ours.decode = _decoder(ours.vae, arch.scale_factor, torch.bfloat16)
+            ours.loop += "; bf16 + channels_last, UNet and decoder under torch.compile (inductor, freezing)"
+            engines[name] = ours
+        else:
+            dtype = torch.bfloat16 if name == "diffusers_bf16_cl" else torch.float32
+            d = C.build_diffusers(arch, cpu, dtype, b)
+            if name == "diffusers_bf16_cl":
+                d.unet.to(memory_format=torch.channels_last)
+                d.vae.to(memory_format=torch.channels_last)
+                d.loop += "; bf16, channels_last weights"
+            engines[name] = d
+        b.pop("ckpt", None), b.pop("orig", None)
+        gc.collect()
+    return arch, engines, built
+
+
+def _decoder(vae: torch.nn.Module, scale_factor: float, dtype: torch.dtype) -> Any:
+    return lambda z: vae.decode((z / scale_factor).to(dtype))  # type: ignore[operator]
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _rss_mib(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_inputs(arch: C.Arch, args: argparse.Namespace, batch: int, e: C.Engine) -> dict[str, torch.Tensor]:
+    """``inputs()`` with the contexts in the engine's dtype (a text encoder run in that dtype)."""
+    x = inputs(arch, args, batch)
+    return {"noise": x["noise"], "cond": x["cond"].to(e.dtype), "uncond": x["uncond"].to(e.dtype)}
+
+
+def cpu_cold_child(args: argparse.Namespace) -> dict[str, Any]:
+    """A fresh process: build one engine, then time its first batch-1 image and its peak RSS."""
+    arch, engines, _ = build_cpu_engines(args, (args.cold_child,))
+    e = engines[args.cold_child]
+    x = _cpu_inputs(arch, args, 1, e)
+    gc.collect()
+    rss_before = _rss_mib("VmRSS")
+    reset = _reset_peak_rss()
+    with torch.inference_mode():
+        secs, img = C.wall(lambda: image(e, x, args.steps, args.guidance), torch.device("cpu"))
+    res = {
+        "ttfi_s": secs,
+        "finite": bool(torch.isfinite(img[1]).all()),
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _rss_mib("VmHWM") if reset else None,
+        "param_mib": e.param_bytes() / 2**20,
+        "load_1min": _load(),
+    }
+    print("COLD_JSON " + json.dumps(res), flush=True)
+    return res
+
+
+def cpu_compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Every metric for every engine, round-robin (A B C D A B C D ...) so that load from other processes
+    spreads over all engines; the 1-minute load average is recorded with every measurement."""
+    if args.cold_child:
+        return cpu_cold_child(args)
+    names = CPU_ENGINES + (("ours_compiled",) if args.with_compiled else ())
+    cpu = torch.device("cpu")
+    cold: dict[str, Any] = {}
+    if not args.no_cold:
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        compile_cache = tempfile.mkdtemp(prefix="bench_inductor_")  # shared by the compiled engine's runs
+        for _ in range(args.cold_repeats):
+            for n in names:
+                runs[n].append(run_cold(argv, n, False, compile_cache if n == "ours_compiled" else None))
+        if "ours_compiled" in names:  # a second fresh process on the now warm inductor cache
+            warm = run_cold(argv, "ours_compiled", False, compile_cache)
+            cold["ours_compiled_warm_cache"] = {
+                "runs": [warm],
+                **({"ttfi_s": warm["ttfi_s"]} if "ttfi_s" in warm else {}),
+            }
+        for n, rs in runs.items():
+            ok = [r for r in rs if "ttfi_s" in r]
+            if n == "ours_compiled":  # only the first run compiled from an empty cache
+                ok = ok[:1]
+            cold[n] = {"runs": rs}
+            if ok:
+                cold[n]["ttfi_s"] = min(r["ttfi_s"] for r in ok)
+                peaks = [r for r in ok if r.get("peak_rss_mib") is not None and r.get("rss_before_mib")]
+                if peaks:
+                    cold[n]["peak_rss_mib"] = min(r["peak_rss_mib"] for r in peaks)
+                    cold[n]["peak_rss_over_start_mib"] = min(
+                        r["peak_rss_mib"] - r["rss_before_mib"] for r in peaks
+                    )
+            else:
+                cold[n]["error"] = rs[-1].get("error")
+    if "ours_compiled" in names:  # the main process compiles from an empty cache too (unless one is set)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_inductor_"))
+    arch, engines, built = build_cpu_engines(args, names)
+    log(f"engines built: {', '.join(engines)}; {torch.get_num_threads()} torch thread(s)")
+    res: dict[str, dict[str, Any]] = {n: {} for n in engines}
+
+    def rounds(metric: str, calls: dict[str, Any], n_rounds: int, warmup: int) -> None:
+        with torch.inference_mode():
+            for n, fn in calls.items():
+                if metric == "unet_ms" and n == "ours_compiled":  # first call = compile
+                    res[n]["compile_unet_s"], _ = C.wall(fn, cpu)
+                for _ in range(warmup):
+                    fn()
+            samples: dict[str, list[list[float]]] = {n: [] for n in calls}
+            for _ in range(n_rounds):
+                for n, fn in calls.items():
+                    load = _load()
+                    secs, _ = C.wall(fn, cpu)
+                    samples[n].append([secs, load])
+        for n, ss in samples.items():
+            res[n][metric + "_runs"] = [{"s": s, "load_1min": ld} for s, ld in ss]
+            med = C.median([s for s, _ in ss])
+            res[n][metric] = 1e3 * med if metric.endswith("_ms") else med
+
+    x2 = {n: _cpu_inputs(arch, args, 2, e) for n, e in engines.items()}
+    calls = {}
+    for n, e in engines.items():
+        ctx2 = torch.cat([x2[n]["uncond"], x2[n]["cond"][:1]])
+        xt = (x2[n]["noise"].to(e.x_dtype), e.t_like(2, 501.0, cpu))
+        calls[n] = lambda e=e, xt=xt, ctx2=ctx2: e.call_unet(*xt, ctx2)
+    log("UNet step, batch 2")
+    rounds("unet_ms", calls, args.iters, 3)
+    z = inputs(arch, args, 1)["noise"]
+    if "ours_compiled" in engines:
+        res["ours_compiled"]["compile_decoder_s"], _ = C.wall(lambda: engines["ours_compiled"].decode(z), cpu)
+    log("VAE decode")
+    rounds("vae_ms", {n: (lambda e=e: e.decode(z)) for n, e in engines.items()}, max(3, args.iters // 2), 2)
+    images: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for b in args.batch_sizes:
+        xb = {n: _cpu_inputs(arch, args, b, e) for n, e in engines.items()}
+        log(f"end to end, batch {b}")
+        with torch.inference_mode():
+            for n, e in engines.items():
+                image(e, xb[n], 2, args.guidance)  # warm-up at this batch size
+        calls = {
+            n: (
+                lambda e=e, x=xb[n], n=n, b=b: images.__setitem__(
+                    (n, b), image(e, x, args.steps, args.guidance)
+                )
+            )
+            for n, e in engines.items()
+        }
+        rounds(f"e2e_b{b}_s", calls, args.e2e_repeats, 0)
+        for n in engines:
+            res[n][f"e2e_b{b}_s_per_image"] = res[n][f"e2e_b{b}_s"] / b
+    b0 = args.batch_sizes[0]
+    parity: dict[str, Any] = {}
+    for ref in ("ours_fp32", "diffusers_fp32"):
+        if (ref, b0) not in images:
+            continue
+        lat_r, img_r = images[ref, b0]
+        parity["vs_" + ref] = {
+            n: {"latents": C.rel_err(images[n, b0][0], lat_r), "image": C.rel_err(images[n, b0][1], img_r)}
+            for n in engines
+        }
+    finite = {n: bool(torch.isfinite(images[n, b0][1]).all()) for n in engines}
+    for n, c in cold.items():
+        for k in ("ttfi_s", "peak_rss_mib", "peak_rss_over_start_mib"):
+            if k in c and n in res:
+                res[n][k] = c[k]
+    if "ttfi_s" in cold.get("ours_compiled_warm_cache", {}):
+        res["ours_compiled"]["ttfi_warm_cache_s"] = cold["ours_compiled_warm_cache"]["ttfi_s"]
+    speedups = {
+        f"{n}_vs_{other}": {
+            k: res[other][k] / res[n][k] for k in ("unet_ms", "vae_ms", f"e2e_b{b0}_s_per_image")
+        }
+        for n in engines
+        for other in ("diffusers_fp32", "diffusers_bf16_cl")
+        if n != other and other in res
+    }
+    n_params = built.get("unet_params")
+    results: dict[str, Any] = {
+        "mode": "cpu-compare",
+        "args": vars(args),
+        "config": {
+            "arch": args.arch,
+            "size": args.size,
+            "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.unet.items()},
+            "unet_params": n_params,
+            "first_stage": arch.first_stage,
+            "first_stage_ch": arch.vae_ch,
+            "image_px": arch.image_px,
+            "context": [arch.tokens, arch.unet["context_dim"]],
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "sampler": "DDIM eta 0, timesteps i * (1000 // steps) + 1",
+        },
+        "engines": res,
+        "loops": {n: e.loop for n, e in engines.items()},
+        "speedups": speedups,
+        "parity_rel_err_b1": parity,
+        "finite": finite,
+        "cold": cold,
+        "env": {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "device_name": C.cpu_name(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "diffusers": C.version("diffusers"),
+            "cpu_threads": torch.get_num_threads(),
+            "usable_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "git": C.git_head(),
+        },
+    }
+    show_cpu_compare(results, b0)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {args.out}")
+    return results
+
+
+def show_cpu_compare(results: dict[str, Any], b0: int) -> None:
+    eng = results["engines"]
+    names = list(eng)
+    rows_spec = [
+        ("unet_ms", "UNet step, batch 2 (CFG) [ms]"),
+        ("vae_ms", "VAE decode b1 [ms]"),
+        (f"e2e_b{b0}_s_per_image", f"e2e batch {b0} [s/image]"),
+        ("ttfi_s", "time to first image, fresh process [s]"),
+        ("ttfi_warm_cache_s", "  same, second process, warm inductor cache [s]"),
+        ("peak_rss_mib", "peak RSS during that image, fresh process [MiB]"),
+        ("peak_rss_over_start_mib", "  of which above the RSS before the image [MiB]"),
+        ("compile_unet_s", "compile + first UNet call (batch 2), main process [s]"),
+        ("compile_decoder_s", "compile + first decode, main process [s]"),
+    ]
+    head = ["metric", *(CPU_LABELS.get(n, n) for n in names)]
+    rows = []
+    for key, label in rows_spec:
+        vals = [eng[n].get(key) for n in names]
+        if all(v is None for v in vals):
+            continue
+        rows.append([label, *("-" if v is None else f"{v:.4g}" for v in vals)])
+    for other in ("diffusers_fp32", "diffusers_bf16_cl"):
+        for key, label in rows_spec[:3]:
+            vals = [results["speedups"].get(f"{n}_vs_{other}", {}).get(key) for n in names]
+            rows.append(
+                [
+                    f"speedup vs {CPU_LABELS[other]}: {label.split(' [')[0]}",
+                    *("-" if v is None else f"{v:.2f}x" for v in vals),
+                ]
+            )
+    for ref, per in results["parity_rel_err_b1"].items():
+        rows.append([f"final latents, rel. err {ref}", *(f"{per[n]['latents']:.1e}" for n in names)])
+        rows.append([f"final image, rel. err {ref}", *(f"{per[n]['image']:.1e}" for n in names)])
+    loads = [r["load_1min"] for n in names for k, v in eng[n].items() if k.endswith("_runs") for r in v]
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print(" | ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    cfg = results["config"]
+    print(
+        f"- config: {cfg['arch']} size {cfg['size']}: UNet {cfg['unet']} ({cfg['unet_params']:,} params), "
+        f"first stage {cfg['first_stage']} ch {cfg['first_stage_ch']}, {cfg['image_px']} px, context "
+        f"{cfg['context']}, {cfg['steps']} DDIM steps, guidance {cfg['guidance']}"
+    )
+    for n, loop in results["loops"].items():
+        print(f"- {n}: {loop}")
+    if loads:
+        print(f"- 1-minute load average during the measurements: {min(loads):.2f} to {max(loads):.2f}")
+    bad = [n for n, ok in results["finite"].items() if not ok]
+    for n in bad:
+        print(f"- WARNING: non-finite image: {n}")
+    print(
+        f"- {results['env']['device_name']}, {results['env']['cpu_threads']} torch thread(s), torch "
+        f"{results['env']['torch']}, diffusers {results['env']['diffusers']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.cpu_compare:
+        return cpu_compare(args, argv)
     if args.cold_child:
         return cold_child(args)
     device = torch.device(args.device)
@@ -340,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n, e in engines.items():
             with FlopCounterMode(display=False) as fc:
                 getattr(e, "eager_call_unet", e.call_unet)(x2["noise"], t2, ctx2)
-            flops[n] = fc.get_total_flops()
+            flops[n] = getattr(e, "eager_flops", None) or fc.get_total_flops()
         results["unet_gflops_per_step"] = {n: f / 1e9 for n, f in flops.items()}
         results["finite"] = {n: bool(torch.isfinite(o).all()) for n, o in outs.items()}
         if "diffusers" in outs:
