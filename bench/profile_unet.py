@@ -16,8 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-import _common as C
-
+from ldm_sdk.benchmarks import common as C
 from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.unet import UNetModel
 

@@ -12,7 +12,8 @@
    (``ModelDenoiser(ClassifierFreeGuidance(...))``), then the kl-f8 VAE decode; eager vs captured, and the
    relative error of the captured latents / image against the eager ones.
 
-Random weights (bench/_common.randomize_), as in bench/bench_sampling.py. Exit status 1 if a test fails or
+Random weights (ldm_sdk.benchmarks.common.randomize_), as in the sampling benchmark. Exit status 1 if a
+test fails or
 the captured image differs from the eager one by more than 1e-2 (relative).
 """
 
@@ -110,14 +111,13 @@ def run_checks_directly(dry_run: bool = False) -> dict[str, Any]:
 
 # -- 2./3. SD-1.5 timings -----------------------------------------------------------------------------
 def median_ms(fn: Any, device: torch.device, iters: int, warmup: int = 3) -> float:
-    import _common as C
+    from ldm_sdk.benchmarks import common as C
 
     return 1e3 * C.median(C.time_calls(fn, device, warmup, iters))
 
 
 def build_sd15(arch: Any, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[Any, Any]:
-    import _common as C
-
+    from ldm_sdk.benchmarks import common as C
     from ldm_sdk.models.configs import UNetConfig
     from ldm_sdk.models.first_stage import AutoencoderKL
     from ldm_sdk.models.unet import UNetModel
@@ -139,9 +139,8 @@ def build_sd15(arch: Any, device: torch.device, dtype: torch.dtype, seed: int) -
 
 
 def timings(args: argparse.Namespace) -> dict[str, Any]:
-    import _common as C
-
     from ldm_sdk.accel import CapturedModel
+    from ldm_sdk.benchmarks import common as C
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
     from ldm_sdk.diffusion.denoiser import ModelDenoiser
     from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("validate_fast_path.py needs a CUDA device (or --cpu-dry-run)", file=sys.stderr)
         return 2
-    import _common as C
+    from ldm_sdk.benchmarks import common as C
 
     env = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -19,7 +19,8 @@ to three minutes on an H100; no diffusers needed).
    error a one-fp16-rounding perturbation of the starting noise causes (the sampler's own sensitivity).
 5. VAE decode 512x512 fp16: eager vs fused, NCHW and channels_last; error against float32.
 
-Random weights (bench/_common.randomize_). Exit status 1 (and "FAILED: ..." lines) when a test fails, a
+Random weights (ldm_sdk.benchmarks.common.randomize_). Exit status 1 (and "FAILED: ..." lines) when a test
+fails, a
 fused kernel is outside its ulp bound, a fused network is less accurate than the unfused one against
 float32 (20% margin), a result is not finite, or the fused image differs from the unfused one by more than
 max(5e-2, 3 x the noise sensitivity). ``--cpu-dry-run`` exercises this script on the CPU (small sizes,
@@ -121,7 +122,7 @@ def sync(device: torch.device) -> None:
 def gpu_ms(fn: Callable[[], object], run: Run, reps: int = 10) -> float:
     """Median time of one ``fn()``: on CUDA, replays of a CUDA graph of ``reps`` calls (no launch cost);
     on the CPU, wall time of eager calls."""
-    import _common as C
+    from ldm_sdk.benchmarks import common as C
 
     if run.device.type != "cuda":
         return 1e3 * C.median(C.time_calls(fn, run.device, 1, max(2, run.iters // 10)))
@@ -142,7 +143,7 @@ def gpu_ms(fn: Callable[[], object], run: Run, reps: int = 10) -> float:
 
 
 def median_ms(fn: Callable[[], object], run: Run) -> float:
-    import _common as C
+    from ldm_sdk.benchmarks import common as C
 
     return 1e3 * C.median(C.time_calls(fn, run.device, 3, run.iters))
 
@@ -266,10 +267,10 @@ def kernel_timings(run: Run) -> list[dict[str, Any]]:
 
 # -- 3.-5. networks ------------------------------------------------------------------------------------------
 def networks(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    import _common as C
     import validate_fast_path as VFP
 
     from ldm_sdk.accel import CapturedModel, fuse_model, unfuse_model
+    from ldm_sdk.benchmarks import common as C
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
     from ldm_sdk.diffusion.denoiser import ModelDenoiser
     from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
@@ -464,9 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("validate_kernels.py needs a CUDA device (or --cpu-dry-run)", file=sys.stderr)
         return 2
-    import _common as C
-
     from ldm_sdk.accel import triton_kernels as K
+    from ldm_sdk.benchmarks import common as C
 
     if args.cpu_dry_run:
         run = Run(torch.device("cpu"), torch.bfloat16, True, min(args.iters, 3))

@@ -17,6 +17,7 @@ from types import ModuleType
 
 # subcommand -> module defining HELP, add_arguments(parser), run(args) -> int
 COMMANDS: dict[str, str] = {
+    "bench": "ldm_sdk.commands.bench",
     "eval": "ldm_sdk.commands.eval",
     "inspect": "ldm_sdk.commands.inspect",
     "plugins": "ldm_sdk.commands.plugins",

@@ -17,10 +17,8 @@ precision, not in float32) capture and match; the kl-f8 VAE decode fused in fp16
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 import torch
@@ -29,6 +27,8 @@ from torch import Tensor, nn
 from ldm_sdk.accel import fuse_model, unfuse_model
 from ldm_sdk.accel.fusion import AbsorbedSiLU, FusedGEGLU, FusedGroupNorm, FusionReport
 from ldm_sdk.accel.graphs import CapturedModel, accelerate_denoiser
+from ldm_sdk.benchmarks.common import SD15_UNET
+from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
 from ldm_sdk.models.attention import GEGLU
@@ -272,35 +272,9 @@ def test_fused_modules_keep_affine_free_norms_and_training_flags() -> None:
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
-SD15_UNET: dict[str, Any] = {  # v1-inference.yaml unet_config.params, as bench/_common.py
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "attention_resolutions": (4, 2, 1),
-    "num_res_blocks": 2,
-    "channel_mult": (1, 2, 4, 4),
-    "num_heads": 8,
-    "use_spatial_transformer": True,
-    "transformer_depth": 1,
-    "context_dim": 768,
-    "legacy": False,
-}
-
-
-@torch.no_grad()
 def randomize_(model: nn.Module, seed: int) -> None:
-    """Variance-preserving random values (zero-initialised layers included), as bench/_common.randomize_."""
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            noise = torch.randn(p.shape, generator=gen, device=p.device)
-            if isinstance(module, nn.GroupNorm | nn.LayerNorm):
-                p.copy_((1.0 if name == "weight" else 0.0) + 0.2 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.2 * noise)
+    """The benchmarks' variance-preserving random weights, seeded on the model's device."""
+    bench_randomize_(model, torch.Generator(next(model.parameters()).device).manual_seed(seed))
 
 
 @contextmanager

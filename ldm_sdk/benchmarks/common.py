@@ -1,4 +1,5 @@
-"""Helpers of ``bench/bench_sampling.py``: architectures, identical random weights in both engines, timing.
+"""Helpers of the sampling benchmark (:mod:`ldm_sdk.benchmarks.sampling`): architectures, identical random
+weights in both engines, timing.
 
 "ours" is ldm_sdk (``UNetModel`` + first stage + a DDIM loop); "diffusers" is ``UNet2DConditionModel`` +
 ``DDIMScheduler`` + ``AutoencoderKL`` / ``VQModel`` holding the *same* weights, converted from our state dict
@@ -360,7 +361,7 @@ def version(pkg: str) -> str | None:
 
 def git_head() -> str | None:
     try:
-        cwd = Path(__file__).resolve().parents[1]
+        cwd = Path(__file__).resolve().parents[2]  # the checkout, when run from one
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True)
         return out.stdout.strip() if len(out.stdout.strip()) == 40 else None
     except Exception:
