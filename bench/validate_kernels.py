@@ -30,7 +30,6 @@ reference ops, emulated capture; numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as dt
 import importlib.util
@@ -40,7 +39,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,16 +145,6 @@ def median_ms(fn: Callable[[], object], run: Run) -> float:
     from ldm_sdk.benchmarks import common as C
 
     return 1e3 * C.median(C.time_calls(fn, run.device, 3, run.iters))
-
-
-@contextlib.contextmanager
-def true_float32() -> Iterator[None]:
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -297,7 +286,7 @@ def networks(run: Run, args: argparse.Namespace) -> dict[str, Any]:
 
     with torch.inference_mode():
         # -- reference: the same weights in float32, TF32 off ----------------------------------------------
-        with true_float32():
+        with C.true_float32():
             ref_unet = copy.deepcopy(unet).float()
             ref_step = ref_unet(x, t, context=ctx.float())
             del ref_unet

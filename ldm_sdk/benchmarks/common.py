@@ -13,7 +13,8 @@ import math
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,18 @@ SIZES: dict[str, Callable[[Arch], Arch]] = {"full": lambda a: a, "small": small,
 
 
 @torch.no_grad()
+@contextmanager
+def true_float32() -> Iterator[None]:
+    """cuDNN convolutions and matmuls without TF32 (on by default for cuDNN), so float32 is the reference it
+    claims to be."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 def randomize_(model: nn.Module, gen: torch.Generator) -> None:
     """Variance-preserving random values for every parameter, zero-initialised layers included (so the
     outputs are not trivially zero): weights N(0, 1/fan_in), biases 0.2 N(0,1), norms 1 + 0.2 N(0,1)."""

@@ -17,8 +17,6 @@ precision, not in float32) capture and match; the kl-f8 VAE decode fused in fp16
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ from torch import Tensor, nn
 from ldm_sdk.accel import fuse_model, unfuse_model
 from ldm_sdk.accel.fusion import AbsorbedSiLU, FusedGEGLU, FusedGroupNorm, FusionReport
 from ldm_sdk.accel.graphs import CapturedModel, accelerate_denoiser
-from ldm_sdk.benchmarks.common import SD15_UNET
+from ldm_sdk.benchmarks.common import SD15_UNET, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
@@ -275,17 +273,6 @@ def test_fused_modules_keep_affine_free_norms_and_training_flags() -> None:
 def randomize_(model: nn.Module, seed: int) -> None:
     """The benchmarks' variance-preserving random weights, seeded on the model's device."""
     bench_randomize_(model, torch.Generator(next(model.parameters()).device).manual_seed(seed))
-
-
-@contextmanager
-def true_float32() -> Iterator[None]:
-    """cuDNN convolutions without TF32 (on by default), so float32 is the reference it claims to be."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 @pytest.mark.gpu
