@@ -213,14 +213,17 @@ def kernel_timings(run: Run) -> list[dict[str, Any]]:
     }
     log(f"kernels ({dt_}): eager vs fused, GPU time per call from CUDA-graph replays, median")
     for shape in shapes["unet"]:  # ResBlock in/out layers: GroupNorm32 (float32 round trip) + nn.SiLU
-        x, w, b = gn_inputs(shape, False)
-        ref = K.group_norm_act_reference(x, w, b, 32, 1e-5, "silu")
-        record(
-            "GroupNorm32+SiLU", shape, "nchw",
-            lambda x=x, w=w, b=b: F.silu(F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5).to(x.dtype)),
-            lambda x=x, w=w, b=b: K.group_norm_act(x, w, b, 32, 1e-5, "silu"),
-            ref, 1e-4, 3 * x.numel() * size,
-        )  # fmt: skip
+        for cl in (False, True):
+            x, w, b = gn_inputs(shape, cl)
+            ref = K.group_norm_act_reference(x, w, b, 32, 1e-5, "silu")
+            record(
+                "GroupNorm32+SiLU", shape, "channels_last" if cl else "nchw",
+                lambda x=x, w=w, b=b: F.silu(
+                    F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5).to(x.dtype)
+                ),
+                lambda x=x, w=w, b=b: K.group_norm_act(x, w, b, 32, 1e-5, "silu"),
+                ref, 1e-4, 3 * x.numel() * size,
+            )  # fmt: skip
     for shape in shapes["transformer"]:  # SpatialTransformer.norm: native half-precision nn.GroupNorm
         x, w, b = gn_inputs(shape, False)
         ref = K.group_norm_act_reference(x, w, b, 32, 1e-6, "none")

@@ -28,7 +28,9 @@ Numerics
   the SiLU; the fused one rounds once, so it is at least as accurate).
 * Statistics: each program keeps a per-lane Welford state (count, mean, M2) over its chunk of a group,
   combines its lanes with the parallel (Chan et al.) formula ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``,
-  and the apply pass merges the chunks of a group the same way. No sum / sum-of-squares in low precision.
+  and the apply pass merges the chunks of a group the same way (channels_last: lanes, then columns, then
+  the group's columns in a tile, then the tiles and chunks, all by the same formula). No sum /
+  sum-of-squares in low precision.
   Variance is the biased one (divide by the group size), as ``torch.nn.functional.group_norm``.
 * Normalisation is ``(x - mean) * (rstd * w) + b`` (no ``x * scale + shift`` cancellation); SiLU is
   ``y / (1 + exp(-y))``; GELU is ``0.5 g (1 + erf(g / sqrt 2))``. The float32 results differ from torch's
@@ -46,13 +48,21 @@ tensors above 2**31 elements are fine. A group may hold up to 2**34 elements.
 Kernel configurations (fixed, no autotuning, so the first call compiles each variant once; size arguments
 that only index -- group counts, splits -- are not specialised by Triton, to keep the variants few):
 
-* statistics: a grid of ``(N * groups, split)``; each program walks a chunk of its group in tiles of
-  ``BLOCK`` (contiguous layout, <= 2048 elements) or ``BLOCK_S x BLOCK_C`` (channels_last: rows of the
-  group's ``C / groups`` channels, <= 2048 elements). ``split`` is chosen so that about
-  ``4 x (number of SMs)`` programs run -- batch 2 x 32 groups is only 64 groups, too few for 132 SMs --
-  without making chunks shorter than one tile.
-* apply: contiguous layout: a grid of ``(N * C, split)`` over the channels' spatial runs (one weight and
-  bias per program, no per-element channel division); channels_last: the statistics grid and tiling.
+* statistics, contiguous layout: a grid of ``(N * groups, split)``; each program walks a chunk of its group
+  in tiles of ``BLOCK`` (<= 2048 elements). ``split`` is chosen so that about ``4 x (number of SMs)``
+  programs run -- batch 2 x 32 groups is only 64 groups, too few for 132 SMs -- without making chunks
+  shorter than one tile.
+* apply, contiguous layout: a grid of ``(N * C, split)`` over the channels' spatial runs (one weight and
+  bias per program, no per-element channel division).
+* channels_last (both passes): a grid of ``(N * ceil(C / BLOCK_C), split)``; each program walks a chunk of
+  pixel rows of one column tile in ``BLOCK_S x BLOCK_C`` tiles (<= 2048 elements), ``BLOCK_C`` contiguous
+  channels per pixel (128-bit loads and stores). ``BLOCK_C`` is a power of two >= ``C / groups`` and >= 32
+  (64 bytes of fp16 per row), so a tile touches few groups and a group spans one tile (``C / groups``
+  divides ``BLOCK_C``) or at most two. The statistics program reduces per column, then per group of the
+  tile (Chan), and writes one partial (mean, M2, count) per (group, part, chunk), part = which of the
+  group's (at most two) tiles; the apply program merges the partials of the groups its tile touches and
+  normalises with per-column scale / shift. Narrow column tiles keep that merge small (it grows with the
+  groups per tile times ``split``).
 * GEGLU: ``(rows / BLOCK_R, inner / BLOCK_C)`` tiles of about 2048 outputs, ``BLOCK_C`` picked among
   128..1024 to waste at most 1/8 of a row (SD-1.5's inner widths 1280 / 2560 / 5120 give 256 / 512 / 1024).
 
@@ -341,6 +351,8 @@ class GroupNormPlan:
     apply_block: int  # contiguous layout: apply tile (elements)
     num_warps: int
     apply_warps: int
+    block_g: int = 0  # channels_last: groups a column tile can touch (a power of two)
+    parts: int = 1  # channels_last: column tiles a group can span (1: tiles hold whole groups; else 2)
 
     @property
     def group_size(self) -> int:
@@ -365,11 +377,16 @@ def plan_group_norm(
     cg = c // num_groups
     groups_total = n * num_groups
     if channels_last:
-        block_c = _pow2(cg)
+        block_c = _nhwc_block_c(c, cg)
+        tiles = math.ceil(c / block_c)
+        parts = 1 if block_c % cg == 0 else 2
+        block_g = _pow2(block_c // cg) if parts == 1 else _pow2((block_c - 1) // cg + 2)
         block_s = max(1, min(max_block // block_c, _pow2(s)))
-        stats = _chunking(s, block_s, groups_total, target_programs, MAX_SPLIT, cg)
+        stats = _chunking(s, block_s, n * tiles, target_programs, MAX_SPLIT // parts, min(cg, block_c))
         warps = _warps(block_s * block_c)
-        return GroupNormPlan(True, n, c, s, num_groups, 0, block_s, block_c, stats, stats, 0, warps, warps)
+        return GroupNormPlan(
+            True, n, c, s, num_groups, 0, block_s, block_c, stats, stats, 0, warps, warps, block_g, parts
+        )
     length = cg * s
     block = max(16, min(max_block, _pow2(length)))
     stats = _chunking(length, block, groups_total, target_programs, MAX_SPLIT, 1)
@@ -378,6 +395,18 @@ def plan_group_norm(
     return GroupNormPlan(
         False, n, c, s, num_groups, block, 0, 0, stats, apply, apply_block, _warps(block), _warps(apply_block)
     )
+
+
+NHWC_MIN_COLS = 32  # channels_last column tile: at least 64 bytes of a pixel's channels (fp16)
+
+
+def _nhwc_block_c(c: int, cg: int) -> int:
+    """channels_last column tile: a power of two >= the group size (so a group spans at most two tiles)
+    and >= ``NHWC_MIN_COLS`` (whole DRAM sectors per pixel row), at most ``C`` rounded up. Narrow tiles keep
+    the groups per tile, hence the partials each apply program merges, few; narrowness costs no
+    coalescing, since each tile row is whole 32-byte sectors either way (neighbouring column tiles, the
+    adjacent programs of the grid, read the rest of the pixel row at about the same time)."""
+    return max(_pow2(cg), min(NHWC_MIN_COLS, _pow2(c)))
 
 
 def _target_programs(x: Tensor) -> int:
@@ -422,29 +451,27 @@ def group_norm_act_triton(
         max_block=max_block,
     )
     groups_total = plan.n * num_groups
-    mean = torch.empty(groups_total * plan.stats.split, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else x
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
     common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "ACT": act}
     if channels_last:
-        grid = (groups_total, plan.stats.split)
-        _gn_stats_nhwc_kernel[grid](
-            x,
-            mean,
-            m2,
-            plan.c,
-            plan.s,
-            cg,
-            num_groups,
-            plan.stats.chunk,
-            plan.stats.split,
-            BLOCK_S=plan.block_s,
-            BLOCK_C=plan.block_c,
-            num_warps=plan.num_warps,
-        )
+        # partials per (sample, group, part, chunk), part = the column tile of the group's first channel
+        # (0) or the next one (1); count explicit (a part holds any number of the group's channels)
+        partials = groups_total * plan.parts * plan.stats.split
+        mean = torch.empty(partials, device=x.device, dtype=torch.float32)
+        m2 = torch.empty_like(mean)
+        count = torch.empty_like(mean)
+        grid = (plan.n * math.ceil(plan.c / plan.block_c), plan.stats.split)
+        sizes = (plan.c, plan.s, cg, num_groups, plan.stats.chunk, plan.stats.split)
+        tiles = {
+            "BLOCK_S": plan.block_s,
+            "BLOCK_C": plan.block_c,
+            "BLOCK_G": plan.block_g,
+            "PARTS": plan.parts,
+        }
+        _gn_stats_nhwc_kernel[grid](x, mean, m2, count, *sizes, **tiles, num_warps=plan.num_warps)
         _gn_apply_nhwc_kernel[grid](
             x,
             y,
@@ -452,20 +479,17 @@ def group_norm_act_triton(
             b,
             mean,
             m2,
-            plan.c,
-            plan.s,
-            cg,
-            num_groups,
-            plan.stats.chunk,
-            plan.stats.split,
+            count,
+            *sizes,
             float(eps),
-            BLOCK_S=plan.block_s,
-            BLOCK_C=plan.block_c,
-            BLOCK_SPLIT=block_split,
+            **tiles,
+            BLOCK_PS=max(2, _pow2(plan.parts * plan.stats.split)),
             num_warps=plan.num_warps,
             **common,
         )
     else:
+        mean = torch.empty(groups_total * plan.stats.split, device=x.device, dtype=torch.float32)
+        m2 = torch.empty_like(mean)
         length = cg * plan.s
         _gn_stats_ncs_kernel[(groups_total, plan.stats.split)](
             x,
@@ -550,15 +574,6 @@ if triton is not None:
         mu = tl.sum(count * mean, axis=0) / tl.maximum(n, 1.0)
         d = tl.where(count > 0, mean - mu, 0.0)
         return mu, tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
-
-    @triton.jit
-    def _welford_finish_2d(count, mean, m2):
-        """:func:`_welford_finish` of 2-D lane states (summed over both axes)."""
-        n = tl.sum(tl.sum(count, axis=1), axis=0)
-        mu = tl.sum(tl.sum(count * mean, axis=1), axis=0) / tl.maximum(n, 1.0)
-        d = tl.where(count > 0, mean - mu, 0.0)
-        m2_sum = tl.sum(tl.sum(m2, axis=1), axis=0) + tl.sum(tl.sum(count * d * d, axis=1), axis=0)
-        return mu, m2_sum
 
     @triton.jit
     def _merged_stats(
@@ -651,18 +666,48 @@ if triton is not None:
             y = _activate((x - mean) * scale + shift, ACT)
             tl.store(y_row + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _nhwc_tile(C, CG, G, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+        """Sample ``n`` and column tile ``c0 + [0, BLOCK_C)`` of program ``(n tiles + t, k)``; the groups
+        ``g`` the tile can touch, ``touched`` (it holds channels of them), and the one-hot map ``hot``
+        ``[BLOCK_G, BLOCK_C]`` of its (valid) columns to them."""
+        pid = tl.program_id(0).to(tl.int64)
+        tiles = tl.cdiv(C, BLOCK_C)
+        n = pid // tiles
+        c0 = (pid % tiles) * BLOCK_C
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        g = c0 // CG + tl.arange(0, BLOCK_G)
+        touched = (g < G) & (g * CG < tl.minimum(c0 + BLOCK_C, C))
+        hot = ((cols // CG)[None, :] == g[:, None]) & col_ok[None, :]
+        return n, c0, cols, col_ok, g, touched, hot
+
     @triton.jit(do_not_specialize=["G", "SPLIT"])
     def _gn_stats_nhwc_kernel(
-        x_ptr, mean_ptr, m2_ptr, C, S, CG, G, CHUNK, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr
+        x_ptr,
+        mean_ptr,
+        m2_ptr,
+        count_ptr,
+        C,
+        S,
+        CG,
+        G,
+        CHUNK,
+        SPLIT,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        PARTS: tl.constexpr,
     ):
-        """channels_last (N, S, C): group (n, g) is S rows of CG channels at stride C; program (n G + g, k)
-        reduces rows ``[k CHUNK, (k + 1) CHUNK)``."""
-        group = tl.program_id(0).to(tl.int64)
+        """channels_last (N, S, C): program (n tiles + t, k) reduces rows ``[k CHUNK, (k + 1) CHUNK)`` of
+        column tile t (``BLOCK_C`` contiguous channels, coalesced) per lane, then per column (Chan), then
+        per group of the tile (Chan over the group's columns), and writes one partial per touched group:
+        part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the tile it
+        starts in also writes an empty part 1, so every slot is written)."""
+        n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
-        x_group = x_ptr + (group // G) * S * C + (group % G) * CG
+        x_tile = x_ptr + n * S * C
         rows = tl.arange(0, BLOCK_S)
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < CG
         count = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -670,11 +715,32 @@ if triton is not None:
         for i in range(0, CHUNK, BLOCK_S):
             r = start + i + rows
             valid = (r < S)[:, None] & col_ok[None, :]
-            x = tl.load(x_group + r[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(x_tile + r[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
             count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK_S)
-        mu, m2_sum = _welford_finish_2d(count, mean, m2)
-        tl.store(mean_ptr + group * SPLIT + k, mu)
-        tl.store(m2_ptr + group * SPLIT + k, m2_sum)
+        # per column: Chan over the rows
+        col_n = tl.sum(count, axis=0)
+        col_mu = tl.sum(count * mean, axis=0) / tl.maximum(col_n, 1.0)
+        d = tl.where(count > 0, mean - col_mu[None, :], 0.0)
+        col_m2 = tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
+        # per group: Chan over the group's columns of the tile
+        grp_n = tl.sum(tl.where(hot, col_n[None, :], 0.0), axis=1)
+        grp_mu = tl.sum(tl.where(hot, (col_n * col_mu)[None, :], 0.0), axis=1) / tl.maximum(grp_n, 1.0)
+        dg = col_mu[None, :] - grp_mu[:, None]
+        grp_m2 = tl.sum(tl.where(hot, col_m2[None, :] + col_n[None, :] * dg * dg, 0.0), axis=1)
+        starts_here = g * CG >= c0
+        slot = (n * G + g) * PARTS * SPLIT + k
+        if PARTS == 2:
+            slot = tl.where(starts_here, slot, slot + SPLIT)
+        tl.store(mean_ptr + slot, grp_mu, mask=touched)
+        tl.store(m2_ptr + slot, grp_m2, mask=touched)
+        tl.store(count_ptr + slot, grp_n, mask=touched)
+        if PARTS == 2:
+            ends_here = touched & starts_here & ((g + 1) * CG <= c0 + BLOCK_C)
+            empty = ((n * G + g) * 2 + 1) * SPLIT + k
+            zero = tl.zeros([BLOCK_G], dtype=tl.float32)
+            tl.store(mean_ptr + empty, zero, mask=ends_here)
+            tl.store(m2_ptr + empty, zero, mask=ends_here)
+            tl.store(count_ptr + empty, zero, mask=ends_here)
 
     @triton.jit(do_not_specialize=["G", "SPLIT"])
     def _gn_apply_nhwc_kernel(
@@ -684,6 +750,7 @@ if triton is not None:
         b_ptr,
         mean_ptr,
         m2_ptr,
+        count_ptr,
         C,
         S,
         CG,
@@ -696,22 +763,34 @@ if triton is not None:
         ACT: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_C: tl.constexpr,
-        BLOCK_SPLIT: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        PARTS: tl.constexpr,
+        BLOCK_PS: tl.constexpr,
     ):
-        """channels_last: program (n G + g, k) normalises rows ``[k CHUNK, (k + 1) CHUNK)`` of group n, g."""
-        group = tl.program_id(0).to(tl.int64)
+        """channels_last: program (n tiles + t, k) merges the partials of the groups its column tile
+        touches (Chan), spreads their mean / rstd over the columns, and normalises rows
+        ``[k CHUNK, (k + 1) CHUNK)`` of the tile with per-column scale and shift."""
+        n, _, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
-        mean, rstd = _merged_stats(mean_ptr, m2_ptr, group, S, CHUNK, CG, SPLIT, eps, BLOCK_SPLIT)
-        g = group % G
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < CG
-        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32) * rstd
+        j = tl.arange(0, BLOCK_PS)
+        ok = touched[:, None] & (j < PARTS * SPLIT)[None, :]
+        src = (n * G + g)[:, None] * (PARTS * SPLIT) + j[None, :]
+        means = tl.load(mean_ptr + src, mask=ok, other=0.0)
+        m2s = tl.load(m2_ptr + src, mask=ok, other=0.0)
+        counts = tl.load(count_ptr + src, mask=ok, other=0.0)
+        grp_n = tl.sum(counts, axis=1)
+        grp_mu = tl.sum(counts * means, axis=1) / tl.maximum(grp_n, 1.0)
+        d = tl.where(counts > 0, means - grp_mu[:, None], 0.0)
+        var = tl.maximum((tl.sum(m2s, axis=1) + tl.sum(counts * d * d, axis=1)) / tl.maximum(grp_n, 1.0), 0.0)
+        grp_rstd = 1.0 / tl.sqrt_rn(var + eps)
+        mu = tl.sum(tl.where(hot, grp_mu[:, None], 0.0), axis=0)
+        scale = tl.sum(tl.where(hot, grp_rstd[:, None], 0.0), axis=0)
         if HAS_W:
-            scale = scale * tl.load(w_ptr + g * CG + cols, mask=col_ok, other=1.0).to(tl.float32)
+            scale = scale * tl.load(w_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
         shift = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_B:
-            shift = tl.load(b_ptr + g * CG + cols, mask=col_ok, other=0.0).to(tl.float32)
-        offset = (group // G) * S * C + g * CG
+            shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        offset = n * S * C
         rows = tl.arange(0, BLOCK_S)
         start = k * CHUNK
         for i in range(0, CHUNK, BLOCK_S):
@@ -719,7 +798,7 @@ if triton is not None:
             valid = (r < S)[:, None] & col_ok[None, :]
             idx = offset + r[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-            y = _activate((x - mean) * scale[None, :] + shift[None, :], ACT)
+            y = _activate((x - mu[None, :]) * scale[None, :] + shift[None, :], ACT)
             tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit(do_not_specialize=["ROWS"])

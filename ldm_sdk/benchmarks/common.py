@@ -104,7 +104,6 @@ def ci(arch: Arch) -> Arch:
 SIZES: dict[str, Callable[[Arch], Arch]] = {"full": lambda a: a, "small": small, "ci": ci}
 
 
-@torch.no_grad()
 @contextmanager
 def true_float32() -> Iterator[None]:
     """cuDNN convolutions and matmuls without TF32 (on by default for cuDNN), so float32 is the reference it
@@ -117,6 +116,7 @@ def true_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
+@torch.no_grad()
 def randomize_(model: nn.Module, gen: torch.Generator) -> None:
     """Variance-preserving random values for every parameter, zero-initialised layers included (so the
     outputs are not trivially zero): weights N(0, 1/fan_in), biases 0.2 N(0,1), norms 1 + 0.2 N(0,1)."""

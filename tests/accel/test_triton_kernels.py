@@ -10,7 +10,9 @@ CPU (always):
 * the Triton kernels themselves through the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before
   Triton is imported, so :func:`test_triton_kernels_in_the_interpreter` runs this file as a script in a
   subprocess (:func:`interpreter_checks`): both memory formats, odd sizes, 3-D input, forced chunking,
-  no affine, fp32 / bf16, against float64 (a few seconds).
+  no affine, fp32 / bf16, channels_last group sizes 1..48 (whole groups per column tile and groups
+  straddling two tiles), 1x1 maps, against float64, with fresh buffers NaN-filled so an unwritten output
+  or statistics partial fails (about 10 s).
 
 GPU (mark ``gpu``, run by ``bench/validate_kernels.py``): the kernels against the float32 reference at the
 SD-1.5 UNet shapes (N=2, C 320..2560, 64x64..8x8) and the kl-f8 VAE shapes (C 128..512 up to 512x512), fp16
@@ -22,11 +24,12 @@ same bound against float64 truth; fp32 kernels against float64; replay under a C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -229,25 +232,51 @@ def test_plans_cover_the_groups_and_fill_the_gpu(shape: tuple[int, ...], channel
         pytest.skip("channels_last is 4-D")
     plan = K.plan_group_norm(shape, groups, channels_last=channels_last, target_programs=4 * 132)
     cg = shape[1] // groups
+    programs = shape[0] * groups * plan.stats.split
     if channels_last:
         assert plan.block_c >= cg and plan.block_c & (plan.block_c - 1) == 0
+        assert plan.parts == (1 if plan.block_c % cg == 0 else 2)
         _covers(plan.s, plan.stats)
+        programs = shape[0] * -(-shape[1] // plan.block_c) * plan.stats.split
     else:
         assert plan.block & (plan.block - 1) == 0 and plan.apply_block & (plan.apply_block - 1) == 0
         _covers(cg * plan.s, plan.stats)
         _covers(plan.s, plan.apply)
     assert plan.stats.chunk * (1 if not channels_last else cg) <= K.MAX_CHUNK
-    big = plan.group_size >= 4 * plan.stats.tile * (1 if not channels_last else cg)
-    if big:  # enough work: the statistics pass runs on more programs than there are groups
-        assert shape[0] * groups * plan.stats.split >= min(4 * 132, shape[0] * groups * 4)
+    if channels_last:  # as many programs as the target, or about one per tile when there are fewer tiles
+        tiles = programs // plan.stats.split * -(-plan.s // plan.stats.tile)
+        assert programs >= min(4 * 132, tiles) // 2
+    elif plan.group_size >= 4 * plan.stats.tile:  # enough work: more programs than there are groups
+        assert programs >= min(4 * 132, shape[0] * groups * 4)
+
+
+@pytest.mark.parametrize(
+    "channels", [12, 32, 40, 64, 80, 96, 128, 160, 320, 640, 960, 1280, 1920, 2560, 4096]
+)
+@pytest.mark.parametrize("groups", [1, 2, 4, 8, 16, 32])
+def test_channels_last_tiles_touch_at_most_block_g_groups(channels: int, groups: int) -> None:
+    """Every column tile of a channels_last plan touches at most ``block_g`` groups, and a group spans at
+    most ``parts`` tiles (the kernels' one-hot maps and partial slots rely on both)."""
+    if channels % groups:
+        pytest.skip("C not divisible by G")
+    plan = K.plan_group_norm((2, channels, 8, 8), groups, channels_last=True, target_programs=4 * 132)
+    cg, bc = channels // groups, plan.block_c
+    for t in range(-(-channels // bc)):
+        touched = {c // cg for c in range(t * bc, min((t + 1) * bc, channels))}
+        assert len(touched) <= plan.block_g and min(touched) == t * bc // cg
+    for g in range(groups):
+        assert (g * cg + cg - 1) // bc - g * cg // bc < plan.parts
+    assert plan.block_g & (plan.block_g - 1) == 0 and plan.parts * plan.stats.split <= K.MAX_SPLIT
 
 
 def test_sd15_batch2_statistics_use_more_than_64_programs() -> None:
     """Batch 2 x 32 groups is 64 groups; the split reduction must spread them over the 132 SMs."""
     plan = K.plan_group_norm((2, 320, 64, 64), 32, channels_last=False, target_programs=4 * 132)
     assert 2 * 32 * plan.stats.split >= 2 * 132  # whole tiles per chunk: about, not exactly, the target
+    plan = K.plan_group_norm((2, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132)
+    assert 2 * (320 // plan.block_c) * plan.stats.split >= 2 * 132  # (sample, column tile, chunk) programs
     plan = K.plan_group_norm((1, 128, 512, 512), 32, channels_last=True, target_programs=4 * 132)
-    assert 32 * plan.stats.split >= 2 * 132
+    assert (128 // plan.block_c) * plan.stats.split >= 2 * 132
 
 
 def test_plan_rejects_a_bad_block() -> None:
@@ -264,6 +293,23 @@ def test_ulp_measure() -> None:
 
 
 # -- the kernels in the Triton interpreter (CPU) -------------------------------------------------------------
+@contextlib.contextmanager
+def _unwritten_memory_is_nan() -> Iterator[None]:
+    """``torch.empty`` / ``empty_like`` fill floating tensors with NaN meanwhile, so an output element or
+    a statistics partial the kernels forget to write shows up as NaN instead of as stale zeros."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t: Tensor) -> Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: nan(empty(*a, **k))  # type: ignore[assignment]
+    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like  # type: ignore[assignment]
+
+
 def interpreter_checks() -> list[str]:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the module doc); returns what was checked."""
     done: list[str] = []
@@ -275,8 +321,17 @@ def interpreter_checks() -> list[str]:
         ((1, 64, 4, 4), 32, torch.bfloat16, False, "silu", True, 2048, None),  # 4x4 maps, 2 channels / group
         ((1, 64, 4, 4), 32, torch.bfloat16, True, "silu", True, 2048, None),
         ((2, 8, 33), 2, torch.float32, False, "none", False, 16, 16),  # 3-D (AttentionBlock), no affine
+        # channels_last: C / G = 1, 4, 10, 16, 20, 40 (tiles of whole groups, and groups split across two
+        # column tiles), odd / 4x4 / 1x1 maps, N 1 and 2, chunks split over programs (small max_block)
+        ((2, 32, 5, 7), 32, torch.float32, True, "none", False, 16, 64),  # C/G 1, 1-row tiles, split
+        ((1, 64, 4, 4), 16, torch.bfloat16, True, "silu", True, 64, 8),  # C/G 4, whole groups per tile
+        ((2, 40, 5, 7), 4, torch.float32, True, "silu", True, 64, 64),  # C/G 10, groups straddle tiles
+        ((1, 64, 1, 1), 4, torch.bfloat16, True, "silu", False, 2048, None),  # C/G 16, 1x1
+        ((2, 160, 4, 4), 8, torch.bfloat16, True, "none", True, 128, 64),  # C/G 20, 5 tiles, split
+        ((2, 80, 5, 7), 2, torch.float32, True, "silu", True, 128, 64),  # C/G 40: 64-column tiles
+        ((1, 96, 5, 7), 2, torch.bfloat16, True, "none", False, 2048, None),  # C/G 48, partial last tile
     ]
-    with torch.no_grad():
+    with _unwritten_memory_is_nan(), torch.no_grad():
         for shape, groups, dtype, channels_last, act, affine, max_block, target in cases:
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
             weight, bias = (w, b) if affine else (None, None)
@@ -332,7 +387,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 11, done
+    assert len(done) == 18, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------

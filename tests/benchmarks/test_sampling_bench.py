@@ -72,3 +72,15 @@ def test_ldm_sdk_bench_on_the_cpu_agrees_with_diffusers(tmp_path: Path) -> None:
     assert results["sections"]["eager"]["image_parity_rel_err_b1"] <= 1e-4
     gflops = results["unet_gflops_per_step"]
     assert gflops["ours"] == pytest.approx(gflops["diffusers"])
+
+
+def test_randomize_fills_parameters_that_require_grad() -> None:
+    """The benchmarks' random weights go into ordinary (trainable) modules, as built."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 4))
+    C.randomize_(model, torch.Generator().manual_seed(0))
+    weight = model[0].weight
+    assert weight.requires_grad and abs(float(weight.std()) - (1 / 27) ** 0.5) < 0.1
+    assert abs(float(model[1].weight.mean()) - 1.0) < 0.3
