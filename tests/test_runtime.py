@@ -483,8 +483,11 @@ def test_half_precision_models_on_cuda_are_fused_at_load(tmp_path: Path) -> None
 
     with Runtime.create(load_entrypoints=False, device="cuda") as rt:
         assert fused(rt.load_model(path, dtype="fp32")) == (0, 0)
-        norms, silus = fused(rt.load_model(path, dtype="fp16"))
+        half = rt.load_model(path, dtype="fp16")
+        norms, silus = fused(half)
         assert norms > 0 and silus > 0
+        convs = [p for p in half.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     with Runtime.create(load_entrypoints=False, device="cuda", fused_kernels=False) as rt:
         assert fused(rt.load_model(path, dtype="fp16")) == (0, 0)
 

@@ -302,11 +302,22 @@ def half_precision_on_cuda(modules: Sequence[nn.Module]) -> bool:
     )
 
 
-def fuse_for_inference(module: nn.Module) -> FusionReport | None:
-    """:func:`fuse_model` (backend ``"auto"``) when ``module``'s weights are on CUDA in half precision,
-    else nothing (``None``). The runtime calls it on every model it loads, so eager and CUDA-graph runs of
-    a cached model share the same numerics."""
-    return fuse_model(module) if half_precision_on_cuda([module]) else None
+def prepare_cuda_inference(module: nn.Module) -> FusionReport | None:
+    """For a model whose weights are on CUDA in fp16 / bf16: :func:`fuse_model` (backend ``"auto"``) and
+    channels_last weights (``module.to(memory_format=torch.channels_last)``); else nothing (``None``).
+
+    Why channels_last: cuDNN's Hopper convolution kernels work in NHWC and convert NCHW tensors on the
+    way in and out; with channels_last weights the SD-1.5 UNet step went from 10.5 to 7.5 ms of GPU time
+    (H100, fp16, fused, docs/benchmarks.md), the VAE decode from 10.7 to 8.3 ms. The fused GroupNorm
+    kernels have a channels_last path of their own. Accuracy against float32 is unchanged (a different
+    convolution algorithm: other roundings of the same size). The runtime calls this on every model it
+    loads, so eager and CUDA-graph runs of a cached model share the same numerics.
+    """
+    if not half_precision_on_cuda([module]):
+        return None
+    report = fuse_model(module)
+    module.to(memory_format=torch.channels_last)
+    return report
 
 
 def unfuse_model(module: nn.Module) -> int:

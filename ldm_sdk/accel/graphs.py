@@ -422,8 +422,10 @@ def accelerate_denoiser(
     stage, whose decode follows sampling), the module, or the ``modules`` of a plain function. ``None``
     (default): only where capture runs (mode ``"auto"`` / ``"graph"``) and every watched module's weights
     are on CUDA in fp16 / bf16 -- there the fused ops replace ~5 kernels by 2 and round once instead of
-    twice; float32 and CPU models are left exactly as they are. Fused modules stay fused (the eager
-    ``bundle.apply_model`` runs them too); :func:`ldm_sdk.accel.fusion.unfuse_model` undoes it.
+    twice, and the weights become channels_last (:func:`ldm_sdk.accel.fusion.prepare_cuda_inference`, what
+    the runtime does at load); float32 and CPU models are left exactly as they are. Fused modules stay
+    fused (the eager ``bundle.apply_model`` runs them too); :func:`ldm_sdk.accel.fusion.unfuse_model`
+    undoes the fusion.
     """
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.models.unet import UNetModel
@@ -450,10 +452,16 @@ def accelerate_denoiser(
             f"source must be a ModelBundle, an nn.Module called as module(x, t, cond) or a function "
             f"fn(x, t, cond); got {type(source).__name__}"
         )
-    if _fusion_pays(mode, watched) if fuse is None else fuse:
+    targets = [source] if isinstance(source, ModelBundle) else watched
+    if fuse is None and _fusion_pays(mode, watched):
+        from ldm_sdk.accel.fusion import prepare_cuda_inference
+
+        for target in targets:
+            prepare_cuda_inference(target)
+    elif fuse:
         from ldm_sdk.accel.fusion import fuse_model
 
-        for target in [source] if isinstance(source, ModelBundle) else watched:
+        for target in targets:
             fuse_model(target)
     return CapturedModel(
         fn, mode=mode, warmup=warmup, max_graphs=max_graphs, clone_output=clone_output, modules=watched

@@ -115,9 +115,9 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
 
     e.eager_call_unet = e.call_unet  # type: ignore[attr-defined]  # FLOPs: a graph replay dispatches no ops
     if torch.device(args.device).type == "cuda":
-        from ldm_sdk.accel.fusion import fuse_for_inference
+        from ldm_sdk.accel.fusion import prepare_cuda_inference
 
-        fused = [r for r in (fuse_for_inference(e.unet), fuse_for_inference(e.vae)) if r is not None]
+        fused = [r for r in (prepare_cuda_inference(e.unet), prepare_cuda_inference(e.vae)) if r is not None]
         captured = CapturedModel(
             bind_unet(lambda x, t, **kw: e.fwd(x, t, **kw), "crossattn"), modules=[e.unet]
         )
@@ -133,8 +133,8 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
         e.call_unet = lambda x, t, c: captured(x, t, Conditioning(crossattn=c))
         e.sample = sample
         e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
-        if fused:  # half precision: the runtime's load-time fusion (UNet and VAE)
-            e.loop += "; fused Triton GroupNorm+SiLU / GEGLU kernels (ldm_sdk.accel.fusion)"
+        if fused:  # half precision: what the runtime does at load (UNet and VAE)
+            e.loop += "; fused Triton GroupNorm+SiLU / GEGLU kernels and channels_last (ldm_sdk.accel.fusion)"
         return
     # FLOPs counted before: FlopCounterMode does not see the prepacked oneDNN ops, nor the K/V projections
     # the cache skips; the FLOP row keeps the eager definition of a step (the same work as diffusers')

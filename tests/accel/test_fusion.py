@@ -269,6 +269,32 @@ def test_fused_modules_keep_affine_free_norms_and_training_flags() -> None:
     assert "act='silu'" in repr(fused)
 
 
+@pytest.mark.parametrize("family", sorted(ALL))
+def test_every_family_runs_with_channels_last_weights_and_inputs(family: str) -> None:
+    """``prepare_cuda_inference`` turns CUDA half-precision models channels_last: every network (UNet, encode,
+    decode) must accept that layout (no ``view`` on a non-contiguous tensor) and give the NCHW result up to
+    the convolution algorithm's rounding."""
+    bundle = random_bundle(ALL[family]).eval()
+    ref = outputs(bundle)
+    bundle.to(memory_format=torch.channels_last)
+    convs = [p for p in bundle.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    got = outputs(bundle)
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 1e-5, (family, name)
+
+
+def test_prepare_cuda_inference_leaves_cpu_models_alone() -> None:
+    from ldm_sdk.accel.fusion import prepare_cuda_inference
+
+    bundle = random_bundle(SD1).eval()
+    before = {k: (v.clone(), v.stride()) for k, v in bundle.state_dict().items()}
+    assert prepare_cuda_inference(bundle) is None
+    assert count(bundle, FusedGroupNorm) == 0
+    for k, v in bundle.state_dict().items():
+        assert torch.equal(v, before[k][0]) and v.stride() == before[k][1], k
+
+
 # -- GPU -----------------------------------------------------------------------------------------------------
 def randomize_(model: nn.Module, seed: int) -> None:
     """The benchmarks' variance-preserving random weights, seeded on the model's device."""

@@ -132,6 +132,30 @@ def test_emulated_fast_path_equals_eager(
     assert same(task(request, runtime, inputs=inputs), eager)
 
 
+@pytest.mark.parametrize("name", list(RUNS))
+def test_tasks_run_on_channels_last_models(model_files: dict[str, Path], name: str) -> None:
+    """On CUDA in half precision the runtime makes every model channels_last at load
+    (``prepare_cuda_inference``); the tasks' image, mask and latent code must take that layout. Here the
+    cached model is converted by hand on the CPU and the result compared with the contiguous model's."""
+    task_name, model, fields, needs_image = RUNS[name]
+    task = get_task(task_name)
+    request = REQUESTS[task_name](model=str(model_files[model]), seed=5, **fields)
+    inputs = TaskInputs(image=IMAGE, mask=MASK if task_name == "inpaint" else None) if needs_image else None
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate") as rt:
+        plain = task(request, rt, inputs=inputs)
+        rt.load_model(model_files[model]).to(memory_format=torch.channels_last)  # the cached model, in place
+        assert any(
+            p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last)
+            for p in rt.load_model(model_files[model]).parameters()
+        )
+        converted = task(request, rt, inputs=inputs)
+    assert plain.latents is not None and converted.latents is not None
+    err = (converted.latents - plain.latents).abs().max() / plain.latents.abs().max()
+    assert float(err) <= 1e-4, f"{name}: latents differ by {float(err):.2e}"
+    for a, b in zip(converted.images, plain.images, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, name
+
+
 # -- one CapturedModel per loaded model --------------------------------------------------------------------
 def test_one_captured_model_per_model_reused_across_jobs(model_files: dict[str, Path]) -> None:
     txt2img = get_task("txt2img")
