@@ -1,19 +1,23 @@
-"""Inference fast paths: CUDA-graph capture of the denoising call, and CPU inference settings.
+"""Inference fast paths: CUDA-graph capture of the denoising call, fused kernels, and CPU inference settings.
 
 - :mod:`ldm_sdk.accel.graphs`: :class:`CapturedModel` replays the (guidance-batched) network call as a CUDA
   graph, which removes the per-kernel launch cost that bounds the eager UNet step on a fast GPU;
   :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged.
 - :mod:`ldm_sdk.accel.fusion`: :func:`fuse_model` switches a model's GroupNorm (+ the SiLU after it) and
   GEGLU modules, in place, to the fused Triton kernels of :mod:`ldm_sdk.accel.triton_kernels` (float32
-  torch references off CUDA); :func:`accelerate_denoiser` applies it to half-precision CUDA models.
+  torch references off CUDA); :func:`prepare_cuda_inference` (fusion + channels_last weights) is what the
+  runtime and :func:`accelerate_denoiser` do to half-precision CUDA models.
 - :mod:`ldm_sdk.accel.cpu`: :func:`configure_cpu_inference` (bf16 weights where the CPU computes bf16
-  natively, channels_last, one torch thread per usable core) and :func:`cpu_features`.
+  natively, channels_last, one torch thread per usable core, the cross-attention K/V cache of
+  :mod:`ldm_sdk.accel.kv_cache` and the prepacked weights of :mod:`ldm_sdk.accel.cpu_prepack`) and
+  :func:`cpu_features`.
 """
 
 from __future__ import annotations
 
 from ldm_sdk.accel.cpu import CpuFeatures, CpuInference, configure_cpu_inference, cpu_features
-from ldm_sdk.accel.fusion import FusionReport, fuse_model, unfuse_model
+from ldm_sdk.accel.cpu_prepack import PrepackReport, prepack_cpu_weights, unpack_cpu_weights
+from ldm_sdk.accel.fusion import FusionReport, fuse_model, prepare_cuda_inference, unfuse_model
 from ldm_sdk.accel.graphs import (
     CallSignature,
     CapturedModel,
@@ -23,6 +27,7 @@ from ldm_sdk.accel.graphs import (
     accelerate_denoiser,
     bundle_denoiser,
 )
+from ldm_sdk.accel.kv_cache import cache_context_projections, uncache_context_projections
 
 __all__ = [
     "CallSignature",
@@ -32,11 +37,17 @@ __all__ = [
     "CpuFeatures",
     "CpuInference",
     "FusionReport",
+    "PrepackReport",
     "TensorSpec",
     "accelerate_denoiser",
     "bundle_denoiser",
+    "cache_context_projections",
     "configure_cpu_inference",
     "cpu_features",
     "fuse_model",
+    "prepack_cpu_weights",
+    "prepare_cuda_inference",
+    "uncache_context_projections",
     "unfuse_model",
+    "unpack_cpu_weights",
 ]
