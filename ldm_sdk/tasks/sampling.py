@@ -161,8 +161,9 @@ def run_sampling(
       (:func:`~ldm_sdk.diffusion.img2img.img2img_start`) and denoise the remaining steps.
     - ``captured``: the bundle's :class:`~ldm_sdk.accel.graphs.CapturedModel`
       (:func:`~ldm_sdk.tasks.context.captured_model`); when given and ``request.accelerate``, the bundle's
-      denoiser calls the network through it (:func:`~ldm_sdk.accel.graphs.bundle_denoiser`). Unused with a
-      prebuilt ``denoiser``. A model that cannot be captured is a :class:`TaskError` naming the opt-out.
+      denoiser calls the network through it (:func:`~ldm_sdk.accel.graphs.bundle_denoiser`). A prebuilt
+      ``denoiser`` makes its own calls (the tiled one of :mod:`ldm_sdk.tasks.tiled` uses ``captured`` per
+      window). A model that cannot be captured is a :class:`TaskError` naming the opt-out.
     Noise: the starting ``randn(shape)`` is the generator's first draw (also for img2img).
     """
     from ldm_sdk.diffusion.img2img import img2img_start, stochastic_encode
@@ -206,7 +207,7 @@ def run_sampling(
         except RuntimeError as exc:
             from ldm_sdk.accel.graphs import CaptureError
 
-            if fast and isinstance(exc, CaptureError):
+            if captured is not None and request.accelerate and isinstance(exc, CaptureError):
                 raise TaskError(
                     f"the CUDA-graph fast path cannot run model {bundle.family!r}: {exc}. Run it eagerly "
                     "with accelerate=False (--no-accelerate); the result is the same"

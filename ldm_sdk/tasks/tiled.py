@@ -173,8 +173,16 @@ def _denoiser(run: Run, guided: Guided, tiling: Tiling, latent_hw: tuple[int, in
     from ldm_sdk.tiling import TiledDenoiser
 
     bundle = run.bundle
+    # the fast path: every window goes through the model's CapturedModel. The windows all have the tile's
+    # size (the last one along an axis is shifted inward, TileGrid), so one capture serves them all.
+    captured = run.captured if run.request.accelerate else None
 
     def build(cond: Any, unc: Any) -> Denoiser:
+        if captured is not None:
+            from ldm_sdk.accel.graphs import bundle_denoiser
+
+            scale = guided.guidance
+            return bundle_denoiser(bundle, cond, guidance_scale=scale, uncond=unc, captured=captured)
         return bundle.denoiser(cond, guidance_scale=guided.guidance, uncond=unc)
 
     assert bundle.schedule is not None

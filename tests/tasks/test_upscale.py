@@ -193,3 +193,20 @@ def test_cli_upscale_errors_are_one_line_and_write_nothing(
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("ldm-sdk upscale: error: low-res image size 35x21") and "--pad" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_tiled_upscale_goes_through_one_capture_and_equals_eager(sr_file: Path, lowres: np.ndarray) -> None:
+    """The fast path (emulated capture on the CPU) runs every window through the model's CapturedModel: one
+    signature for all windows (they share the tile's size), and the result equals the eager tiled run."""
+    from ldm_sdk.tasks.context import CAPTURED_MODEL
+
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate") as rt:
+        eager = _up(sr_file, rt, lowres, seed=3, tile=64, overlap=32, accelerate=False)
+        fast = _up(sr_file, rt, lowres, seed=3, tile=64, overlap=32)
+        captured = rt.cache.attachments(rt.load_model(sr_file))[CAPTURED_MODEL]
+    assert fast.manifest.extra["tiling"]["unet_tile"] == [16, 16]
+    assert captured.stats.captures == 1, captured.stats  # windows of one shape: one capture
+    assert captured.stats.replays >= 4 * 2, captured.stats  # several windows per step, every step
+    assert np.array_equal(fast.images[0], eager.images[0])
+    assert fast.latents is not None and eager.latents is not None
+    assert np.array_equal(np.asarray(fast.latents), np.asarray(eager.latents))
