@@ -9,7 +9,7 @@ label embedding, CompVis "adm"). :func:`apply_model` routes them exactly like Co
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -47,6 +47,10 @@ class Conditioning:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"conditioning parts disagree on the batch size: {sizes}")
         return next(iter(sizes.values()))
+
+    def with_concat(self, concat: Tensor | None) -> Conditioning:
+        """The same conditioning with its ``concat`` part replaced (a hybrid model's mask / masked image)."""
+        return replace(self, concat=concat)
 
     def expand(self, batch_size: int) -> Conditioning:
         """Repeat a batch-1 conditioning to ``batch_size`` (a matching batch is returned unchanged)."""

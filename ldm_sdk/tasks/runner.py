@@ -209,9 +209,9 @@ class Run:
                     f"{what} is conditioned on {modality!r}, which the {self.name} task cannot give"
                 )
         if concat is not None:
-            cond = Conditioning(crossattn=cond.crossattn, concat=concat, y=cond.y)
+            cond = cond.with_concat(concat)
             if uncond is not None:
-                uncond = Conditioning(crossattn=uncond.crossattn, concat=concat, y=uncond.y)
+                uncond = uncond.with_concat(concat)
         self.guidance = float(guidance)
         return Guided(cond=cond, uncond=uncond, guidance=float(guidance))
 

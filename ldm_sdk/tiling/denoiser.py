@@ -62,7 +62,7 @@ def crop_conditioning(cond: Conditioning, window: Window, latent_hw: tuple[int, 
             f"{tuple(latent_hw)}; "
             "a spatial condition must have the latent's size to be cropped per window"
         )
-    return Conditioning(crossattn=cond.crossattn, concat=window.crop(cond.concat), y=cond.y)
+    return cond.with_concat(window.crop(cond.concat))
 
 
 class TiledDenoiser:

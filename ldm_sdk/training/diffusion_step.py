@@ -120,7 +120,7 @@ class LatentDiffusionStep(nn.Module):
             return cond
         if cond.concat is not None:
             raise ValueError("the encoder gives a concat map already; a hybrid model takes one concat part")
-        return Conditioning(crossattn=cond.crossattn, concat=concat, y=cond.y)
+        return cond.with_concat(concat)
 
     def forward(
         self,

@@ -395,9 +395,9 @@ def main(argv: Sequence[str] | None = None, *, dataset: Dataset[Any] | None = No
             cond, uncond = Conditioning(), None
         concat = concat_map(grid_batch)
         if concat is not None:  # hybrid: the same concat map on both halves of guidance
-            cond = Conditioning(crossattn=cond.crossattn, concat=concat.float(), y=cond.y)
+            cond = cond.with_concat(concat.float())
             if uncond is not None:
-                uncond = Conditioning(crossattn=uncond.crossattn, concat=concat.float(), y=uncond.y)
+                uncond = uncond.with_concat(concat.float())
         if "latent" in grid_batch:
             shape = tuple(grid_batch["latent"].shape[1:])
         else:  # the image size over the first stage's factor (no encoding: it would draw from training's RNG)

@@ -89,3 +89,12 @@ def test_cat_expand_and_batch_size() -> None:
 def test_to_keeps_integer_labels() -> None:
     moved = Conditioning(crossattn=CTX, y=Y).to(dtype=torch.float64)
     assert moved.crossattn.dtype == torch.float64 and moved.y.dtype == torch.int64
+
+
+def test_with_concat_replaces_only_the_concat_part() -> None:
+    ctx, y = torch.zeros(2, 3, 4), torch.tensor([1, 2])
+    old, new = torch.zeros(2, 5, 4, 4), torch.ones(2, 5, 4, 4)
+    cond = Conditioning(crossattn=ctx, concat=old, y=y)
+    out = cond.with_concat(new)
+    assert out.crossattn is ctx and out.y is y and out.concat is new and cond.concat is old
+    assert cond.with_concat(None).parts().keys() == {"crossattn", "y"}
