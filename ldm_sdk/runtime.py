@@ -108,7 +108,7 @@ class Runtime:
         self.capture_mode = capture_mode
         env = os.environ
         if fused_kernels is None:
-            fused_kernels = env.get(FUSED_KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+            fused_kernels = _env_flag(env, FUSED_KERNELS_ENV, default=True)
         self.fused_kernels = fused_kernels
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
@@ -338,5 +338,8 @@ def _env_names(value: str) -> frozenset[str]:
     return frozenset(n.strip() for n in value.split(",") if n.strip())
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+def _env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """``$name`` as a switch: ``0`` / ``false`` / ``no`` / ``off`` are off, other values on, unset or empty
+    ``default``."""
+    value = env.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
