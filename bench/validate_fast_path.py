@@ -33,12 +33,9 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SITE = Path("/tmp/site")  # the lead's wheel target (pydantic ...), used when present
-for extra in (str(ROOT), str(ROOT / "bench")):
+for extra in (str(ROOT), str(ROOT / "bench")):  # the package from this checkout; sibling scripts
     if extra not in sys.path:
         sys.path.insert(0, extra)
-if SITE.is_dir() and str(SITE) not in sys.path:
-    sys.path.append(str(SITE))
 
 import torch  # noqa: E402
 
@@ -52,7 +49,7 @@ def log(msg: str) -> None:
 # -- 1. tests ------------------------------------------------------------------------------------------------
 def run_tests() -> dict[str, Any]:
     env = dict(os.environ)
-    paths = [str(ROOT), *([str(SITE)] if SITE.is_dir() else []), env.get("PYTHONPATH", "")]
+    paths = [str(ROOT), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if importlib.util.find_spec("pytest") is not None:
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/accel", "-p", "no:cacheprovider"]

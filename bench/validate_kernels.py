@@ -45,12 +45,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SITE = Path("/tmp/site")  # the lead's wheel target (pydantic ...), used when present
-for extra in (str(ROOT), str(ROOT / "bench")):
+for extra in (str(ROOT), str(ROOT / "bench")):  # the package from this checkout; sibling scripts
     if extra not in sys.path:
         sys.path.insert(0, extra)
-if SITE.is_dir() and str(SITE) not in sys.path:
-    sys.path.append(str(SITE))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -92,7 +89,7 @@ def run_tests() -> dict[str, Any]:
         log("pytest is not installed: skipping the GPU tests (the accuracy checks below still run)")
         return {"runner": None, "passed": True, "skipped": True}
     env = dict(os.environ)
-    paths = [str(ROOT), *([str(SITE)] if SITE.is_dir() else []), env.get("PYTHONPATH", "")]
+    paths = [str(ROOT), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *TEST_FILES, *plugin_args()]
     cmd += ["-p", "no:cacheprovider", "-s"]  # -s: the tests print their measured errors
