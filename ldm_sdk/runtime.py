@@ -101,7 +101,7 @@ class Runtime:
 
         ``fused_kernels``: models loaded on CUDA in fp16 / bf16 run GroupNorm (+ the SiLU after it) and GEGLU
         as fused Triton kernels that compute in float32 and round once, with channels_last weights
-        (:func:`ldm_sdk.accel.fusion.prepare_cuda_inference`; eager and CUDA-graph runs alike); float32
+        (:func:`ldm_sdk.accel.prepare.prepare_cuda_inference`; eager and CUDA-graph runs alike); float32
         and CPU models are never changed. ``None``: on unless ``$LDM_SDK_FUSED_KERNELS`` is ``0``."""
         if capture_mode not in TASK_CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {capture_mode!r}; valid: {', '.join(TASK_CAPTURE_MODES)}")
@@ -221,7 +221,7 @@ class Runtime:
             target, precision = torch.device(key.device), parse_dtype(key.dtype)
             model = fmt.load(Path(path), config, device=target, dtype=precision, use_ema=use_ema)
             if self.fused_kernels and target.type == "cuda":
-                from ldm_sdk.accel.fusion import prepare_cuda_inference
+                from ldm_sdk.accel.prepare import prepare_cuda_inference
 
                 prepare_cuda_inference(model)
             return model

@@ -5,8 +5,11 @@
   :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged.
 - :mod:`ldm_sdk.accel.fusion`: :func:`fuse_model` switches a model's GroupNorm (+ the SiLU after it) and
   GEGLU modules, in place, to the fused Triton kernels of :mod:`ldm_sdk.accel.triton_kernels` (float32
-  torch references off CUDA); :func:`prepare_cuda_inference` (fusion + channels_last weights) is what the
-  runtime and :func:`accelerate_denoiser` do to half-precision CUDA models.
+  torch references off CUDA); :mod:`ldm_sdk.accel.block_fusion`: :func:`fuse_blocks` folds conv biases,
+  the timestep embedding and residual adds of the residual / transformer blocks into the norms
+  (:mod:`ldm_sdk.accel.residual_kernels`); :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
+  both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
+  half-precision CUDA models.
 - :mod:`ldm_sdk.accel.cpu`: :func:`configure_cpu_inference` (bf16 weights where the CPU computes bf16
   natively, channels_last, one torch thread per usable core, the cross-attention K/V cache of
   :mod:`ldm_sdk.accel.kv_cache` and the prepacked weights of :mod:`ldm_sdk.accel.cpu_prepack`) and
@@ -15,9 +18,10 @@
 
 from __future__ import annotations
 
+from ldm_sdk.accel.block_fusion import BlockFusionReport, fuse_blocks, unfuse_blocks
 from ldm_sdk.accel.cpu import CpuFeatures, CpuInference, configure_cpu_inference, cpu_features
 from ldm_sdk.accel.cpu_prepack import PrepackReport, prepack_cpu_weights, unpack_cpu_weights
-from ldm_sdk.accel.fusion import FusionReport, fuse_model, prepare_cuda_inference, unfuse_model
+from ldm_sdk.accel.fusion import FusionReport, fuse_model, unfuse_model
 from ldm_sdk.accel.graphs import (
     CallSignature,
     CapturedModel,
@@ -28,14 +32,17 @@ from ldm_sdk.accel.graphs import (
     bundle_denoiser,
 )
 from ldm_sdk.accel.kv_cache import cache_context_projections, uncache_context_projections
+from ldm_sdk.accel.prepare import CudaInferenceReport, prepare_cuda_inference
 
 __all__ = [
+    "BlockFusionReport",
     "CallSignature",
     "CaptureError",
     "CaptureMode",
     "CapturedModel",
     "CpuFeatures",
     "CpuInference",
+    "CudaInferenceReport",
     "FusionReport",
     "PrepackReport",
     "TensorSpec",
@@ -44,10 +51,12 @@ __all__ = [
     "cache_context_projections",
     "configure_cpu_inference",
     "cpu_features",
+    "fuse_blocks",
     "fuse_model",
     "prepack_cpu_weights",
     "prepare_cuda_inference",
     "uncache_context_projections",
+    "unfuse_blocks",
     "unfuse_model",
     "unpack_cpu_weights",
 ]

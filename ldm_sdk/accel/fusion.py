@@ -44,11 +44,10 @@ A bare norm passed as ``module`` itself cannot be replaced in place (wrap it, or
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
-import torch
 from torch import Tensor, nn
 
 from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, geglu, group_norm_act
@@ -293,41 +292,21 @@ def fuse_model(module: nn.Module, *, backend: Backend = "auto") -> FusionReport:
     return FusionReport(backend=backend, skipped=tuple(skipped), **counts)
 
 
-def half_precision_on_cuda(modules: Sequence[nn.Module]) -> bool:
-    """True when every module's weights are on CUDA in fp16 / bf16: where fusing pays (two kernels instead
-    of about five, one rounding instead of two) and the float32 / CPU numerics stay untouched."""
-    firsts = [next(m.parameters(), None) for m in modules]
-    return bool(firsts) and all(
-        p is not None and p.is_cuda and p.dtype in (torch.float16, torch.bfloat16) for p in firsts
-    )
-
-
-def prepare_cuda_inference(module: nn.Module) -> FusionReport | None:
-    """For a model whose weights are on CUDA in fp16 / bf16: :func:`fuse_model` (backend ``"auto"``) and
-    channels_last weights (``module.to(memory_format=torch.channels_last)``); else nothing (``None``).
-
-    Why channels_last: cuDNN's Hopper convolution kernels work in NHWC and convert NCHW tensors on the
-    way in and out; with channels_last weights the SD-1.5 UNet step went from 10.5 to 7.5 ms of GPU time
-    (H100, fp16, fused, docs/benchmarks.md), the VAE decode from 10.7 to 8.3 ms. The fused GroupNorm
-    kernels have a channels_last path of their own. Accuracy against float32 is unchanged (a different
-    convolution algorithm: other roundings of the same size). The runtime calls this on every model it
-    loads, so eager and CUDA-graph runs of a cached model share the same numerics.
-    """
-    if not half_precision_on_cuda([module]):
-        return None
-    report = fuse_model(module)
-    module.to(memory_format=torch.channels_last)
-    return report
-
-
 def unfuse_model(module: nn.Module) -> int:
     """Undo :func:`fuse_model` in place: fused norms / GEGLUs back to their original classes (same
-    Parameters), absorbed SiLUs back to ``nn.SiLU``. Returns how many modules were restored."""
+    Parameters), absorbed SiLUs back to ``nn.SiLU``, and the blocks of
+    :func:`~ldm_sdk.accel.block_fusion.fuse_blocks` back to their classes (each names its ``unfused_class``).
+    Returns how many modules were restored."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"unfuse_model takes an nn.Module, got {type(module).__name__}")
     restored = 0
     for parent in list(module.modules()):
         for child_name, child in list(parent._modules.items()):
+            original = getattr(type(child), "unfused_class", None)
+            if original is not None and type(child) is not original:  # a fused block (block_fusion.py)
+                child.__class__ = original
+                child.__dict__.pop("fusion_backend", None)
+                restored += 1
             replacement: nn.Module | None = None
             if isinstance(child, FusedGroupNorm | FusedGEGLU):
                 replacement = child.unfused()

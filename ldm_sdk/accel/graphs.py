@@ -422,7 +422,7 @@ def accelerate_denoiser(
     stage, whose decode follows sampling), the module, or the ``modules`` of a plain function. ``None``
     (default): only where capture runs (mode ``"auto"`` / ``"graph"``) and every watched module's weights
     are on CUDA in fp16 / bf16 -- there the fused ops replace ~5 kernels by 2 and round once instead of
-    twice, and the weights become channels_last (:func:`ldm_sdk.accel.fusion.prepare_cuda_inference`, what
+    twice, and the weights become channels_last (:func:`ldm_sdk.accel.prepare.prepare_cuda_inference`, what
     the runtime does at load); float32 and CPU models are left exactly as they are. Fused modules stay
     fused (the eager ``bundle.apply_model`` runs them too); :func:`ldm_sdk.accel.fusion.unfuse_model`
     undoes the fusion.
@@ -454,7 +454,7 @@ def accelerate_denoiser(
         )
     targets = [source] if isinstance(source, ModelBundle) else watched
     if fuse is None and _fusion_pays(mode, watched):
-        from ldm_sdk.accel.fusion import prepare_cuda_inference
+        from ldm_sdk.accel.prepare import prepare_cuda_inference
 
         for target in targets:
             prepare_cuda_inference(target)
@@ -470,7 +470,7 @@ def accelerate_denoiser(
 
 def _fusion_pays(mode: CaptureMode, modules: Sequence[nn.Module]) -> bool:
     """``fuse=None``: capture runs and every module's weights are on CUDA in half precision."""
-    from ldm_sdk.accel.fusion import half_precision_on_cuda
+    from ldm_sdk.accel.prepare import half_precision_on_cuda
 
     return mode in ("auto", "graph") and half_precision_on_cuda(modules)
 

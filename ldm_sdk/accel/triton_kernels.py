@@ -5,6 +5,11 @@ What
 * :func:`group_norm_act` -- ``act(group_norm(x) * weight + bias)`` with ``act`` in ``"none"`` / ``"silu"``:
   what ``GroupNorm32`` + ``nn.SiLU`` (UNet) and ``nn.GroupNorm`` + ``nonlinearity`` (first stage) compute,
   in two kernels (statistics, then normalise-affine-activation) instead of ~5 (casts, norm, SiLU).
+* ``shift=`` (optional, ``(N, C)``): ``act(group_norm(x + shift[:, :, None, ...]) * weight + bias)``, a
+  per-(sample, channel) value added to the input before the statistics. A ResBlock's ``in_layers`` conv
+  bias plus its timestep embedding ``emb_layers(emb)`` is such a value, so the conv can run without bias
+  and the ``h + emb_out[..., None, None]`` add and the bias add are folded into the following norm: two
+  elementwise passes over the activation fewer.
 * :func:`geglu` -- ``a * gelu(gate)`` for ``a, gate = h.chunk(2, -1)`` (the GEGLU feed-forward of the
   transformer blocks; exact erf GELU, torch's default) in one kernel instead of three.
 * :func:`group_norm_act_reference` / :func:`geglu_reference` -- the same maths in torch, in float32: the
@@ -26,13 +31,17 @@ Numerics
   not taken by the kernels), and the result is rounded once to the input dtype. GroupNorm32's float32
   round trip is therefore kept (the unfused path rounds twice in half precision: after the norm and after
   the SiLU; the fused one rounds once, so it is at least as accurate).
+* ``shift`` (any floating dtype) is read in float32 (float64 by the reference for float64 ``x``) and
+  ``x + shift`` is formed in float32 where ``x`` is read (statistics and apply pass alike): the sum is
+  never rounded to ``x.dtype``, so the result is still rounded once. Without ``shift`` the kernels are
+  the same as before (a constexpr ``HAS_SHIFT`` flag; bit-identical results).
 * Statistics: each program keeps a per-lane Welford state (count, mean, M2) over its chunk of a group,
   combines its lanes with the parallel (Chan et al.) formula ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``,
   and the apply pass merges the chunks of a group the same way (channels_last: lanes, then columns, then
   the group's columns in a tile, then the tiles and chunks, all by the same formula). No sum /
   sum-of-squares in low precision.
   Variance is the biased one (divide by the group size), as ``torch.nn.functional.group_norm``.
-* Normalisation is ``(x - mean) * (rstd * w) + b`` (no ``x * scale + shift`` cancellation); SiLU is
+* Normalisation is ``(x - mean) * (rstd * w) + b`` (no ``x * scale + offset`` cancellation); SiLU is
   ``y / (1 + exp(-y))``; GELU is ``0.5 g (1 + erf(g / sqrt 2))``. The float32 results differ from torch's
   float32 ones by a few float32 ulps, so after rounding to fp16 / bf16 they are equal or one output ulp
   apart (values within ~1e-4 of zero after a cancellation can differ by a few float32 ulps in absolute
@@ -61,7 +70,7 @@ that only index -- group counts, splits -- are not specialised by Triton, to kee
   divides ``BLOCK_C``) or at most two. The statistics program reduces per column, then per group of the
   tile (Chan), and writes one partial (mean, M2, count) per (group, part, chunk), part = which of the
   group's (at most two) tiles; the apply program merges the partials of the groups its tile touches and
-  normalises with per-column scale / shift. Narrow column tiles keep that merge small (it grows with the
+  normalises with per-column scale / offset. Narrow column tiles keep that merge small (it grows with the
   groups per tile times ``split``).
 * GEGLU: ``(rows / BLOCK_R, inner / BLOCK_C)`` tiles of about 2048 outputs, ``BLOCK_C`` picked among
   128..1024 to waste at most 1/8 of a row (SD-1.5's inner widths 1280 / 2560 / 5120 give 256 / 512 / 1024).
@@ -122,15 +131,22 @@ def group_norm_act_reference(
     num_groups: int,
     eps: float,
     act: Act = "none",
+    *,
+    shift: Tensor | None = None,
 ) -> Tensor:
-    """``act(F.group_norm(x, ...))`` computed in float32 (float64 for float64 ``x``), cast to ``x.dtype``
-    once, in ``x``'s memory format. For float32 inputs this is exactly ``GroupNorm32`` followed by
-    ``nn.SiLU`` (the same torch calls in the same order)."""
-    _check_group_norm(x, weight, bias, num_groups, eps, act)
+    """``act(F.group_norm(x + shift[:, :, None, ...], ...))`` computed in float32 (float64 for float64
+    ``x``), cast to ``x.dtype`` once, in ``x``'s memory format; ``shift`` (``(N, C)``, optional) is cast to
+    the compute dtype and added there (the sum is not rounded to ``x.dtype``). Without ``shift``, for
+    float32 inputs this is exactly ``GroupNorm32`` followed by ``nn.SiLU`` (the same torch calls in the
+    same order)."""
+    _check_group_norm(x, weight, bias, num_groups, eps, act, shift)
     ct = _compute_dtype(x.dtype)
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
-    y = F.group_norm(x.to(ct), num_groups, w, b, eps)
+    xf = x.to(ct)
+    if shift is not None:
+        xf = xf + shift.to(ct).reshape(*shift.shape, *(1,) * (x.dim() - 2))
+    y = F.group_norm(xf, num_groups, w, b, eps)
     if act == "silu":
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
@@ -238,12 +254,15 @@ def group_norm_act(
     eps: float,
     act: Act = "none",
     *,
+    shift: Tensor | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
-    """Fused GroupNorm + optional SiLU (see the module doc); ``backend`` picks Triton or the reference."""
-    if _use_triton(backend, "group_norm_act", x, weight, bias):
-        return group_norm_act_triton(x, weight, bias, num_groups, eps, act)
-    return group_norm_act_reference(x, weight, bias, num_groups, eps, act)
+    """Fused GroupNorm + optional SiLU (see the module doc): ``act(group_norm(x + shift[:, :, None, ...]) *
+    weight + bias)``, ``shift`` an optional ``(N, C)`` tensor added in float32 before the statistics;
+    ``backend`` picks Triton or the reference."""
+    if _use_triton(backend, "group_norm_act", x, weight, bias, shift):
+        return group_norm_act_triton(x, weight, bias, num_groups, eps, act, shift=shift)
+    return group_norm_act_reference(x, weight, bias, num_groups, eps, act, shift=shift)
 
 
 def geglu(h: Tensor, *, backend: Backend = "auto") -> Tensor:
@@ -255,7 +274,13 @@ def geglu(h: Tensor, *, backend: Backend = "auto") -> Tensor:
 
 # -- argument checks ---------------------------------------------------------------------------------------
 def _check_group_norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, act: str
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    act: str,
+    shift: Tensor | None = None,
 ) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
@@ -276,6 +301,27 @@ def _check_group_norm(
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACTIVATIONS)}")
+    if shift is not None:
+        _check_shift(x, shift)
+
+
+def _check_shift(x: Tensor, shift: Tensor) -> None:
+    """``shift``: a floating-point ``(N, C)`` tensor on ``x``'s device."""
+    n, c = x.shape[0], x.shape[1]
+    if not isinstance(shift, Tensor):
+        raise ValueError(
+            f"shift must be None or a floating-point tensor of shape (N, C) = ({n}, {c}), got a "
+            f"{type(shift).__name__}"
+        )
+    if tuple(shift.shape) != (n, c):
+        raise ValueError(
+            f"shift must be None or a tensor of shape (N, C) = ({n}, {c}) (one value per sample and "
+            f"channel of x), got shape {tuple(shift.shape)}"
+        )
+    if not shift.is_floating_point():
+        raise ValueError(f"shift must be a floating-point tensor (any float dtype), got {shift.dtype}")
+    if shift.device != x.device:
+        raise ValueError(f"shift is on {shift.device} but x is on {x.device}: shift must be on x's device")
 
 
 def _check_geglu(h: Tensor) -> None:
@@ -424,13 +470,15 @@ def group_norm_act_triton(
     eps: float,
     act: Act = "none",
     *,
+    shift: Tensor | None = None,
     target_programs: int | None = None,
     max_block: int = MAX_BLOCK,
 ) -> Tensor:
-    """:func:`group_norm_act` through the Triton kernels. ``target_programs`` / ``max_block`` tune the launch
-    plan (:func:`plan_group_norm`; defaults: 4 x the SM count, 2048); the result does not depend on them
-    beyond float32 rounding of the statistics."""
-    _check_group_norm(x, weight, bias, num_groups, eps, act)
+    """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, any float dtype)
+    is copied to a float32 ``(N * C)`` buffer and added to ``x`` in float32 by both passes.
+    ``target_programs`` / ``max_block`` tune the launch plan (:func:`plan_group_norm`; defaults: 4 x the
+    SM count, 2048); the result does not depend on them beyond float32 rounding of the statistics."""
+    _check_group_norm(x, weight, bias, num_groups, eps, act, shift)
     _check_kernel_input(x, "group_norm_act")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.device != x.device:
@@ -453,9 +501,12 @@ def group_norm_act_triton(
     groups_total = plan.n * num_groups
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else x
+    # shift[n, c] at n C + c, float32 (tiny: N * C values)
+    sh = shift.to(torch.float32).contiguous() if shift is not None else x
+    has_shift = shift is not None
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
-    common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "ACT": act}
+    common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_SHIFT": has_shift, "ACT": act}
     if channels_last:
         # partials per (sample, group, part, chunk), part = the column tile of the group's first channel
         # (0) or the next one (1); count explicit (a part holds any number of the group's channels)
@@ -471,12 +522,15 @@ def group_norm_act_triton(
             "BLOCK_G": plan.block_g,
             "PARTS": plan.parts,
         }
-        _gn_stats_nhwc_kernel[grid](x, mean, m2, count, *sizes, **tiles, num_warps=plan.num_warps)
+        _gn_stats_nhwc_kernel[grid](
+            x, sh, mean, m2, count, *sizes, **tiles, HAS_SHIFT=has_shift, num_warps=plan.num_warps
+        )
         _gn_apply_nhwc_kernel[grid](
             x,
             y,
             w,
             b,
+            sh,
             mean,
             m2,
             count,
@@ -493,11 +547,15 @@ def group_norm_act_triton(
         length = cg * plan.s
         _gn_stats_ncs_kernel[(groups_total, plan.stats.split)](
             x,
+            sh,
             mean,
             m2,
+            plan.s,
+            cg,
             length,
             plan.stats.chunk,
             plan.stats.split,
+            HAS_SHIFT=has_shift,
             BLOCK=plan.block,
             num_warps=plan.num_warps,
         )
@@ -506,6 +564,7 @@ def group_norm_act_triton(
             y,
             w,
             b,
+            sh,
             mean,
             m2,
             plan.c,
@@ -600,9 +659,24 @@ if triton is not None:
             y = y / (1.0 + tl.exp(-y))
         return y
 
-    @triton.jit(do_not_specialize=["SPLIT"])
-    def _gn_stats_ncs_kernel(x_ptr, mean_ptr, m2_ptr, L, CHUNK, SPLIT, BLOCK: tl.constexpr):
-        """Contiguous (N, C, S): group g is the run ``[g L, (g + 1) L)``; program (g, k) reduces chunk k."""
+    @triton.jit(do_not_specialize=["S", "CG", "SPLIT"])
+    def _gn_stats_ncs_kernel(
+        x_ptr,
+        shift_ptr,
+        mean_ptr,
+        m2_ptr,
+        S,
+        CG,
+        L,
+        CHUNK,
+        SPLIT,
+        HAS_SHIFT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Contiguous (N, C, S): group g is the run ``[g L, (g + 1) L)``; program (g, k) reduces chunk k.
+        With ``HAS_SHIFT``, element ``idx`` of group g (of sample n) is in channel ``(g % G) CG + idx // S``,
+        so its shift is ``shift[n C + (g % G) CG + idx // S] = shift[g CG + idx // S]`` (``S``, ``CG`` are
+        only read then)."""
         group = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
         x_group = x_ptr + group * L
@@ -615,6 +689,8 @@ if triton is not None:
             idx = start + i + offs
             valid = idx < L
             x = tl.load(x_group + idx, mask=valid, other=0.0).to(tl.float32)
+            if HAS_SHIFT:  # invalid lanes stay 0 (shift loaded as 0 there)
+                x = x + tl.load(shift_ptr + group * CG + idx // S, mask=valid, other=0.0)
             count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK)
         mu, m2_sum = _welford_finish(count, mean, m2)
         tl.store(mean_ptr + group * SPLIT + k, mu)
@@ -626,6 +702,7 @@ if triton is not None:
         y_ptr,
         w_ptr,
         b_ptr,
+        shift_ptr,
         mean_ptr,
         m2_ptr,
         C,
@@ -638,11 +715,13 @@ if triton is not None:
         eps,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         ACT: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_SPLIT: tl.constexpr,
     ):
-        """Contiguous (N, C, S): program (n C + c, k) normalises chunk k of channel c's spatial run."""
+        """Contiguous (N, C, S): program (n C + c, k) normalises chunk k of channel c's spatial run (after
+        adding ``shift[n C + c]`` with ``HAS_SHIFT``)."""
         row = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
         c = row % C
@@ -652,9 +731,12 @@ if triton is not None:
         scale = rstd
         if HAS_W:
             scale = scale * tl.load(w_ptr + c).to(tl.float32)
-        shift = 0.0
+        beta = 0.0
         if HAS_B:
-            shift = tl.load(b_ptr + c).to(tl.float32)
+            beta = tl.load(b_ptr + c).to(tl.float32)
+        x_shift = 0.0
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + row)
         x_row = x_ptr + row * S
         y_row = y_ptr + row * S
         start = k * CHUNK
@@ -663,7 +745,9 @@ if triton is not None:
             idx = start + i + offs
             valid = idx < S
             x = tl.load(x_row + idx, mask=valid, other=0.0).to(tl.float32)
-            y = _activate((x - mean) * scale + shift, ACT)
+            if HAS_SHIFT:
+                x = x + x_shift
+            y = _activate((x - mean) * scale + beta, ACT)
             tl.store(y_row + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
@@ -685,6 +769,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["G", "SPLIT"])
     def _gn_stats_nhwc_kernel(
         x_ptr,
+        shift_ptr,
         mean_ptr,
         m2_ptr,
         count_ptr,
@@ -698,12 +783,14 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_G: tl.constexpr,
         PARTS: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
     ):
         """channels_last (N, S, C): program (n tiles + t, k) reduces rows ``[k CHUNK, (k + 1) CHUNK)`` of
         column tile t (``BLOCK_C`` contiguous channels, coalesced) per lane, then per column (Chan), then
         per group of the tile (Chan over the group's columns), and writes one partial per touched group:
         part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the tile it
-        starts in also writes an empty part 1, so every slot is written)."""
+        starts in also writes an empty part 1, so every slot is written). With ``HAS_SHIFT`` the tile's
+        ``shift[n C + cols]`` is added to every valid element (invalid ones stay 0)."""
         n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
         x_tile = x_ptr + n * S * C
@@ -711,11 +798,15 @@ if triton is not None:
         count = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
         start = k * CHUNK
         for i in range(0, CHUNK, BLOCK_S):
             r = start + i + rows
             valid = (r < S)[:, None] & col_ok[None, :]
             x = tl.load(x_tile + r[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                x = tl.where(valid, x + x_shift[None, :], 0.0)
             count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK_S)
         # per column: Chan over the rows
         col_n = tl.sum(count, axis=0)
@@ -748,6 +839,7 @@ if triton is not None:
         y_ptr,
         w_ptr,
         b_ptr,
+        shift_ptr,
         mean_ptr,
         m2_ptr,
         count_ptr,
@@ -760,6 +852,7 @@ if triton is not None:
         eps,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         ACT: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -769,7 +862,8 @@ if triton is not None:
     ):
         """channels_last: program (n tiles + t, k) merges the partials of the groups its column tile
         touches (Chan), spreads their mean / rstd over the columns, and normalises rows
-        ``[k CHUNK, (k + 1) CHUNK)`` of the tile with per-column scale and shift."""
+        ``[k CHUNK, (k + 1) CHUNK)`` of the tile with per-column scale and offset (after adding the
+        tile's ``shift[n C + cols]`` with ``HAS_SHIFT``)."""
         n, _, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BLOCK_PS)
@@ -787,9 +881,11 @@ if triton is not None:
         scale = tl.sum(tl.where(hot, grp_rstd[:, None], 0.0), axis=0)
         if HAS_W:
             scale = scale * tl.load(w_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
-        shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+        beta = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_B:
-            shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
         offset = n * S * C
         rows = tl.arange(0, BLOCK_S)
         start = k * CHUNK
@@ -798,7 +894,9 @@ if triton is not None:
             valid = (r < S)[:, None] & col_ok[None, :]
             idx = offset + r[:, None] * C + cols[None, :]
             x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-            y = _activate((x - mu[None, :]) * scale[None, :] + shift[None, :], ACT)
+            if HAS_SHIFT:
+                x = x + x_shift[None, :]
+            y = _activate((x - mu[None, :]) * scale[None, :] + beta[None, :], ACT)
             tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit(do_not_specialize=["ROWS"])

@@ -115,7 +115,7 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
 
     e.eager_call_unet = e.call_unet  # type: ignore[attr-defined]  # FLOPs: a graph replay dispatches no ops
     if torch.device(args.device).type == "cuda":
-        from ldm_sdk.accel.fusion import prepare_cuda_inference
+        from ldm_sdk.accel.prepare import prepare_cuda_inference
 
         fused = [r for r in (prepare_cuda_inference(e.unet), prepare_cuda_inference(e.vae)) if r is not None]
         captured = CapturedModel(

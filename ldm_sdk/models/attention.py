@@ -22,6 +22,13 @@ __all__ = [
 ]
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D map stored that way (and not also contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` (queries) over ``context`` (keys/values; ``x`` itself when None)."""
 
@@ -213,7 +220,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=contexts[i if len(contexts) > 1 else 0])
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()  # b (h w) c -> b c h w
+        # b (h w) c -> b c h w, in x_in's memory format: for channels_last maps (the CUDA fast path) the
+        # token layout already is NHWC, so no copy is made; NCHW maps are copied to NCHW as before
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

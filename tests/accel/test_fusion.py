@@ -285,7 +285,7 @@ def test_every_family_runs_with_channels_last_weights_and_inputs(family: str) ->
 
 
 def test_prepare_cuda_inference_leaves_cpu_models_alone() -> None:
-    from ldm_sdk.accel.fusion import prepare_cuda_inference
+    from ldm_sdk.accel.prepare import prepare_cuda_inference
 
     bundle = random_bundle(SD1).eval()
     before = {k: (v.clone(), v.stride()) for k, v in bundle.state_dict().items()}

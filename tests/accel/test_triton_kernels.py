@@ -3,7 +3,9 @@
 CPU (always):
 
 * the float32 references against the closed-form maths written out here in float64 (group statistics,
-  affine, SiLU, erf-GELU), both memory formats, fp32 / bf16 / fp16;
+  affine, SiLU, erf-GELU), both memory formats, fp32 / bf16 / fp16, with and without a per-(sample,
+  channel) ``shift`` (truth: the float64 norm of ``x + shift``); ``shift=None`` is bit-identical to the
+  pre-``shift`` formula;
 * the references are bit-identical to the eager modules in float32 (``GroupNorm32`` + ``nn.SiLU``,
   ``nn.GroupNorm`` + ``F.silu``, ``GEGLU``): they make the same torch calls in the same order;
 * dispatch (``auto`` falls back off CUDA and under autograd), argument errors, the launch plans;
@@ -12,14 +14,16 @@ CPU (always):
   subprocess (:func:`interpreter_checks`): both memory formats, odd sizes, 3-D input, forced chunking,
   no affine, fp32 / bf16, channels_last group sizes 1..48 (whole groups per column tile and groups
   straddling two tiles), 1x1 maps, against float64, with fresh buffers NaN-filled so an unwritten output
-  or statistics partial fails (about 10 s).
+  or statistics partial fails; the same with ``shift`` (both layouts, chunking, straddling groups, shift
+  dtypes other than x's), and ``shift=None`` / ``shift=zeros`` bit-identical to no shift (about 15 s).
 
 GPU (mark ``gpu``, run by ``bench/validate_kernels.py``): the kernels against the float32 reference at the
 SD-1.5 UNet shapes (N=2, C 320..2560, 64x64..8x8) and the kl-f8 VAE shapes (C 128..512 up to 512x512), fp16
 / bf16, both memory formats, measured in ulps of the output dtype (:func:`compare_ulps`): every element
 within 1 ulp + ``2**-19 * max|ref|`` (two float32 evaluations differ by a few float32 ulps; this only
 matters for outputs within ~1e-4 of zero) and at most 1e-4 of the elements more than 1 ulp apart; the
-same bound against float64 truth; fp32 kernels against float64; replay under a CUDA graph.
+same bound against float64 truth; the same with a ``shift``; fp32 kernels against float64; replay under
+a CUDA graph.
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ def group_norm_truth(
     return y
 
 
+def shifted(x: Tensor, shift: Tensor | None) -> Tensor:
+    """``x + shift[:, :, None, ...]`` in float64 (the input the shifted GroupNorm normalises)."""
+    if shift is None:
+        return x.double()
+    return x.double() + shift.double().reshape(*shift.shape, *(1,) * (x.dim() - 2))
+
+
 def geglu_truth(h: Tensor) -> Tensor:
     """``a * 0.5 g (1 + erf(g / sqrt 2))`` in float64."""
     a, g = h.double().chunk(2, dim=-1)
@@ -107,6 +118,14 @@ def make_inputs(
     return x, w, b
 
 
+def make_shift(x: Tensor, dtype: torch.dtype | None = None, *, seed: int = 1) -> Tensor:
+    """A ``(N, C)`` shift like a conv bias plus a timestep embedding: O(1), with a nonzero mean, so it moves
+    the group means and varies within a group (each channel its own value)."""
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randn(x.shape[:2], generator=g) * 1.2 - 0.4
+    return shift.to(x.device, dtype or x.dtype)
+
+
 # -- references: closed forms, eager equality ----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -118,6 +137,67 @@ def test_group_norm_reference_matches_float64(dtype: torch.dtype, channels_last:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
     assert_close_to_truth(out, group_norm_truth(x, w, b, 4, 1e-5, act), f"reference {dtype} {act}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("act", ["none", "silu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_group_norm_reference_with_shift_matches_float64(
+    dtype: torch.dtype, channels_last: bool, act: str, affine: bool
+) -> None:
+    x, w, b = make_inputs((3, 12, 5, 7), dtype, channels_last=channels_last)
+    weight, bias = (w, b) if affine else (None, None)
+    shift = make_shift(x)
+    out = K.group_norm_act_reference(x, weight, bias, 4, 1e-5, act, shift=shift)  # type: ignore[arg-type]
+    assert out.dtype == dtype and out.shape == x.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    truth = group_norm_truth(shifted(x, shift), weight, bias, 4, 1e-5, act)
+    assert_close_to_truth(out, truth, f"reference + shift {dtype} {act} affine={affine}")
+    # the shift matters: without it the result is a different one
+    assert not torch.equal(out, K.group_norm_act_reference(x, weight, bias, 4, 1e-5, act))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "shift_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.float32, torch.float64),
+     (torch.float64, torch.float32)],
+    ids=str,
+)  # fmt: skip
+def test_group_norm_reference_shift_of_another_dtype(x_dtype: torch.dtype, shift_dtype: torch.dtype) -> None:
+    """Any floating shift; it is used in x's compute dtype (float32, float64 for float64 x), and the sum is
+    formed there: not rounded to ``x.dtype`` first."""
+    x, w, b = make_inputs((2, 8, 33), x_dtype)  # 3-D (AttentionBlock-like)
+    shift = make_shift(x, shift_dtype)
+    out = K.group_norm_act_reference(x, w, b, 2, 1e-6, "silu", shift=shift)
+    assert out.dtype == x_dtype
+    truth = group_norm_truth(shifted(x, shift.to(K._compute_dtype(x_dtype))), w, b, 2, 1e-6, "silu")
+    if x_dtype == torch.float64:
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+    else:
+        assert_close_to_truth(out, truth, f"{x_dtype} x, {shift_dtype} shift")
+    ct = K._compute_dtype(x_dtype)
+    unrounded = F.silu(F.group_norm(x.to(ct) + shift.to(ct)[..., None], 2, w.to(ct), b.to(ct), 1e-6))
+    assert torch.equal(out, unrounded.to(x_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_reference_without_shift_is_unchanged(dtype: torch.dtype, channels_last: bool) -> None:
+    """``shift=None`` (or no ``shift``) is bit for bit the formula the reference had before ``shift``."""
+    x, w, b = make_inputs((2, 12, 5, 7), dtype, channels_last=channels_last)
+    ct = K._compute_dtype(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for act in ("none", "silu"):
+        before = F.group_norm(x.to(ct), 4, w.to(ct), b.to(ct), 1e-5)
+        before = (F.silu(before) if act == "silu" else before).to(dtype).contiguous(memory_format=fmt)
+        for out in (
+            K.group_norm_act_reference(x, w, b, 4, 1e-5, act),  # type: ignore[arg-type]
+            K.group_norm_act_reference(x, w, b, 4, 1e-5, act, shift=None),  # type: ignore[arg-type]
+            K.group_norm_act(x, w, b, 4, 1e-5, act, shift=None),  # type: ignore[arg-type]
+        ):
+            assert torch.equal(out, before) and out.stride() == before.stride()
 
 
 def test_group_norm_reference_without_affine_and_3d() -> None:
@@ -182,6 +262,17 @@ def test_autograd_falls_back_or_is_refused() -> None:
             K.group_norm_act(x, w, b, 4, 1e-5, "silu", backend="triton")
 
 
+def test_autograd_through_shift_falls_back_or_is_refused() -> None:
+    """``shift`` counts for the autograd check: a shift that needs a gradient takes the reference."""
+    x, w, b = make_inputs((2, 8, 4, 4), torch.float32)
+    shift = make_shift(x).requires_grad_(True)
+    K.group_norm_act(x, w, b, 4, 1e-5, "silu", shift=shift).sum().backward()
+    assert shift.grad is not None and shift.grad.shape == (2, 8) and torch.isfinite(shift.grad).all()
+    if K.triton_available():
+        with pytest.raises(RuntimeError, match="no backward"):
+            K.group_norm_act(x, w, b, 4, 1e-5, "silu", shift=shift, backend="triton")
+
+
 @pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
 def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -212,6 +303,33 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter() -> None:
 def test_argument_errors_say_what_is_valid(call: Callable[[Tensor], object], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         call(torch.randn(2, 8, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("shift", "words"),
+    [
+        (torch.zeros(2, 9), r"shape \(N, C\) = \(2, 8\).*got shape \(2, 9\)"),
+        (torch.zeros(8), r"shape \(N, C\) = \(2, 8\).*got shape \(8,\)"),
+        (torch.zeros(2, 8, 1, 1), r"shape \(N, C\) = \(2, 8\).*got shape \(2, 8, 1, 1\)"),
+        (torch.zeros(2, 8, dtype=torch.long), "floating-point tensor .*got torch.int64"),
+        (torch.zeros(2, 8, dtype=torch.bool), "floating-point tensor .*got torch.bool"),
+        (torch.zeros(2, 8, device="meta"), "shift is on meta but x is on cpu: shift must be on x's device"),
+        ([[0.0] * 8] * 2, "shift must be None or a floating-point tensor of shape .*got a list"),
+    ],
+    ids=["channels", "1-d", "4-d", "long", "bool", "device", "list"],
+)
+@pytest.mark.parametrize("entry", ["reference", "dispatch", "triton"])
+def test_shift_errors_say_what_is_valid(shift: object, words: str, entry: str) -> None:
+    x = torch.randn(2, 8, 4, 4)
+    if entry == "triton" and not K.triton_available():
+        pytest.skip("triton is not installed")
+    call = {
+        "reference": K.group_norm_act_reference,
+        "dispatch": K.group_norm_act,
+        "triton": K.group_norm_act_triton,
+    }[entry]
+    with torch.no_grad(), pytest.raises(ValueError, match=words):
+        call(x, None, None, 4, 1e-5, shift=shift)  # type: ignore[operator]
 
 
 # -- launch plans --------------------------------------------------------------------------------------------
@@ -342,6 +460,50 @@ def interpreter_checks() -> list[str]:
             what = f"group_norm_act{shape} G={groups} {dtype} cl={channels_last} {act} affine={affine}"
             assert_close_to_truth(out, group_norm_truth(x, weight, bias, groups, 1e-5, act), what)
             done.append(what)
+        # shift: x + shift[n, c] formed in float32 in both passes; both layouts, chunked group runs whose
+        # tiles cross channel boundaries (contiguous: the shift is gathered per element), groups straddling
+        # channels_last column tiles, partial last tiles, 3-D input, shift dtypes other than x's
+        shift_cases = [
+            # shape, groups, dtype, shift dtype, channels_last, act, affine, max_block, target_programs
+            ((2, 12, 5, 7), 4, torch.float32, torch.float32, False, "silu", True, 16, 32),
+            ((2, 12, 5, 7), 4, torch.bfloat16, torch.bfloat16, False, "none", False, 16, 32),
+            ((2, 8, 33), 2, torch.bfloat16, torch.float32, False, "silu", True, 16, 16),  # 3-D
+            ((3, 12, 5, 7), 4, torch.bfloat16, torch.bfloat16, True, "silu", True, 16, 32),  # C/G 3, 1 tile
+            ((2, 40, 5, 7), 4, torch.float32, torch.bfloat16, True, "silu", True, 64, 64),  # C/G 10, straddle
+            ((2, 160, 4, 4), 8, torch.bfloat16, torch.bfloat16, True, "none", True, 128, 64),  # C/G 20, split
+            ((1, 96, 5, 7), 2, torch.bfloat16, torch.float16, True, "silu", False, 2048, None),  # C/G 48
+            ((2, 32, 5, 7), 32, torch.float32, torch.float32, True, "none", False, 16, 64),  # C/G 1
+        ]
+        for shape, groups, dtype, shift_dtype, channels_last, act, affine, max_block, target in shift_cases:
+            x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
+            weight, bias = (w, b) if affine else (None, None)
+            shift = make_shift(x, shift_dtype)
+            out = K.group_norm_act_triton(
+                x, weight, bias, groups, 1e-5, act, shift=shift, max_block=max_block, target_programs=target
+            )
+            assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
+            what = (
+                f"group_norm_act{shape} G={groups} {dtype} + {shift_dtype} shift cl={channels_last} {act} "
+                f"affine={affine}"
+            )
+            truth = group_norm_truth(shifted(x, shift.float()), weight, bias, groups, 1e-5, act)
+            assert_close_to_truth(out, truth, what)
+            done.append(what)
+        # no shift: shift=None and a zero shift (x + 0.0 is exact) are bit for bit the unshifted kernels
+        for shape, dtype, channels_last, max_block in (
+            ((2, 12, 5, 7), torch.bfloat16, False, 16),
+            ((2, 40, 5, 7), torch.float32, True, 64),
+        ):
+            x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
+            kwargs = {"max_block": max_block, "target_programs": 32}
+            plain = K.group_norm_act_triton(x, w, b, 4, 1e-5, "silu", **kwargs)  # type: ignore[arg-type]
+            for shift in (None, torch.zeros(shape[:2], dtype=dtype)):
+                out = K.group_norm_act_triton(x, w, b, 4, 1e-5, "silu", shift=shift, **kwargs)  # type: ignore[arg-type]
+                assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                   plain.view(torch.int16 if dtype != torch.float32 else torch.int32)), (
+                    f"shift={'None' if shift is None else 'zeros'} changed the unshifted result {shape}"
+                )  # fmt: skip
+            done.append(f"group_norm_act{shape} {dtype} cl={channels_last}: shift None / zeros == no shift")
         x, w, b = make_inputs((2, 12, 6, 5), torch.float32)
         strided = x.transpose(2, 3)  # neither contiguous nor channels_last: copied first
         out = K.group_norm_act_triton(strided, w, b, 4, 1e-6, "silu")
@@ -387,7 +549,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 18, done
+    assert len(done) == 18 + 8 + 2, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -442,6 +604,32 @@ def test_group_norm_kernel_ulps_vae_shapes(dtype: torch.dtype, channels_last: bo
         for act in ("silu", "none")
         for f in _gpu_case(s, dtype, channels_last, act, 1e-6)
     ]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_kernel_ulps_with_shift_sd15_shapes(dtype: torch.dtype, channels_last: bool) -> None:
+    """A ResBlock's norm with its conv bias + timestep embedding folded in as ``shift`` (model dtype)."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    failures = []
+    for shape in SD15_SHAPES:
+        x, w, b = make_inputs(shape, dtype, channels_last=channels_last, device="cuda", seed=shape[1])
+        shift = make_shift(x, seed=shape[1] + 1)
+        out = K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu", shift=shift)
+        torch.cuda.synchronize()
+        assert out.stride() == x.stride() and out.dtype == dtype
+        for name, ref in (
+            ("float32 reference", K.group_norm_act_reference(x, w, b, 32, 1e-5, "silu", shift=shift)),
+            ("float64 truth", group_norm_truth(shifted(x, shift), w, b, 32, 1e-5, "silu")),
+        ):
+            report = compare_ulps(out, ref)
+            if not report.ok():
+                failures.append(f"{shape} {dtype} cl={channels_last} + shift vs {name}: {report}")
+        assert torch.equal(K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu", shift=None),
+                           K.group_norm_act_triton(x, w, b, 32, 1e-5, "silu"))  # fmt: skip
     assert not failures, "\n".join(failures)
 
 

@@ -1,0 +1,332 @@
+"""Fused forwards of the residual and transformer blocks: conv biases, the timestep embedding and the
+residual adds folded into the norms and into one epilogue kernel.
+
+Why: a profile of the CUDA-graph-replayed SD-1.5 step (H100, fp16, channels_last, norms already fused)
+showed ~120 generic broadcast-add kernels per step (cuDNN convolutions add their bias in a separate pass,
+then the timestep embedding is added in another) and ~86 residual adds; each is a full read and write of an
+activation. The VAE decoder pays the same at 512 x 512. This pass removes them by *data flow*, not by new
+weights: the forwards below call the same Parameters in a different order.
+
+What :func:`fuse_blocks` does, in place, by switching an instance's class to a subclass with its own
+``forward`` (state-dict keys, Parameters and submodules are untouched; :func:`unfuse_blocks` switches back):
+
+* UNet ``ResBlock`` (not ``use_scale_shift_norm``) -> :class:`FusedResBlock`::
+
+      h = conv1(silu(norm1(x)))                       # conv without its bias
+      h = silu(norm2(h + [conv1.bias + emb_layers(emb)]))   # one fused GroupNorm with a per-(n, c) shift
+      out = conv2(h) + [conv2.bias (+ skip.bias)] + skip(x)  # one bias + residual kernel
+
+* first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding);
+* ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: the residual add after ``attn1`` / ``attn2``
+  and the following LayerNorm are one :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`;
+* ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
+  map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
+  bias add is the GEMM's epilogue (cuBLASLt), with no layout copy.
+
+A block is fused only where its norms are already :class:`~ldm_sdk.accel.fusion.FusedGroupNorm` with the
+SiLU absorbed (run :func:`~ldm_sdk.accel.fusion.fuse_model` first; :func:`~ldm_sdk.accel.fusion.
+prepare_cuda_inference` does both) and its convolutions are plain zero-padded ``nn.Conv2d``. In training
+mode (dropout active) and whenever a norm has been unfused since, the original forward runs.
+
+Numerics: the sums are formed in float32 and rounded once (the eager fp16 path rounds after the conv, after
+the bias, after the embedding add and after the residual add), so the fused blocks are at least as accurate;
+the outputs differ from the unfused model by about one half-precision rounding per block. In float32 they
+differ by float32 evaluation order only (the tests bound it). The ops dispatch like the norm kernels:
+Triton on CUDA, the float32 torch references elsewhere (those are differentiable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm_sdk.accel.fusion import FusedGroupNorm
+from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
+from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, group_norm_act
+from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
+from ldm_sdk.models.autoencoder import ResnetBlock
+from ldm_sdk.models.unet import ResBlock
+
+
+# -- shared pieces -------------------------------------------------------------------------------------------
+def _silu_norm(module: nn.Module | None) -> FusedGroupNorm | None:
+    """``module`` when it is a fused norm that applies the SiLU after it, else None."""
+    if isinstance(module, FusedGroupNorm) and module.act == "silu":
+        return module
+    return None
+
+
+def _plain_conv(module: nn.Module | None) -> bool:
+    """A zero-padded ``nn.Conv2d`` with a bias: what the fused forwards can call without its bias."""
+    return (
+        type(module) is nn.Conv2d
+        and cast(nn.Conv2d, module).padding_mode == "zeros"
+        and cast(nn.Conv2d, module).bias is not None
+    )
+
+
+def _conv_no_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _norm_shift(norm: FusedGroupNorm, h: Tensor, shift: Tensor, backend: Backend) -> Tensor:
+    return group_norm_act(
+        h, norm.weight, norm.bias, norm.num_groups, norm.eps, norm.act, shift=shift, backend=backend
+    )
+
+
+def _skip(skip: nn.Module | None, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(residual without its bias, the bias to add): a skip conv's bias joins ``bias``."""
+    if skip is None or isinstance(skip, nn.Identity):
+        return x, bias
+    conv = cast(nn.Conv2d, skip)
+    return _conv_no_bias(conv, x), bias + cast(Tensor, conv.bias)
+
+
+def _backend(module: nn.Module) -> Backend:
+    return cast(Backend, getattr(module, "fusion_backend", "auto"))
+
+
+# -- UNet ResBlock -------------------------------------------------------------------------------------------
+class FusedResBlock(ResBlock):
+    """``ResBlock`` whose eval forward folds conv1's bias and the timestep embedding into the output norm
+    and adds conv2's bias and the skip in one kernel (see the module doc)."""
+
+    unfused_class: ClassVar[type[nn.Module]] = ResBlock
+    fusion_backend: Backend
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        norm1 = _silu_norm(self.in_layers[0])
+        norm2 = _silu_norm(self.out_layers[0])
+        if self.training or norm1 is None or norm2 is None:
+            return ResBlock._forward(self, x, emb)
+        backend = _backend(self)
+        conv1 = cast(nn.Conv2d, self.in_layers[-1])
+        conv2 = cast(nn.Conv2d, self.out_layers[-1])
+        h = norm1(x)
+        if self.updown:
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+        h = _conv_no_bias(conv1, h)
+        shift = self.emb_layers(emb).float() + cast(Tensor, conv1.bias).float()
+        h = _norm_shift(norm2, h, shift, backend)
+        h = _conv_no_bias(conv2, h)  # out_layers[2] is a dropout: the identity in eval
+        residual, bias = _skip(self.skip_connection, x, cast(Tensor, conv2.bias))
+        return bias_residual_add(h, bias, residual, backend=backend)
+
+
+def _resblock_fusable(block: ResBlock) -> str | None:
+    """Why ``block`` cannot be fused, or None."""
+    if block.use_scale_shift_norm:
+        return "use_scale_shift_norm (a FiLM scale / shift comes between the norm and the SiLU)"
+    if _silu_norm(block.in_layers[0]) is None or _silu_norm(block.out_layers[0]) is None:
+        return "its norms are not fused with their SiLU (run fuse_model first)"
+    if not isinstance(block.in_layers[1], nn.Identity) or not isinstance(block.out_layers[1], nn.Identity):
+        return "a SiLU module is still in place after a fused norm"
+    if not (_plain_conv(block.in_layers[-1]) and _plain_conv(block.out_layers[-1])):
+        return "its convolutions are not plain zero-padded nn.Conv2d with a bias"
+    if not isinstance(block.out_layers[2], nn.Dropout):
+        return "out_layers[2] is not a dropout"
+    if not (isinstance(block.skip_connection, nn.Identity) or _plain_conv(block.skip_connection)):
+        return "the skip connection is neither an identity nor a plain conv"
+    if not (isinstance(block.emb_layers[0], nn.SiLU) and type(block.emb_layers[1]) is nn.Linear):
+        return "emb_layers is not SiLU + Linear"
+    return None
+
+
+# -- first-stage ResnetBlock ---------------------------------------------------------------------------------
+class FusedResnetBlock(ResnetBlock):
+    """First-stage ``ResnetBlock`` with the fused eval forward of :class:`FusedResBlock`."""
+
+    unfused_class: ClassVar[type[nn.Module]] = ResnetBlock
+    fusion_backend: Backend
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        norm1, norm2 = _silu_norm(self.norm1), _silu_norm(self.norm2)
+        if self.training or norm1 is None or norm2 is None:
+            return ResnetBlock.forward(self, x, temb)
+        backend = _backend(self)
+        h = _conv_no_bias(self.conv1, norm1(x))
+        shift = cast(Tensor, self.conv1.bias).float().expand(h.shape[0], -1)
+        if temb is not None:
+            if not hasattr(self, "temb_proj"):
+                raise ValueError(
+                    "this ResnetBlock was built with temb_channels=0 and takes no time embedding"
+                )
+            shift = shift + self.temb_proj(F.silu(temb)).float()
+        h = _conv_no_bias(self.conv2, _norm_shift(norm2, h, shift, backend))
+        skip: nn.Module | None = None
+        if self.in_channels != self.out_channels:
+            skip = self.conv_shortcut if self.use_conv_shortcut else self.nin_shortcut
+        residual, bias = _skip(skip, x, cast(Tensor, self.conv2.bias))
+        return bias_residual_add(h, bias, residual, backend=backend)
+
+
+def _resnet_fusable(block: ResnetBlock) -> str | None:
+    if _silu_norm(block.norm1) is None or _silu_norm(block.norm2) is None:
+        return "its norms are not fused with their SiLU (run fuse_model first)"
+    if not isinstance(block.act1, nn.Identity) or not isinstance(block.act2, nn.Identity):
+        return "a SiLU module is still in place after a fused norm"
+    convs = [block.conv1, block.conv2]
+    if block.in_channels != block.out_channels:
+        convs.append(block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut)
+    if not all(_plain_conv(c) for c in convs):
+        return "its convolutions are not plain zero-padded nn.Conv2d with a bias"
+    if not isinstance(block.dropout, nn.Dropout):
+        return "dropout is not an nn.Dropout"
+    return None
+
+
+# -- transformer blocks --------------------------------------------------------------------------------------
+class FusedTransformerBlock(BasicTransformerBlock):
+    """``BasicTransformerBlock`` whose residual adds after the two attentions are fused with the next
+    LayerNorm (:func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`)."""
+
+    unfused_class: ClassVar[type[nn.Module]] = BasicTransformerBlock
+    fusion_backend: Backend
+
+    def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        if self.training:
+            return BasicTransformerBlock._forward(self, x, context)
+        backend = _backend(self)
+        a = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+        n2, n3 = self.norm2, self.norm3
+        x, h = add_layer_norm(a, x, n2.weight, n2.bias, n2.eps, backend=backend)
+        a = self.attn2(h, context=context)
+        x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend)
+        return self.ff(h) + x
+
+
+def _transformer_fusable(block: BasicTransformerBlock) -> str | None:
+    for name in ("norm1", "norm2", "norm3"):
+        norm = getattr(block, name)
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+            return f"{name} is not a plain nn.LayerNorm over the last dim"
+    return None
+
+
+class FusedSpatialTransformer(SpatialTransformer):
+    """``SpatialTransformer`` (1 x 1-conv projections) whose projections run as GEMMs over the pixel rows
+    of a channels_last map, bias in the GEMM epilogue, no layout copy; other inputs take the original path."""
+
+    unfused_class: ClassVar[type[nn.Module]] = SpatialTransformer
+    fusion_backend: Backend
+
+    def forward(self, x: Tensor, context: Tensor | list[Tensor] | None = None) -> Tensor:
+        if self.training or not _is_channels_last(x):
+            return SpatialTransformer.forward(self, x, context)
+        contexts = context if isinstance(context, list) else [context]
+        if len(contexts) not in (1, len(self.transformer_blocks)):
+            return SpatialTransformer.forward(self, x, context)  # it raises the error
+        b, c, h, w = x.shape
+        proj_in, proj_out = cast(nn.Conv2d, self.proj_in), cast(nn.Conv2d, self.proj_out)
+        rows = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: NHWC memory
+        t = F.linear(rows, proj_in.weight.flatten(1), proj_in.bias)
+        for i, block in enumerate(self.transformer_blocks):
+            t = block(t, context=contexts[i if len(contexts) > 1 else 0])
+        out = F.linear(t, proj_out.weight.flatten(1), proj_out.bias)
+        out = out + x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _spatial_fusable(module: SpatialTransformer) -> str | None:
+    if module.use_linear:
+        return "use_linear: the projections already are GEMMs"
+    for name in ("proj_in", "proj_out"):
+        conv = getattr(module, name)
+        if not _plain_conv(conv) or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+            return f"{name} is not a plain 1x1 nn.Conv2d with a bias"
+    return None
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+#: original class -> (fused class, why-not check)
+_FUSED = {
+    ResBlock: (FusedResBlock, _resblock_fusable),
+    ResnetBlock: (FusedResnetBlock, _resnet_fusable),
+    BasicTransformerBlock: (FusedTransformerBlock, _transformer_fusable),
+    SpatialTransformer: (FusedSpatialTransformer, _spatial_fusable),
+}
+
+
+@dataclass(frozen=True)
+class BlockFusionReport:
+    """What :func:`fuse_blocks` switched (per original class name), what was fused already, and the blocks
+    left alone with the reason."""
+
+    backend: str
+    fused: dict[str, int]
+    already_fused: int = 0
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.fused.values())
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{n} {name}" for name, n in self.fused.items()) or "nothing"
+        text = f"fused blocks (backend {self.backend}): {counts}; {self.already_fused} already fused"
+        return text + (f"; skipped: {'; '.join(self.skipped)}" if self.skipped else "")
+
+
+def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionReport:
+    """Switch ``module``'s blocks (itself included) to the fused forwards where they qualify (see the
+    module doc), in place. Run :func:`~ldm_sdk.accel.fusion.fuse_model` first: residual blocks need their
+    norms fused. Idempotent; ``backend`` is set on every fused block."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fuse_blocks takes an nn.Module, got {type(module).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown fusion backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    fused: dict[str, int] = {}
+    already = 0
+    skipped: list[str] = []
+    for name, block in module.named_modules():
+        if getattr(type(block), "unfused_class", None) not in (None, type(block)):
+            already += 1
+            block.fusion_backend = backend
+            continue
+        entry = _FUSED.get(type(block))
+        if entry is None:
+            continue
+        fused_cls, why_not = entry
+        reason = why_not(block)  # type: ignore[operator]
+        if reason is not None:
+            skipped.append(f"{name or type(block).__name__}: {reason}")
+            continue
+        block.__class__ = fused_cls
+        block.fusion_backend = backend
+        key = type(block).__mro__[1].__name__
+        fused[key] = fused.get(key, 0) + 1
+    return BlockFusionReport(backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped))
+
+
+def unfuse_blocks(module: nn.Module) -> int:
+    """Switch fused blocks back to their original classes (each fused class names its ``unfused_class``);
+    returns how many. :func:`~ldm_sdk.accel.fusion.unfuse_model` does this too, with the norms."""
+    restored = 0
+    for block in module.modules():
+        original = getattr(type(block), "unfused_class", None)
+        if original is not None and type(block) is not original:
+            block.__class__ = original
+            block.__dict__.pop("fusion_backend", None)
+            restored += 1
+    return restored
+
+
+__all__ = [
+    "BlockFusionReport",
+    "FusedResBlock",
+    "FusedResnetBlock",
+    "FusedSpatialTransformer",
+    "FusedTransformerBlock",
+    "fuse_blocks",
+    "unfuse_blocks",
+]

@@ -1,0 +1,420 @@
+"""Fused residual add + LayerNorm and bias + residual add as Triton kernels, with pure-torch references.
+
+What
+----
+* :func:`add_layer_norm` -- ``s = y + residual`` (the new residual stream of a transformer block) and
+  ``n = layer_norm(s)`` over the last dimension, in one kernel that reads ``y`` and ``residual`` once and
+  writes ``s`` and ``n`` once (eager: an add kernel, then a LayerNorm kernel that reads ``s`` back).
+* :func:`bias_residual_add` -- ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)``
+  whose bias add was split off (or never fused, e.g. the time-embedding add of a ResBlock) and a skip
+  connection, in one elementwise kernel instead of two broadcast / add kernels.
+* :func:`add_layer_norm_reference` / :func:`bias_residual_add_reference` -- the same maths in torch, in
+  float32: the fallback where Triton or CUDA is missing (and when autograd needs a backward) and the tests'
+  oracle.
+
+``backend="auto"`` (the default of the dispatching functions) runs the Triton kernel when the input is a
+CUDA tensor of dtype fp16 / bf16 / fp32, Triton imports, no gradient is needed and the sizes are within the
+kernels' limits (below); otherwise the reference. ``"triton"`` always runs the kernel (errors say why it
+cannot), ``"reference"`` never does. Dispatch is :func:`ldm_sdk.accel.triton_kernels._use_triton`.
+
+Why
+---
+A profile of the CUDA-graph-replayed SD-1.5 UNet step on an H100 showed about 120 generic broadcast
+bias / time-embedding add kernels and about 86 residual adds per step, each a full read / write pass over
+an activation. :func:`bias_residual_add` removes one or two of those passes per use (the bias add and the
+skip add share one read of ``y`` and one write); :func:`add_layer_norm` removes the write and re-read of the
+residual sum between a transformer block's add and its next LayerNorm.
+
+Numerics
+--------
+* Everything is computed in float32 (``float64`` inputs are computed in float64 by the references and are
+  not taken by the kernels) and each output is rounded once to the input dtype.
+* ``add_layer_norm``: ``s`` is the float32 sum rounded to ``y.dtype`` -- for fp16 / bf16 that is the
+  correctly rounded sum (float32 holds more than twice their precision, so the double rounding is
+  innocuous), equal to eager ``y + residual``. ``n`` is computed from the *rounded* ``s`` (so it is the
+  LayerNorm of the residual stream the model carries on, as in eager ``n = F.layer_norm(y + residual)``):
+  mean, then the biased variance as ``sum((s - mean)^2) / C`` over the row held in registers (two passes, no
+  sum / sum-of-squares cancellation), ``rstd = 1 / sqrt_rn(var + eps)``, ``n = (s - mean) * rstd * w + b``.
+  The float32 result differs from torch's float32 LayerNorm by a few float32 ulps, so after rounding to
+  fp16 / bf16 they are equal or one output ulp apart.
+* ``bias_residual_add``: ``(y + bias) + residual`` in float32, rounded once -- the order of eager
+  ``residual + conv(x)`` with the bias inside the convolution. The unfused half-precision path rounds after
+  each add; the fused one rounds once, so it is at least as accurate.
+
+Layouts and limits
+------------------
+* ``add_layer_norm``: ``y`` and ``residual`` are ``(..., C)`` of one shape and dtype; non-contiguous inputs
+  are made contiguous (one copy) and the outputs are contiguous. One program normalises ``BLOCK_R`` rows of
+  ``BLOCK_C = next_pow2(C)`` columns (``BLOCK_R x BLOCK_C`` about 2048 elements), a whole row in one tile, so
+  ``C`` is limited to :data:`MAX_LN_COLUMNS` (8192; SD-1.5 uses 320 .. 1280); above it ``"auto"`` uses the
+  reference and ``"triton"`` raises.
+* ``bias_residual_add``: ``y`` NCHW-contiguous (any number of spatial dims, 3-D ``(N, C, T)`` included) or
+  4-D channels_last is read in place and the output has ``y``'s memory format; any other strided ``y`` is
+  made contiguous first, and a ``residual`` in another layout is copied into ``y``'s (one copy). The kernel
+  is flat over the elements in memory order (``BLOCK`` 1024 fp32 / 2048 fp16-bf16 elements per program,
+  128-bit loads where the pointers are aligned); the channel of an element is
+  ``(offset // INNER) % C``, ``INNER`` = 1 for channels_last and the spatial size for the contiguous layout.
+  When the spatial size is a multiple of ``BLOCK`` a program lies in one channel and loads one bias value;
+  otherwise the channel index is computed per element in 32-bit arithmetic from the program's 64-bit base,
+  which needs ``C`` and the spatial size below :data:`MAX_INDEX` (about 2**31); above it ``"auto"`` uses the
+  reference and ``"triton"`` raises.
+* Offsets are 64-bit, so tensors above 2**31 elements are fine. The kernels have no backward: with autograd
+  active, ``"auto"`` uses the reference (differentiable) and ``"triton"`` refuses. Triton runs CUDA tensors,
+  or CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported; slow,
+  used by the tests). Kernel configurations are fixed (no autotuning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldm_sdk.accel.triton_kernels import (
+    MAX_BLOCK,
+    Backend,
+    _check_kernel_input,
+    _compute_dtype,
+    _memory_format,
+    _pow2,
+    _use_triton,
+    _warps,
+    tl,
+    triton,
+)
+
+MAX_LN_COLUMNS = 8192
+"""Widest row :func:`add_layer_norm_triton` normalises (one row is one register tile)."""
+MAX_INDEX = 2**31 - 2 * MAX_BLOCK
+"""``C`` and the spatial size :func:`bias_residual_add_triton` takes (32-bit channel arithmetic)."""
+
+
+# -- argument checks ---------------------------------------------------------------------------------------
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"a {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}"
+    return f"a {type(t).__name__}"
+
+
+def _check_vector(name: str, p: object, channels: int) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor) or not p.is_floating_point() or p.dim() != 1 or p.numel() != channels:
+        raise ValueError(
+            f"{name} must be None or a 1-D floating-point tensor of {channels} values (C), got {_describe(p)}"
+        )
+
+
+def _check_add_layer_norm(
+    y: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> None:
+    if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 1:
+        raise ValueError(f"y must be a floating-point tensor (..., C), got {_describe(y)}")
+    if not isinstance(residual, Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
+        raise ValueError(
+            f"residual must be a tensor of y's shape {tuple(y.shape)} and dtype "
+            f"{str(y.dtype).removeprefix('torch.')}, got {_describe(residual)}"
+        )
+    if residual.device != y.device:
+        raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
+    channels = y.shape[-1]
+    _check_vector("weight", weight, channels)
+    _check_vector("bias", bias, channels)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+
+
+def _check_bias_residual(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> None:
+    if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 2:
+        raise ValueError(f"y must be a floating-point tensor (N, C, *spatial), got {_describe(y)}")
+    _check_vector("bias", bias, y.shape[1])
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
+            raise ValueError(
+                f"residual must be None or a tensor of y's shape {tuple(y.shape)} and dtype "
+                f"{str(y.dtype).removeprefix('torch.')}, got {_describe(residual)}"
+            )
+        if residual.device != y.device:
+            raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
+
+
+def _check_devices(x: Tensor, **params: Tensor | None) -> None:
+    for name, p in params.items():
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but y is on {x.device}: move it to y's device")
+
+
+# -- references (float32 maths, one rounding) ----------------------------------------------------------------
+def add_layer_norm_reference(
+    y: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(s, n)``: ``s = y + residual`` computed in float32 (float64 for float64 inputs) and cast to
+    ``y.dtype`` once, ``n = F.layer_norm(s)`` over the last dim computed in float32 from the rounded ``s`` and
+    cast once; both contiguous. For float32 inputs this is exactly eager ``s = y + residual;
+    F.layer_norm(s, (C,), weight, bias, eps)`` (the same torch calls in the same order)."""
+    _check_add_layer_norm(y, residual, weight, bias, eps)
+    ct = _compute_dtype(y.dtype)
+    s = (y.to(ct) + residual.to(ct)).to(y.dtype)
+    w = weight.to(ct) if weight is not None else None
+    b = bias.to(ct) if bias is not None else None
+    n = F.layer_norm(s.to(ct), (y.shape[-1],), w, b, eps).to(y.dtype)
+    return s.contiguous(), n.contiguous()
+
+
+def bias_residual_add_reference(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    """``(y + bias.view(1, C, 1, ...)) + residual`` computed in float32 (float64 for float64 ``y``), cast to
+    ``y.dtype`` once, in ``y``'s memory format (channels_last kept, anything else contiguous). For float32
+    this is exactly eager ``residual + (y + bias.view(1, C, 1, ...))``."""
+    _check_bias_residual(y, bias, residual)
+    ct = _compute_dtype(y.dtype)
+    out = y.to(ct)
+    if bias is not None:
+        out = out + bias.to(ct).view(1, -1, *([1] * (y.dim() - 2)))
+    if residual is not None:
+        out = out + residual.to(ct)
+    return out.to(y.dtype).contiguous(memory_format=_memory_format(y))
+
+
+# -- dispatch ------------------------------------------------------------------------------------------------
+def _ln_fits(y: Tensor) -> bool:
+    return y.shape[-1] <= MAX_LN_COLUMNS
+
+
+def _bias_residual_fits(y: Tensor) -> bool:
+    return y.shape[1] < MAX_INDEX and math.prod(y.shape[2:]) < MAX_INDEX
+
+
+def add_layer_norm(
+    y: Tensor,
+    residual: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + LayerNorm: ``(s, n)`` with ``s = y + residual`` and ``n = layer_norm(s)`` over
+    the last dim (see the module doc); ``backend`` picks Triton or the reference."""
+    _check_add_layer_norm(y, residual, weight, bias, eps)
+    if _use_triton(backend, "add_layer_norm", y, residual, weight, bias) and (
+        backend == "triton" or _ln_fits(y)
+    ):
+        return add_layer_norm_triton(y, residual, weight, bias, eps)
+    return add_layer_norm_reference(y, residual, weight, bias, eps)
+
+
+def bias_residual_add(
+    y: Tensor, bias: Tensor | None, residual: Tensor | None, *, backend: Backend = "auto"
+) -> Tensor:
+    """Fused ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)`` (see the module
+    doc); ``backend`` picks Triton or the reference."""
+    _check_bias_residual(y, bias, residual)
+    if _use_triton(backend, "bias_residual_add", y, bias, residual) and (
+        backend == "triton" or _bias_residual_fits(y)
+    ):
+        return bias_residual_add_triton(y, bias, residual)
+    return bias_residual_add_reference(y, bias, residual)
+
+
+# -- torch-facing kernel calls -----------------------------------------------------------------------------
+def add_layer_norm_triton(
+    y: Tensor,
+    residual: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    max_block: int = MAX_BLOCK,
+) -> tuple[Tensor, Tensor]:
+    """:func:`add_layer_norm` through the Triton kernel. ``max_block`` (a power of two) caps the rows x
+    columns of a program's tile (smaller values give more, partial, row blocks in tests); a row is always
+    one tile, so a program holds at least one row whatever ``max_block`` is."""
+    _check_add_layer_norm(y, residual, weight, bias, eps)
+    channels = y.shape[-1]
+    if not _ln_fits(y):
+        raise ValueError(
+            f"the Triton add_layer_norm kernel normalises rows of at most {MAX_LN_COLUMNS} values (one "
+            f"register tile), got C={channels}; use backend='auto' or 'reference'"
+        )
+    if max_block < 1 or max_block & (max_block - 1):
+        raise ValueError(f"max_block must be a power of two, got {max_block}")
+    _check_kernel_input(y, "add_layer_norm")
+    _check_devices(y, weight=weight, bias=bias)
+    y = y.contiguous()
+    residual = residual.contiguous()
+    s = torch.empty_like(y, memory_format=torch.contiguous_format)
+    n = torch.empty_like(s)
+    rows = y.numel() // channels if channels else 0
+    if rows == 0:
+        return s, n
+    block_c = max(16, _pow2(channels))
+    block_r = max(1, min(max_block // block_c, _pow2(rows)))
+    w = weight.contiguous() if weight is not None else y  # a dummy pointer when absent
+    b = bias.contiguous() if bias is not None else y
+    _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
+        y,
+        residual,
+        w,
+        b,
+        s,
+        n,
+        rows,
+        channels,
+        float(eps),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=_warps(block_r * block_c),
+    )
+    return s, n
+
+
+def _same_layout(like: Tensor, t: Tensor) -> Tensor:
+    """``t``'s values in ``like``'s strides (a copy unless they already match)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+def bias_residual_add_triton(
+    y: Tensor, bias: Tensor | None, residual: Tensor | None, *, block: int | None = None
+) -> Tensor:
+    """:func:`bias_residual_add` through the Triton kernel. ``block`` (a power of two >= 16) overrides the
+    elements per program (default 2048 for 16-bit dtypes, 1024 for float32; tests use small blocks to
+    exercise both the one-channel-per-program and the per-element channel paths)."""
+    _check_bias_residual(y, bias, residual)
+    if not _bias_residual_fits(y):
+        raise ValueError(
+            f"the Triton bias_residual_add kernel takes C and a spatial size below {MAX_INDEX} (32-bit "
+            f"channel arithmetic), got shape {tuple(y.shape)}; use backend='auto' or 'reference'"
+        )
+    if block is None:
+        block = MAX_BLOCK if y.element_size() <= 2 else MAX_BLOCK // 2
+    if block < 16 or block > MAX_BLOCK or block & (block - 1):
+        raise ValueError(f"block must be a power of two in [16, {MAX_BLOCK}], got {block}")
+    _check_kernel_input(y, "bias_residual_add")
+    _check_devices(y, bias=bias)
+    channels_last = _memory_format(y) == torch.channels_last
+    if not channels_last and not y.is_contiguous():
+        y = y.contiguous()
+    out = torch.empty_like(y)  # preserve_format: the same strides as y
+    if out.stride() != y.stride():  # pragma: no cover - dense tensors keep their strides
+        raise RuntimeError(f"internal error: output strides {out.stride()} differ from y's {y.stride()}")
+    if residual is not None:
+        residual = _same_layout(y, residual)
+    numel = y.numel()
+    if numel == 0:
+        return out
+    channels = y.shape[1]
+    spatial = math.prod(y.shape[2:])
+    inner = 1 if channels_last else spatial
+    block = max(16, min(block, _pow2(numel)))
+    _bias_residual_add_kernel[(triton.cdiv(numel, block),)](
+        y,
+        bias.contiguous() if bias is not None else y,  # a dummy pointer when absent
+        residual if residual is not None else y,
+        out,
+        numel,
+        channels,
+        inner,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        BIAS_PER_BLOCK=inner % block == 0,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
+    return out
+
+
+# -- kernels -------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["ROWS"])
+    def _add_layer_norm_kernel(
+        y_ptr,
+        r_ptr,
+        w_ptr,
+        b_ptr,
+        s_ptr,
+        n_ptr,
+        ROWS,
+        C,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Rows ``[p BLOCK_R, (p + 1) BLOCK_R)``: ``s = y + r`` rounded to the output dtype, stored; then the
+        LayerNorm of the rounded row (mean, then the variance of the centred row), stored."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        valid = (rows < ROWS)[:, None] & col_ok[None, :]
+        idx = rows[:, None] * C + cols[None, :]
+        y = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        s = (y + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + idx, s, mask=valid)
+        x = s.to(tl.float32)  # the rounded residual stream; padding lanes are 0
+        mean = tl.sum(x, axis=1) / C
+        d = tl.where(valid, x - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / C
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        out = d * rstd[:, None]
+        if HAS_W:
+            out = out * tl.load(w_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)[None, :]
+        if HAS_B:
+            out = out + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(n_ptr + idx, out.to(n_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit(do_not_specialize=["NUMEL"])
+    def _bias_residual_add_kernel(
+        y_ptr,
+        b_ptr,
+        r_ptr,
+        out_ptr,
+        NUMEL,
+        C,
+        INNER,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BIAS_PER_BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Elements ``[p BLOCK, (p + 1) BLOCK)`` in memory order: ``out = (y + bias[c]) + r`` in float32,
+        rounded once; ``c = (offset // INNER) % C``. ``BIAS_PER_BLOCK`` (``INNER`` a multiple of ``BLOCK``):
+        the block lies in one channel, one bias load. Otherwise the channel is computed per element in int32
+        from the block's 64-bit base (``base = q INNER + r0``; ``c = (q % C + (r0 + i) // INNER) % C``)."""
+        base = tl.program_id(0).to(tl.int64) * BLOCK
+        lane = tl.arange(0, BLOCK)
+        offs = base + lane
+        valid = offs < NUMEL
+        v = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            if BIAS_PER_BLOCK:
+                v = v + tl.load(b_ptr + (base // INNER) % C).to(tl.float32)
+            else:
+                q = base // INNER
+                c0 = (q % C).to(tl.int32)
+                r0 = (base - q * INNER).to(tl.int32)
+                c = (c0 + (r0 + lane) // INNER) % C
+                v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            v = v + tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+__all__ = [
+    "MAX_INDEX",
+    "MAX_LN_COLUMNS",
+    "add_layer_norm",
+    "add_layer_norm_reference",
+    "add_layer_norm_triton",
+    "bias_residual_add",
+    "bias_residual_add_reference",
+    "bias_residual_add_triton",
+]
