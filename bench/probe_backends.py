@@ -91,7 +91,7 @@ def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
 
 
 def probe_cudnn(dtype: torch.dtype) -> dict[str, Any]:
-    from ldm_sdk.accel.fusion import fuse_model
+    from ldm_sdk.accel.prepare import prepare_cuda_inference
     from ldm_sdk.models.configs import UNetConfig
     from ldm_sdk.models.first_stage import AutoencoderKL
     from ldm_sdk.models.unet import UNetModel
@@ -106,8 +106,7 @@ def probe_cudnn(dtype: torch.dtype) -> dict[str, Any]:
     C.randomize_(vae, gen)
     vae = vae.to("cuda", dtype).eval().requires_grad_(False)
     for model in (unet, vae):
-        fuse_model(model)
-        model.to(memory_format=torch.channels_last)
+        prepare_cuda_inference(model)
     cl = torch.channels_last
     x = torch.randn(2, 4, 64, 64, generator=gen).to("cuda", dtype).contiguous(memory_format=cl)
     t = torch.full((2,), 501.0, device="cuda")
@@ -139,10 +138,12 @@ def probe_cudnn(dtype: torch.dtype) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--skip-sdpa", action="store_true", help="only the cuDNN and decode-profile probes")
     args = p.parse_args(argv)
     dtype = torch.float16
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    res["sdpa_ms"] = probe_sdpa(dtype)
+    if not args.skip_sdpa:
+        res["sdpa_ms"] = probe_sdpa(dtype)
     res["cudnn"] = probe_cudnn(dtype)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

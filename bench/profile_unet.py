@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--top", type=int, default=25, help="kernels to list")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument(
-        "--fuse", action="store_true", help="switch the UNet to the fused Triton GroupNorm+SiLU / GEGLU first"
+        "--fuse",
+        action="store_true",
+        help="fuse the UNet first (norms, GEGLU and blocks, as prepare_cuda_inference)",
     )
     p.add_argument(
         "--profile-layout",
@@ -86,9 +88,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     C.randomize_(unet, gen)
     unet = unet.to(device, dtype).eval()
     if args.fuse:
+        from ldm_sdk.accel.block_fusion import fuse_blocks
         from ldm_sdk.accel.fusion import fuse_model
 
         print(fuse_model(unet))
+        print(fuse_blocks(unet))
     b = args.batch
     x = torch.randn(b, 4, 64, 64, generator=gen).to(device, dtype)
     t = torch.full((b,), 501.0, device=device)

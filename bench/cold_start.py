@@ -1,0 +1,142 @@
+"""Where the time to the first image goes after loading a model: each phase of a fresh process, timed.
+
+    python bench/cold_start.py --out cold_start.json        # on a CUDA machine
+
+Each variant runs in its own fresh process (CUDA, cuDNN and cuBLAS start cold) with an empty Triton cache
+unless said otherwise:
+
+* ``fused_cold``: what the runtime does (``prepare_cuda_inference``: fused kernels, channels_last), Triton
+  kernels compiled from nothing;
+* ``fused_warm_cache``: the same in a second process that finds ``fused_cold``'s Triton cache (what a user
+  sees from the second start on);
+* ``unfused``: no fused kernels (no Triton compilation), channels_last: the library kernels' own start-up.
+
+Phases (seconds): ``cuda_init`` (context), ``build`` (SD-1.5 UNet + kl-f8 VAE with random weights on the GPU,
+fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_forward`` (the first eager UNet
+call at batch 2: cuDNN / cuBLAS heuristics, Triton JIT), ``capture`` (``CapturedModel``'s first call: its
+warm-up and the graph capture), ``sampling`` (the remaining 49 of 50 DDIM steps with guidance),
+``first_decode`` (the VAE's first call); ``first_image`` is the sum from ``prepare`` to ``first_decode``.
+``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for extra in (str(ROOT), str(ROOT / "bench")):
+    if extra not in sys.path:
+        sys.path.insert(0, extra)
+
+
+def child(variant: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import torch
+    from validate_fast_path import build_sd15
+
+    from ldm_sdk.accel import CapturedModel
+    from ldm_sdk.benchmarks import common as C
+    from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
+    from ldm_sdk.diffusion.denoiser import ModelDenoiser
+    from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
+    from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
+    from ldm_sdk.samplers.ddim import sample as ddim_sample
+
+    res: dict[str, Any] = {"variant": variant, "import": time.perf_counter() - t0}
+    device, dtype, arch = torch.device("cuda"), torch.float16, C.ARCHS["sd15"]
+
+    def phase(name: str, fn: Any) -> Any:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        res[name] = time.perf_counter() - start
+        return out
+
+    phase("cuda_init", lambda: torch.zeros(1, device=device))
+    unet, vae = phase("build", lambda: build_sd15(arch, device, dtype, 0))
+    if variant == "unfused":
+        phase("prepare", lambda: [m.to(memory_format=torch.channels_last) for m in (unet, vae)])
+    else:
+        from ldm_sdk.accel.prepare import prepare_cuda_inference
+
+        phase("prepare", lambda: [prepare_cuda_inference(m) for m in (unet, vae)])
+    g = torch.Generator(device).manual_seed(1)
+    lat = arch.image_px // 8
+    noise = torch.randn(1, 4, lat, lat, generator=g, device=device)
+    c1 = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=device).to(dtype))
+    u1 = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=device).to(dtype))
+    model_fn = bind_unet(unet, "crossattn")
+    sched = DiffusionSchedule(make_beta_schedule("linear", 1000, arch.linear_start, arch.linear_end))
+    steps = C.timesteps(50)
+    with torch.inference_mode():
+        x2 = torch.cat([noise, noise]).to(dtype)
+        t2 = torch.full((2,), float(steps[-1]), dtype=torch.float64, device=device)
+        ctx2 = Conditioning(crossattn=torch.cat([u1.crossattn, c1.crossattn]))  # type: ignore[list-item]
+        phase("first_forward", lambda: model_fn(x2, t2, ctx2))
+        captured = CapturedModel(model_fn, mode="graph", modules=[unet])
+        den = ModelDenoiser(ClassifierFreeGuidance(captured, 7.5, u1), sched, "eps", cond=c1)
+        ts = torch.tensor(steps, dtype=torch.float64)
+        # the first step alone (warm-up + capture), then the rest from the same start
+        phase("capture", lambda: ddim_sample(den, noise, ts[-2:]))
+        latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
+        image = phase("first_decode", lambda: vae.decode((latents / arch.scale_factor).to(dtype)))
+    res["finite"] = bool(torch.isfinite(image).all())
+    parts = ("prepare", "first_forward", "capture", "sampling", "first_decode")
+    res["first_image"] = sum(res[p] for p in parts)
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    res["triton_compiled"] = (
+        sum(1 for p in Path(cache).iterdir() if any(p.glob("*.cubin")))
+        if cache and Path(cache).is_dir()
+        else None
+    )
+    return res
+
+
+def run_child(variant: str, cache: str) -> dict[str, Any]:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant], env=env, capture_output=True, text=True, timeout=900
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("COLD "):
+            return json.loads(line[5:])
+    return {"variant": variant, "error": (proc.stdout + proc.stderr)[-3000:]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        res = child(args.child)
+        print("COLD " + json.dumps(res), flush=True)
+        return res
+    import torch
+
+    cache = tempfile.mkdtemp(prefix="cold_triton_")
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out["fused_cold"] = run_child("fused", cache)
+    out["fused_warm_cache"] = run_child("fused", cache)
+    out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
+    for name in ("fused_cold", "fused_warm_cache", "unfused"):
+        row = out[name]
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "error"}
+        print(name, json.dumps(shown), row.get("error", ""), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
