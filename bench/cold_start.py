@@ -12,11 +12,13 @@ unless said otherwise:
 * ``unfused``: no fused kernels (no Triton compilation), channels_last: the library kernels' own start-up.
 
 Phases (seconds): ``cuda_init`` (context), ``build`` (SD-1.5 UNet + kl-f8 VAE with random weights on the GPU,
-fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_forward`` (the first eager UNet
-call at batch 2: cuDNN / cuBLAS heuristics, Triton JIT), ``capture`` (``CapturedModel``'s first call: its
-warm-up and the graph capture), ``sampling`` (the remaining 49 of 50 DDIM steps with guidance),
-``first_decode`` (the VAE's first call); ``first_image`` is the sum from ``prepare`` to ``first_decode``.
-``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache).
+fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_steps`` (two guided DDIM steps
+through ``CapturedModel``, whose first call pre-compiles the fused kernels in parallel
+(``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
+``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decoder's
+pre-compilation, as the task runner makes it, and its first call); ``first_image`` is the sum from
+``prepare`` to ``first_decode`` (two steps more than one image). ``triton_compiled`` counts the kernels the
+process compiled (entries of its Triton cache), ``precompiled_*`` the variants the recording passes found.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def child(variant: str) -> dict[str, Any]:
     from validate_fast_path import build_sd15
 
     from ldm_sdk.accel import CapturedModel
+    from ldm_sdk.accel.precompile import precompile_once
     from ldm_sdk.benchmarks import common as C
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
     from ldm_sdk.diffusion.denoiser import ModelDenoiser
@@ -78,19 +81,23 @@ def child(variant: str) -> dict[str, Any]:
     sched = DiffusionSchedule(make_beta_schedule("linear", 1000, arch.linear_start, arch.linear_end))
     steps = C.timesteps(50)
     with torch.inference_mode():
-        x2 = torch.cat([noise, noise]).to(dtype)
-        t2 = torch.full((2,), float(steps[-1]), dtype=torch.float64, device=device)
-        ctx2 = Conditioning(crossattn=torch.cat([u1.crossattn, c1.crossattn]))  # type: ignore[list-item]
-        phase("first_forward", lambda: model_fn(x2, t2, ctx2))
         captured = CapturedModel(model_fn, mode="graph", modules=[unet])
         den = ModelDenoiser(ClassifierFreeGuidance(captured, 7.5, u1), sched, "eps", cond=c1)
         ts = torch.tensor(steps, dtype=torch.float64)
-        # the first step alone (warm-up + capture), then the rest from the same start
-        phase("capture", lambda: ddim_sample(den, noise, ts[-2:]))
+        # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
+        phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
+        res["precompiled_unet"] = captured.stats.precompiled
         latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
-        image = phase("first_decode", lambda: vae.decode((latents / arch.scale_factor).to(dtype)))
+        z = (latents / arch.scale_factor).to(dtype)
+
+        def decode() -> torch.Tensor:
+            report = precompile_once(vae, (tuple(z.shape), z.dtype), lambda: vae.decode(z))
+            res["precompiled_decoder"] = report.variants if report is not None else 0
+            return vae.decode(z)
+
+        image = phase("first_decode", decode)
     res["finite"] = bool(torch.isfinite(image).all())
-    parts = ("prepare", "first_forward", "capture", "sampling", "first_decode")
+    parts = ("prepare", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)
     cache = os.environ.get("TRITON_CACHE_DIR")
     res["triton_compiled"] = (

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
-from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, group_norm_act
+from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
 from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock
@@ -73,9 +73,19 @@ def _conv_no_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _norm_shift(norm: FusedGroupNorm, h: Tensor, shift: Tensor, backend: Backend) -> Tensor:
+def _norm_shift(
+    norm: FusedGroupNorm, h: Tensor, shift: Tensor, backend: Backend, recorder: KernelRecorder | None
+) -> Tensor:
     return group_norm_act(
-        h, norm.weight, norm.bias, norm.num_groups, norm.eps, norm.act, shift=shift, backend=backend
+        h,
+        norm.weight,
+        norm.bias,
+        norm.num_groups,
+        norm.eps,
+        norm.act,
+        shift=shift,
+        backend=backend,
+        recorder=recorder,
     )
 
 
@@ -98,6 +108,7 @@ class FusedResBlock(ResBlock):
 
     unfused_class: ClassVar[type[nn.Module]] = ResBlock
     fusion_backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         norm1 = _silu_norm(self.in_layers[0])
@@ -113,10 +124,10 @@ class FusedResBlock(ResBlock):
             x = self.x_upd(x)
         h = _conv_no_bias(conv1, h)
         shift = self.emb_layers(emb).float() + cast(Tensor, conv1.bias).float()
-        h = _norm_shift(norm2, h, shift, backend)
+        h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
         h = _conv_no_bias(conv2, h)  # out_layers[2] is a dropout: the identity in eval
         residual, bias = _skip(self.skip_connection, x, cast(Tensor, conv2.bias))
-        return bias_residual_add(h, bias, residual, backend=backend)
+        return bias_residual_add(h, bias, residual, backend=backend, recorder=self.kernel_recorder)
 
 
 def _resblock_fusable(block: ResBlock) -> str | None:
@@ -144,6 +155,7 @@ class FusedResnetBlock(ResnetBlock):
 
     unfused_class: ClassVar[type[nn.Module]] = ResnetBlock
     fusion_backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         norm1, norm2 = _silu_norm(self.norm1), _silu_norm(self.norm2)
@@ -158,12 +170,12 @@ class FusedResnetBlock(ResnetBlock):
                     "this ResnetBlock was built with temb_channels=0 and takes no time embedding"
                 )
             shift = shift + self.temb_proj(F.silu(temb)).float()
-        h = _conv_no_bias(self.conv2, _norm_shift(norm2, h, shift, backend))
+        h = _conv_no_bias(self.conv2, _norm_shift(norm2, h, shift, backend, self.kernel_recorder))
         skip: nn.Module | None = None
         if self.in_channels != self.out_channels:
             skip = self.conv_shortcut if self.use_conv_shortcut else self.nin_shortcut
         residual, bias = _skip(skip, x, cast(Tensor, self.conv2.bias))
-        return bias_residual_add(h, bias, residual, backend=backend)
+        return bias_residual_add(h, bias, residual, backend=backend, recorder=self.kernel_recorder)
 
 
 def _resnet_fusable(block: ResnetBlock) -> str | None:
@@ -188,16 +200,17 @@ class FusedTransformerBlock(BasicTransformerBlock):
 
     unfused_class: ClassVar[type[nn.Module]] = BasicTransformerBlock
     fusion_backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         if self.training:
             return BasicTransformerBlock._forward(self, x, context)
-        backend = _backend(self)
+        backend, rec = _backend(self), self.kernel_recorder
         a = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
         n2, n3 = self.norm2, self.norm3
-        x, h = add_layer_norm(a, x, n2.weight, n2.bias, n2.eps, backend=backend)
+        x, h = add_layer_norm(a, x, n2.weight, n2.bias, n2.eps, backend=backend, recorder=rec)
         a = self.attn2(h, context=context)
-        x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend)
+        x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend, recorder=rec)
         return self.ff(h) + x
 
 

@@ -50,7 +50,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, geglu, group_norm_act
+from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, KernelRecorder, geglu, group_norm_act
 from ldm_sdk.models.attention import GEGLU
 from ldm_sdk.models.autoencoder import Decoder, Encoder, ResnetBlock
 from ldm_sdk.models.embeddings import GroupNorm32
@@ -71,6 +71,7 @@ class FusedGroupNorm(nn.GroupNorm):
     act: Act
     backend: Backend
     source: type[nn.GroupNorm]
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def __init__(
         self,
@@ -117,7 +118,14 @@ class FusedGroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return group_norm_act(
-            x, self.weight, self.bias, self.num_groups, self.eps, self.act, backend=self.backend
+            x,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.eps,
+            self.act,
+            backend=self.backend,
+            recorder=self.kernel_recorder,
         )
 
     def extra_repr(self) -> str:
@@ -138,6 +146,7 @@ class FusedGEGLU(GEGLU):
     holds the original ``proj`` Linear."""
 
     backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def __init__(self, proj: nn.Linear, *, backend: Backend = "auto") -> None:
         nn.Module.__init__(self)  # not GEGLU.__init__: the existing projection is attached, none is built
@@ -158,7 +167,7 @@ class FusedGEGLU(GEGLU):
         return plain
 
     def forward(self, x: Tensor) -> Tensor:
-        return geglu(self.proj(x), backend=self.backend)
+        return geglu(self.proj(x), backend=self.backend, recorder=self.kernel_recorder)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -134,12 +134,14 @@ class _Capture:
 
 @dataclass
 class CaptureStats:
-    """Counters of a :class:`CapturedModel`: captures, (graph or emulated) replays, plain calls, evictions."""
+    """Counters of a :class:`CapturedModel`: captures, (graph or emulated) replays, plain calls, evictions,
+    and the fused-kernel variants compiled in parallel before captures (:mod:`ldm_sdk.accel.precompile`)."""
 
     captures: int = 0
     replays: int = 0
     passthrough: int = 0
     evictions: int = 0
+    precompiled: int = 0
 
 
 class CapturedModel:
@@ -331,6 +333,10 @@ class CapturedModel:
 
             capture.out, capture.replay = static_out, replay
         else:
+            from ldm_sdk.accel.precompile import precompile_kernels
+
+            # the fused kernels this call shape needs, compiled in parallel before the warm-up reaches them
+            self.stats.precompiled += precompile_kernels(self.modules, call).variants
             capture.graph, capture.out = self._capture_graph(call, x.device, signature)
             capture.replay = capture.graph.replay
         self._captures[signature] = capture

@@ -75,12 +75,14 @@ from torch import Tensor
 from ldm_sdk.accel.triton_kernels import (
     MAX_BLOCK,
     Backend,
+    KernelRecorder,
     _check_kernel_input,
     _compute_dtype,
     _memory_format,
     _pow2,
     _use_triton,
     _warps,
+    launch,
     tl,
     triton,
 )
@@ -194,6 +196,7 @@ def add_layer_norm(
     eps: float,
     *,
     backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``(s, n)`` with ``s = y + residual`` and ``n = layer_norm(s)`` over
     the last dim (see the module doc); ``backend`` picks Triton or the reference."""
@@ -201,12 +204,17 @@ def add_layer_norm(
     if _use_triton(backend, "add_layer_norm", y, residual, weight, bias) and (
         backend == "triton" or _ln_fits(y)
     ):
-        return add_layer_norm_triton(y, residual, weight, bias, eps)
+        return add_layer_norm_triton(y, residual, weight, bias, eps, recorder=recorder)
     return add_layer_norm_reference(y, residual, weight, bias, eps)
 
 
 def bias_residual_add(
-    y: Tensor, bias: Tensor | None, residual: Tensor | None, *, backend: Backend = "auto"
+    y: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    *,
+    backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """Fused ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)`` (see the module
     doc); ``backend`` picks Triton or the reference."""
@@ -214,7 +222,7 @@ def bias_residual_add(
     if _use_triton(backend, "bias_residual_add", y, bias, residual) and (
         backend == "triton" or _bias_residual_fits(y)
     ):
-        return bias_residual_add_triton(y, bias, residual)
+        return bias_residual_add_triton(y, bias, residual, recorder=recorder)
     return bias_residual_add_reference(y, bias, residual)
 
 
@@ -227,6 +235,7 @@ def add_layer_norm_triton(
     eps: float,
     *,
     max_block: int = MAX_BLOCK,
+    recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` through the Triton kernel. ``max_block`` (a power of two) caps the rows x
     columns of a program's tile (smaller values give more, partial, row blocks in tests); a row is always
@@ -253,7 +262,10 @@ def add_layer_norm_triton(
     block_r = max(1, min(max_block // block_c, _pow2(rows)))
     w = weight.contiguous() if weight is not None else y  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else y
-    _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
+    launch(
+        _add_layer_norm_kernel,
+        (triton.cdiv(rows, block_r),),
+        recorder,
         y,
         residual,
         w,
@@ -280,7 +292,12 @@ def _same_layout(like: Tensor, t: Tensor) -> Tensor:
 
 
 def bias_residual_add_triton(
-    y: Tensor, bias: Tensor | None, residual: Tensor | None, *, block: int | None = None
+    y: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    *,
+    block: int | None = None,
+    recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """:func:`bias_residual_add` through the Triton kernel. ``block`` (a power of two >= 16) overrides the
     elements per program (default 2048 for 16-bit dtypes, 1024 for float32; tests use small blocks to
@@ -312,7 +329,10 @@ def bias_residual_add_triton(
     spatial = math.prod(y.shape[2:])
     inner = 1 if channels_last else spatial
     block = max(16, min(block, _pow2(numel)))
-    _bias_residual_add_kernel[(triton.cdiv(numel, block),)](
+    launch(
+        _bias_residual_add_kernel,
+        (triton.cdiv(numel, block),),
+        recorder,
         y,
         bias.contiguous() if bias is not None else y,  # a dummy pointer when absent
         residual if residual is not None else y,

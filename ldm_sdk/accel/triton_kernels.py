@@ -87,7 +87,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +216,39 @@ def compare_ulps(out: Tensor, ref: Tensor, *, noise: float = FLOAT32_NOISE) -> U
     )
 
 
+# -- launching (and recording launches for the parallel pre-compilation) -----------------------------------
+@dataclass(frozen=True)
+class Launch:
+    """One Triton launch: the JIT kernel, its grid, its arguments."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class KernelRecorder:
+    """Collects the Triton launches of a call instead of making them: :mod:`ldm_sdk.accel.precompile` runs
+    a model's first call once in this mode (outputs are left unwritten) and compiles the recorded kernel
+    variants in parallel, so the real first call finds them compiled."""
+
+    def __init__(self) -> None:
+        self.launches: list[Launch] = []
+
+    def __len__(self) -> int:
+        return len(self.launches)
+
+
+def launch(
+    kernel: Any, grid: tuple[int, ...], recorder: KernelRecorder | None, *args: Any, **kwargs: Any
+) -> None:
+    """``kernel[grid](*args, **kwargs)``, or record it in ``recorder`` when one is given."""
+    if recorder is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        recorder.launches.append(Launch(kernel, tuple(grid), args, kwargs))
+
+
 # -- dispatch ------------------------------------------------------------------------------------------------
 def triton_available() -> bool:
     """Whether Triton imported (the kernels can be built)."""
@@ -256,19 +289,20 @@ def group_norm_act(
     *,
     shift: Tensor | None = None,
     backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """Fused GroupNorm + optional SiLU (see the module doc): ``act(group_norm(x + shift[:, :, None, ...]) *
     weight + bias)``, ``shift`` an optional ``(N, C)`` tensor added in float32 before the statistics;
     ``backend`` picks Triton or the reference."""
     if _use_triton(backend, "group_norm_act", x, weight, bias, shift):
-        return group_norm_act_triton(x, weight, bias, num_groups, eps, act, shift=shift)
+        return group_norm_act_triton(x, weight, bias, num_groups, eps, act, shift=shift, recorder=recorder)
     return group_norm_act_reference(x, weight, bias, num_groups, eps, act, shift=shift)
 
 
-def geglu(h: Tensor, *, backend: Backend = "auto") -> Tensor:
+def geglu(h: Tensor, *, backend: Backend = "auto", recorder: KernelRecorder | None = None) -> Tensor:
     """Fused ``a * gelu(gate)`` of a GEGLU projection output ``h`` (``(..., 2 * inner)``)."""
     if _use_triton(backend, "geglu", h):
-        return geglu_triton(h)
+        return geglu_triton(h, recorder=recorder)
     return geglu_reference(h)
 
 
@@ -473,6 +507,7 @@ def group_norm_act_triton(
     shift: Tensor | None = None,
     target_programs: int | None = None,
     max_block: int = MAX_BLOCK,
+    recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, any float dtype)
     is copied to a float32 ``(N * C)`` buffer and added to ``x`` in float32 by both passes.
@@ -522,10 +557,24 @@ def group_norm_act_triton(
             "BLOCK_G": plan.block_g,
             "PARTS": plan.parts,
         }
-        _gn_stats_nhwc_kernel[grid](
-            x, sh, mean, m2, count, *sizes, **tiles, HAS_SHIFT=has_shift, num_warps=plan.num_warps
+        launch(
+            _gn_stats_nhwc_kernel,
+            grid,
+            recorder,
+            x,
+            sh,
+            mean,
+            m2,
+            count,
+            *sizes,
+            **tiles,
+            HAS_SHIFT=has_shift,
+            num_warps=plan.num_warps,
         )
-        _gn_apply_nhwc_kernel[grid](
+        launch(
+            _gn_apply_nhwc_kernel,
+            grid,
+            recorder,
             x,
             y,
             w,
@@ -545,7 +594,10 @@ def group_norm_act_triton(
         mean = torch.empty(groups_total * plan.stats.split, device=x.device, dtype=torch.float32)
         m2 = torch.empty_like(mean)
         length = cg * plan.s
-        _gn_stats_ncs_kernel[(groups_total, plan.stats.split)](
+        launch(
+            _gn_stats_ncs_kernel,
+            (groups_total, plan.stats.split),
+            recorder,
             x,
             sh,
             mean,
@@ -559,7 +611,10 @@ def group_norm_act_triton(
             BLOCK=plan.block,
             num_warps=plan.num_warps,
         )
-        _gn_apply_ncs_kernel[(plan.n * plan.c, plan.apply.split)](
+        launch(
+            _gn_apply_ncs_kernel,
+            (plan.n * plan.c, plan.apply.split),
+            recorder,
             x,
             y,
             w,
@@ -591,7 +646,7 @@ def _geglu_block_c(inner: int) -> int:
     return 128
 
 
-def geglu_triton(h: Tensor) -> Tensor:
+def geglu_triton(h: Tensor, *, recorder: KernelRecorder | None = None) -> Tensor:
     """:func:`geglu` through the Triton kernel; ``h`` is made contiguous first when it is not."""
     _check_geglu(h)
     _check_kernel_input(h, "geglu")
@@ -604,8 +659,17 @@ def geglu_triton(h: Tensor) -> Tensor:
     block_c = min(_geglu_block_c(inner), _pow2(inner))
     block_r = max(1, min(MAX_BLOCK // block_c, _pow2(rows)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_c))
-    _geglu_kernel[grid](
-        h, y, rows, inner, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_warps(block_r * block_c)
+    launch(
+        _geglu_kernel,
+        grid,
+        recorder,
+        h,
+        y,
+        rows,
+        inner,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=_warps(block_r * block_c),
     )
     return y
 
@@ -921,6 +985,8 @@ __all__ = [
     "Backend",
     "Chunking",
     "GroupNormPlan",
+    "KernelRecorder",
+    "Launch",
     "UlpReport",
     "compare_ulps",
     "geglu",
@@ -929,6 +995,7 @@ __all__ = [
     "group_norm_act",
     "group_norm_act_reference",
     "group_norm_act_triton",
+    "launch",
     "output_ulp",
     "plan_group_norm",
     "triton_available",

@@ -134,7 +134,20 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
         e.sample = sample
         e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
         if fused:  # half precision: what the runtime does at load (UNet and VAE)
-            e.loop += "; fused Triton GroupNorm+SiLU / GEGLU kernels and channels_last (ldm_sdk.accel.fusion)"
+            from ldm_sdk.accel.precompile import precompile_once
+
+            plain_decode, vae = e.decode, e.vae
+
+            def decode(z: torch.Tensor) -> torch.Tensor:  # as the task runner: kernels compiled in parallel
+                precompile_once(vae, (tuple(z.shape), z.dtype), lambda: plain_decode(z))
+                return plain_decode(z)
+
+            e.decode = decode
+            e.loop += (
+                "; fused Triton kernels (GroupNorm+SiLU with folded biases / embedding, bias+residual, "
+                "residual+LayerNorm, GEGLU; ldm_sdk.accel.fusion / block_fusion), pre-compiled in parallel, "
+                "channels_last"
+            )
         return
     # FLOPs counted before: FlopCounterMode does not see the prepacked oneDNN ops, nor the K/V projections
     # the cache skips; the FLOP row keeps the eager definition of a step (the same work as diffusers')

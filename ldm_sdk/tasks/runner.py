@@ -377,7 +377,14 @@ class Run:
         out: list[np.ndarray] = []
         with torch.inference_mode():
             for z in latents.split(1):
-                x = self.bundle.decode_first_stage(z.to(self.device, self.dtype))
+                z = z.to(self.device, self.dtype)
+                if self.device.type == "cuda":
+                    from ldm_sdk.accel.precompile import precompile_once
+
+                    # the decoder's fused kernels for this latent size, compiled in parallel, once
+                    fs, shape = self.bundle.first_stage_model, (tuple(z.shape), z.dtype)
+                    precompile_once(fs, shape, lambda z=z: self.bundle.decode_first_stage(z))
+                x = self.bundle.decode_first_stage(z)
                 out += tensor_to_images(self.check_finite(x, "decoding"))
         return out
 
