@@ -90,7 +90,7 @@ def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return graph.replay
 
 
-def probe_cudnn(dtype: torch.dtype) -> dict[str, Any]:
+def probe_cudnn(dtype: torch.dtype, norms_only: bool = False) -> dict[str, Any]:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
     from ldm_sdk.models.configs import UNetConfig
     from ldm_sdk.models.first_stage import AutoencoderKL
@@ -106,7 +106,13 @@ def probe_cudnn(dtype: torch.dtype) -> dict[str, Any]:
     C.randomize_(vae, gen)
     vae = vae.to("cuda", dtype).eval().requires_grad_(False)
     for model in (unet, vae):
-        prepare_cuda_inference(model)
+        if norms_only:  # the fast path before block fusion: fused norms / GEGLU, channels_last
+            from ldm_sdk.accel.fusion import fuse_model
+
+            fuse_model(model)
+            model.to(memory_format=torch.channels_last)
+        else:
+            prepare_cuda_inference(model)
     cl = torch.channels_last
     x = torch.randn(2, 4, 64, 64, generator=gen).to("cuda", dtype).contiguous(memory_format=cl)
     t = torch.full((2,), 501.0, device="cuda")
@@ -139,12 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--skip-sdpa", action="store_true", help="only the cuDNN and decode-profile probes")
+    p.add_argument("--norms-only", action="store_true", help="fuse norms / GEGLU only (no block fusion)")
     args = p.parse_args(argv)
     dtype = torch.float16
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_sdpa:
         res["sdpa_ms"] = probe_sdpa(dtype)
-    res["cudnn"] = probe_cudnn(dtype)
+    res["norms_only"] = args.norms_only
+    res["cudnn"] = probe_cudnn(dtype, args.norms_only)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     return res
