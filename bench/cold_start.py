@@ -15,10 +15,11 @@ Phases (seconds): ``cuda_init`` (context), ``build`` (SD-1.5 UNet + kl-f8 VAE wi
 fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_steps`` (two guided DDIM steps
 through ``CapturedModel``, whose first call pre-compiles the fused kernels in parallel
 (``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
-``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decoder's
-pre-compilation, as the task runner makes it, and its first call); ``first_image`` is the sum from
-``prepare`` to ``first_decode`` (two steps more than one image). ``triton_compiled`` counts the kernels the
-process compiled (entries of its Triton cache), ``precompiled_*`` the variants the recording passes found.
+``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decode as the task
+runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, capture and replay);
+``first_image`` is the sum from ``prepare`` to ``first_decode`` (two steps more than one image).
+``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
+``precompiled_*`` the variants the recording passes found.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def child(variant: str) -> dict[str, Any]:
     from validate_fast_path import build_sd15
 
     from ldm_sdk.accel import CapturedModel
-    from ldm_sdk.accel.precompile import precompile_once
     from ldm_sdk.benchmarks import common as C
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
     from ldm_sdk.diffusion.denoiser import ModelDenoiser
@@ -90,12 +90,10 @@ def child(variant: str) -> dict[str, Any]:
         latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
         z = (latents / arch.scale_factor).to(dtype)
 
-        def decode() -> torch.Tensor:
-            report = precompile_once(vae, (tuple(z.shape), z.dtype), lambda: vae.decode(z))
-            res["precompiled_decoder"] = report.variants if report is not None else 0
-            return vae.decode(z)
-
-        image = phase("first_decode", decode)
+        # as the task runner: the decode through a CapturedModel (pre-compilation, warm-up, capture, replay)
+        decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
+        image = phase("first_decode", lambda: decoder(z, z.new_zeros(1), Conditioning()))
+        res["precompiled_decoder"] = decoder.stats.precompiled
     res["finite"] = bool(torch.isfinite(image).all())
     parts = ("prepare", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)

@@ -134,19 +134,15 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
         e.sample = sample
         e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
         if fused:  # half precision: what the runtime does at load (UNet and VAE)
-            from ldm_sdk.accel.precompile import precompile_once
-
-            plain_decode, vae = e.decode, e.vae
-
-            def decode(z: torch.Tensor) -> torch.Tensor:  # as the task runner: kernels compiled in parallel
-                precompile_once(vae, (tuple(z.shape), z.dtype), lambda: plain_decode(z))
-                return plain_decode(z)
-
-            e.decode = decode
+            plain_decode = e.decode
+            # as the task runner (tasks/context.py captured_decoder): the decode replayed from a CUDA graph,
+            # its kernels pre-compiled in parallel at capture
+            decoder = CapturedModel(lambda z, t, c: plain_decode(z), max_graphs=2, modules=[e.vae])
+            e.decode = lambda z: decoder(z, z.new_zeros(1), Conditioning())
             e.loop += (
                 "; fused Triton kernels (GroupNorm+SiLU with folded biases / embedding, bias+residual, "
                 "residual+LayerNorm, GEGLU; ldm_sdk.accel.fusion / block_fusion), pre-compiled in parallel, "
-                "channels_last"
+                "channels_last; the VAE decode replayed from a CUDA graph too"
             )
         return
     # FLOPs counted before: FlopCounterMode does not see the prepacked oneDNN ops, nor the K/V projections

@@ -22,14 +22,17 @@ from ldm_sdk.tasks.base import NoDefaultModelError, TaskError, TaskInputs, TaskR
 if TYPE_CHECKING:
     from ldm_sdk.accel.graphs import CapturedModel, CaptureMode
     from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.diffusion.conditioning import Conditioning
     from ldm_sdk.encoders.base import ConditionEncoder
     from ldm_sdk.registry import Registry
     from ldm_sdk.runtime import Runtime
 
 __all__ = [
+    "CAPTURED_DECODER",
     "CAPTURED_MODEL",
     "TASK_MAX_GRAPHS",
     "bundle_device_dtype",
+    "captured_decoder",
     "captured_model",
     "check_size",
     "cond_modality",
@@ -46,6 +49,8 @@ __all__ = [
 _COND_STAGE_ATTR = "_ldm_sdk_task_cond_stage"
 #: the name of the tasks' CapturedModel among a cached model's attachments (``ModelCache.attachment``)
 CAPTURED_MODEL = "ldm_sdk.tasks.captured_model"
+#: the name of the tasks' captured first-stage decode among a cached model's attachments
+CAPTURED_DECODER = "ldm_sdk.tasks.captured_decoder"
 #: captures (input signatures) a task model keeps: each holds its own activation memory on the GPU, so a host
 #: alternating between two sizes (or guided / unguided) keeps both, and a third evicts the oldest
 TASK_MAX_GRAPHS = 2
@@ -254,6 +259,36 @@ def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | Non
         return accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
 
     kept = runtime.cache.attachment(bundle, CAPTURED_MODEL, make)
+    return kept if kept is not None else make()
+
+
+def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
+    """The first-stage decode ``latent -> image`` as a :class:`~ldm_sdk.accel.graphs.CapturedModel` (called
+    ``decoder(z, t, Conditioning())``; ``t`` is any tensor on ``z``'s device and is not used), kept with the
+    cached model like :func:`captured_model`; None where the eager decode is used: the runtime's capture
+    mode is ``"off"``, or ``"auto"`` with the first stage off CUDA, or it is in training mode.
+
+    Why: the decoder is ~250 kernels per image; eagerly its launches bound it on a slow host (kl-f8 at
+    512 px on an H100: 13.2 ms eager vs 7.3 ms replayed, docs/benchmarks.md). The replay computes exactly
+    what the eager decode computes. Each captured size holds the decoder's activations on the GPU (a few
+    hundred MiB at 512 px), so at most ``TASK_MAX_GRAPHS`` sizes are kept, least recently used evicted.
+    """
+    mode = cast("CaptureMode", runtime.capture_mode)
+    first_stage = bundle.first_stage_model
+    if mode == "off" or any(m.training for m in first_stage.modules()):
+        return None
+    if mode == "auto" and next(first_stage.parameters()).device.type != "cuda":
+        return None
+
+    def make() -> CapturedModel:
+        from ldm_sdk.accel.graphs import CapturedModel
+
+        def decode(z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            return bundle.decode_first_stage(z)
+
+        return CapturedModel(decode, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
+
+    kept = runtime.cache.attachment(bundle, CAPTURED_DECODER, make)
     return kept if kept is not None else make()
 
 

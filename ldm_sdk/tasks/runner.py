@@ -32,6 +32,7 @@ from ldm_sdk.tasks.base import (
 )
 from ldm_sdk.tasks.context import (
     bundle_device_dtype,
+    captured_decoder,
     captured_model,
     check_size,
     cond_modality,
@@ -290,6 +291,12 @@ class Run:
         items share it."""
         return captured_model(self.bundle, self.runtime) if self.request.accelerate else None
 
+    @cached_property
+    def captured_decoder(self) -> CapturedModel | None:
+        """The model's captured first-stage decode (:func:`~ldm_sdk.tasks.context.captured_decoder`) when
+        the request asks for the fast path (``accelerate``), else None."""
+        return captured_decoder(self.bundle, self.runtime) if self.request.accelerate else None
+
     def sample_kwargs(self, guided: Guided) -> dict[str, Any]:
         """The keyword arguments of :func:`~ldm_sdk.tasks.sampling.run_sampling` every task passes."""
         return {
@@ -375,16 +382,22 @@ class Run:
         from ldm_sdk.tasks.images import tensor_to_images
 
         out: list[np.ndarray] = []
+        decoder = self.captured_decoder
         with torch.inference_mode():
             for z in latents.split(1):
                 z = z.to(self.device, self.dtype)
-                if self.device.type == "cuda":
-                    from ldm_sdk.accel.precompile import precompile_once
+                if decoder is not None:  # replayed from a CUDA graph (kernels pre-compiled at capture)
+                    from ldm_sdk.diffusion.conditioning import Conditioning
 
-                    # the decoder's fused kernels for this latent size, compiled in parallel, once
-                    fs, shape = self.bundle.first_stage_model, (tuple(z.shape), z.dtype)
-                    precompile_once(fs, shape, lambda z=z: self.bundle.decode_first_stage(z))
-                x = self.bundle.decode_first_stage(z)
+                    x = decoder(z, z.new_zeros(1), Conditioning())
+                else:
+                    if self.device.type == "cuda":
+                        from ldm_sdk.accel.precompile import precompile_once
+
+                        # the decoder's fused kernels for this latent size, compiled in parallel, once
+                        fs, shape = self.bundle.first_stage_model, (tuple(z.shape), z.dtype)
+                        precompile_once(fs, shape, lambda z=z: self.bundle.decode_first_stage(z))
+                    x = self.bundle.decode_first_stage(z)
                 out += tensor_to_images(self.check_finite(x, "decoding"))
         return out
 

@@ -34,7 +34,7 @@ from ldm_sdk.tasks.base import (
     Txt2ImgRequest,
     UncondRequest,
 )
-from ldm_sdk.tasks.context import CAPTURED_MODEL, TASK_MAX_GRAPHS
+from ldm_sdk.tasks.context import CAPTURED_DECODER, CAPTURED_MODEL, TASK_MAX_GRAPHS
 from ldm_sdk.tasks.images import read_image, save_outputs
 from ldm_sdk.tasks.manifest import replay
 from tests.tasks.tiny_models import tiny_bundle
@@ -51,10 +51,11 @@ def emulated() -> Iterator[Runtime]:
         yield rt
 
 
-def captured_of(runtime: Runtime, path: Path) -> CapturedModel | None:
-    """The CapturedModel kept with the cached model of ``path`` (None when there is none)."""
+def captured_of(runtime: Runtime, path: Path, name: str = CAPTURED_MODEL) -> CapturedModel | None:
+    """The CapturedModel kept with the cached model of ``path`` (None when there is none): the network
+    call (``CAPTURED_MODEL``) or the first-stage decode (``CAPTURED_DECODER``)."""
     bundle = runtime.load_model(path)  # a cache hit: the model the tasks ran
-    return runtime.cache.attachments(bundle).get(CAPTURED_MODEL)
+    return runtime.cache.attachments(bundle).get(name)
 
 
 def same(a: TaskResult, b: TaskResult) -> bool:
@@ -123,10 +124,15 @@ def test_emulated_fast_path_equals_eager(
     eager = task(request.model_copy(update={"accelerate": False}), emulated, inputs=inputs)
     captured = captured_of(emulated, model_files[model])
     before = captured.stats.replays if captured is not None else 0
+    decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
+    decodes_before = decoder.stats.replays if decoder is not None else 0
     fast = task(request, emulated, inputs=inputs)
     captured = captured_of(emulated, model_files[model])
     assert captured is not None and captured.mode == "emulate"
     assert captured.stats.replays > before, "the fast run went through the CapturedModel"
+    decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
+    assert decoder is not None and decoder.mode == "emulate"
+    assert decoder.stats.replays - decodes_before == len(fast.images), "each image decoded through it"
     assert same(fast, eager), f"{name}: the fast path changed the result"
     # and both equal the default CPU runtime, where nothing is captured
     assert same(task(request, runtime, inputs=inputs), eager)
