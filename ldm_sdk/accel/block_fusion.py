@@ -8,17 +8,21 @@ activation. The VAE decoder pays the same at 512 x 512. This pass removes them b
 weights: the forwards below call the same Parameters in a different order.
 
 What :func:`fuse_blocks` does, in place, by switching an instance's class to a subclass with its own
-``forward`` (state-dict keys, Parameters and submodules are untouched; :func:`unfuse_blocks` switches back):
+``forward`` (state-dict keys, values, Parameter objects and submodules are kept -- only the attention
+projections' weights move to a shared storage; :func:`unfuse_blocks` switches the classes back):
 
 * UNet ``ResBlock`` (not ``use_scale_shift_norm``) -> :class:`FusedResBlock`::
 
       h = conv1(silu(norm1(x)))                       # conv without its bias
-      h = silu(norm2(h + [conv1.bias + emb_layers(emb)]))   # one fused GroupNorm with a per-(n, c) shift
+      s = addmm(conv1.bias + emb.bias, silu(emb), emb.weight^T)   # the embedding GEMM takes the bias
+      h = silu(norm2(h + s))                          # one fused GroupNorm with a per-(n, c) shift
       out = conv2(h) + [conv2.bias (+ skip.bias)] + skip(x)  # one bias + residual kernel
 
 * first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding);
 * ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: the residual add after ``attn1`` / ``attn2``
   and the following LayerNorm are one :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`;
+* ``CrossAttention`` -> :class:`FusedCrossAttention`: the q / k / v projections of self-attention (k / v of
+  cross-attention) run as one GEMM over weights moved back to back into one storage;
 * ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
   map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
   bias add is the GEMM's epilogue (cuBLASLt), with no layout copy.
@@ -47,7 +51,7 @@ from torch import Tensor, nn
 from ldm_sdk.accel.fusion import FusedGroupNorm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
-from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
+from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock
 
@@ -123,7 +127,10 @@ class FusedResBlock(ResBlock):
             h = self.h_upd(h)
             x = self.x_upd(x)
         h = _conv_no_bias(conv1, h)
-        shift = self.emb_layers(emb).float() + cast(Tensor, conv1.bias).float()
+        # the embedding projection with conv1's bias in its GEMM: emb_layers = (SiLU, Linear)
+        proj = cast(nn.Linear, self.emb_layers[1])
+        bias = cast(Tensor, conv1.bias) + cast(Tensor, proj.bias)
+        shift = torch.addmm(bias, F.silu(emb), proj.weight.t())
         h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
         h = _conv_no_bias(conv2, h)  # out_layers[2] is a dropout: the identity in eval
         residual, bias = _skip(self.skip_connection, x, cast(Tensor, conv2.bias))
@@ -146,6 +153,8 @@ def _resblock_fusable(block: ResBlock) -> str | None:
         return "the skip connection is neither an identity nor a plain conv"
     if not (isinstance(block.emb_layers[0], nn.SiLU) and type(block.emb_layers[1]) is nn.Linear):
         return "emb_layers is not SiLU + Linear"
+    if block.emb_layers[1].bias is None:
+        return "emb_layers' Linear has no bias"
     return None
 
 
@@ -163,13 +172,16 @@ class FusedResnetBlock(ResnetBlock):
             return ResnetBlock.forward(self, x, temb)
         backend = _backend(self)
         h = _conv_no_bias(self.conv1, norm1(x))
-        shift = cast(Tensor, self.conv1.bias).float().expand(h.shape[0], -1)
+        conv1_bias = cast(Tensor, self.conv1.bias)
         if temb is not None:
             if not hasattr(self, "temb_proj"):
                 raise ValueError(
                     "this ResnetBlock was built with temb_channels=0 and takes no time embedding"
                 )
-            shift = shift + self.temb_proj(F.silu(temb)).float()
+            proj = self.temb_proj
+            shift = torch.addmm(conv1_bias + proj.bias, F.silu(temb), proj.weight.t())
+        else:
+            shift = conv1_bias.expand(h.shape[0], -1)
         h = _conv_no_bias(self.conv2, _norm_shift(norm2, h, shift, backend, self.kernel_recorder))
         skip: nn.Module | None = None
         if self.in_channels != self.out_channels:
@@ -190,6 +202,9 @@ def _resnet_fusable(block: ResnetBlock) -> str | None:
         return "its convolutions are not plain zero-padded nn.Conv2d with a bias"
     if not isinstance(block.dropout, nn.Dropout):
         return "dropout is not an nn.Dropout"
+    proj = getattr(block, "temb_proj", None)
+    if proj is not None and (type(proj) is not nn.Linear or proj.bias is None):
+        return "temb_proj is not an nn.Linear with a bias"
     return None
 
 
@@ -220,6 +235,78 @@ def _transformer_fusable(block: BasicTransformerBlock) -> str | None:
         if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
             return f"{name} is not a plain nn.LayerNorm over the last dim"
     return None
+
+
+class FusedCrossAttention(CrossAttention):
+    """``CrossAttention`` whose projections from one input run as one GEMM: ``to_q`` / ``to_k`` / ``to_v``
+    for self-attention, ``to_k`` / ``to_v`` for a context. :func:`fuse_blocks` moves their weights into one
+    storage, in that order (each Parameter stays itself, now a view of it: state dicts, in-place loading and
+    saving are unchanged), so the stacked weight is a view too and no copy is made per call. If the
+    Parameters were given new storage since (``module.to(...)``, assignment), the three separate GEMMs run."""
+
+    unfused_class: ClassVar[type[nn.Module]] = CrossAttention
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        inner = self.heads * self.dim_head
+        b, n, _ = x.shape
+        if context is None and (qkv := _stacked(self.to_q, self.to_k, self.to_v)) is not None:
+            q, k, v = F.linear(x, qkv).split(inner, dim=-1)
+            m = n
+        elif context is not None and (kv := _stacked(self.to_k, self.to_v)) is not None:
+            q = self.to_q(x)
+            k, v = F.linear(context, kv).split(inner, dim=-1)
+            m = context.shape[1]
+        else:
+            return CrossAttention.forward(self, x, context)
+        q = q.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k = k.view(b, m, self.heads, self.dim_head).transpose(1, 2)
+        v = v.view(b, m, self.heads, self.dim_head).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+
+
+def _stacked(*linears: nn.Linear) -> Tensor | None:
+    """The weights of ``linears`` as one ``(sum out, in)`` view when they lie back to back in one storage
+    (as :func:`_stack_weights` leaves them), else None."""
+    first = linears[0].weight
+    rows = sum(lin.weight.shape[0] for lin in linears)
+    offset = first.storage_offset()
+    for lin in linears:
+        w = lin.weight
+        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or not w.is_contiguous():
+            return None
+        if w.storage_offset() != offset or w.shape[1] != first.shape[1]:
+            return None
+        offset += w.numel()
+    return first.detach().as_strided((rows, first.shape[1]), first.stride(), first.storage_offset())
+
+
+def _stack_weights(*linears: nn.Linear) -> None:
+    """Move the weights of ``linears`` into one new storage, back to back (values unchanged)."""
+    with torch.no_grad(), torch.inference_mode(False):
+        stacked = torch.cat([lin.weight.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = stacked[start : start + rows]
+            start += rows
+
+
+def _attention_fusable(module: CrossAttention) -> str | None:
+    projections = (module.to_q, module.to_k, module.to_v)
+    if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
+        return "to_q / to_k / to_v are not bias-free nn.Linear"
+    weights = [p.weight for p in projections]
+    if len({(w.device, w.dtype) for w in weights}) != 1:
+        return "to_q / to_k / to_v weights differ in device or dtype"
+    return None
+
+
+def _prepare_attention(module: CrossAttention) -> None:
+    if module.to_q.in_features == module.to_k.in_features:
+        _stack_weights(module.to_q, module.to_k, module.to_v)  # self-attention: one QKV GEMM
+    else:
+        _stack_weights(module.to_k, module.to_v)  # context width differs: one K/V GEMM
 
 
 class FusedSpatialTransformer(SpatialTransformer):
@@ -267,6 +354,7 @@ _FUSED = {
     ResnetBlock: (FusedResnetBlock, _resnet_fusable),
     BasicTransformerBlock: (FusedTransformerBlock, _transformer_fusable),
     SpatialTransformer: (FusedSpatialTransformer, _spatial_fusable),
+    CrossAttention: (FusedCrossAttention, _attention_fusable),
 }
 
 
@@ -314,6 +402,8 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
         if reason is not None:
             skipped.append(f"{name or type(block).__name__}: {reason}")
             continue
+        if fused_cls is FusedCrossAttention:
+            _prepare_attention(cast(CrossAttention, block))
         block.__class__ = fused_cls
         block.fusion_backend = backend
         key = type(block).__mro__[1].__name__
@@ -336,6 +426,7 @@ def unfuse_blocks(module: nn.Module) -> int:
 
 __all__ = [
     "BlockFusionReport",
+    "FusedCrossAttention",
     "FusedResBlock",
     "FusedResnetBlock",
     "FusedSpatialTransformer",

@@ -48,9 +48,9 @@ def prepare_cuda_inference(module: nn.Module) -> CudaInferenceReport | None:
     :func:`~ldm_sdk.accel.fusion.unfuse_model`."""
     if not half_precision_on_cuda([module]):
         return None
+    module.to(memory_format=torch.channels_last)  # first: block fusion re-stores attention weights
     norms = fuse_model(module)
     blocks = fuse_blocks(module)
-    module.to(memory_format=torch.channels_last)
     return CudaInferenceReport(norms, blocks)
 
 

@@ -536,8 +536,8 @@ def group_norm_act_triton(
     groups_total = plan.n * num_groups
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else x
-    # shift[n, c] at n C + c, float32 (tiny: N * C values)
-    sh = shift.to(torch.float32).contiguous() if shift is not None else x
+    # shift[n, c] at n C + c, read in its own dtype and converted to float32 in the kernels (no copy)
+    sh = (shift if shift.dtype in KERNEL_DTYPES else shift.float()).contiguous() if shift is not None else x
     has_shift = shift is not None
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
@@ -754,7 +754,7 @@ if triton is not None:
             valid = idx < L
             x = tl.load(x_group + idx, mask=valid, other=0.0).to(tl.float32)
             if HAS_SHIFT:  # invalid lanes stay 0 (shift loaded as 0 there)
-                x = x + tl.load(shift_ptr + group * CG + idx // S, mask=valid, other=0.0)
+                x = x + tl.load(shift_ptr + group * CG + idx // S, mask=valid, other=0.0).to(tl.float32)
             count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK)
         mu, m2_sum = _welford_finish(count, mean, m2)
         tl.store(mean_ptr + group * SPLIT + k, mu)
@@ -800,7 +800,7 @@ if triton is not None:
             beta = tl.load(b_ptr + c).to(tl.float32)
         x_shift = 0.0
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + row)
+            x_shift = tl.load(shift_ptr + row).to(tl.float32)
         x_row = x_ptr + row * S
         y_row = y_ptr + row * S
         start = k * CHUNK
@@ -863,7 +863,7 @@ if triton is not None:
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
         start = k * CHUNK
         for i in range(0, CHUNK, BLOCK_S):
             r = start + i + rows
@@ -949,7 +949,7 @@ if triton is not None:
         if HAS_B:
             beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0)
+            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
         offset = n * S * C
         rows = tl.arange(0, BLOCK_S)
         start = k * CHUNK

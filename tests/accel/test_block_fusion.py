@@ -125,7 +125,8 @@ def test_report_counts_and_reasons() -> None:
     transformers = count(bundle, BasicTransformerBlock)
     spatial = count(bundle, SpatialTransformer)
     not_yet = fuse_blocks(bundle)
-    assert not_yet.total == transformers + spatial  # residual blocks need their norms fused first
+    # residual blocks need their norms fused first; transformers and attentions do not
+    assert not_yet.total == transformers + spatial + 2 * transformers
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
     assert count(bundle, FUSED_CLASSES) == 0
@@ -136,10 +137,11 @@ def test_report_counts_and_reasons() -> None:
         "ResnetBlock": vae_blocks,
         "BasicTransformerBlock": transformers,
         "SpatialTransformer": spatial,
+        "CrossAttention": 2 * transformers,
     }, report
     assert report.skipped == () and "fused blocks" in str(report)
     again = fuse_blocks(bundle, backend="reference")
-    assert again.total == 0 and again.already_fused == report.total
+    assert again.total == 0 and again.already_fused == sum(report.fused.values())
     fused_blocks = [m for m in bundle.modules() if isinstance(m, FUSED_CLASSES)]
     assert all(getattr(m, "fusion_backend", None) == "reference" for m in fused_blocks)
 
@@ -198,6 +200,50 @@ def test_state_dict_training_mode_and_unfuse() -> None:
     restored = unfuse_model(bundle)
     assert restored > 0 and count(bundle, FUSED_CLASSES) == 0
     assert all(type(m) is ResBlock for m in bundle.modules() if isinstance(m, ResBlock))
+
+
+def test_attention_projections_share_one_storage(tmp_path: Path) -> None:
+    from ldm_sdk.accel.block_fusion import FusedCrossAttention, _stacked
+    from ldm_sdk.checkpoints.loader import load, save
+
+    bundle = random_bundle(SD1).eval()
+    state = {k: v.clone() for k, v in bundle.state_dict().items()}
+    before = network_outputs(bundle, channels_last=False)
+    fully_fused(bundle)
+    attentions = [m for m in bundle.modules() if isinstance(m, FusedCrossAttention)]
+    assert attentions
+    for attn in attentions:
+        self_attn = attn.to_q.in_features == attn.to_k.in_features
+        stacked = _stacked(attn.to_q, attn.to_k, attn.to_v) if self_attn else _stacked(attn.to_k, attn.to_v)
+        assert stacked is not None
+        ref = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight][0 if self_attn else 1 :]
+        assert torch.equal(stacked, torch.cat([w.detach() for w in ref]))
+    for key, value in bundle.state_dict().items():  # same values, same keys
+        assert torch.equal(value, state[key]), key
+    # loading in place writes through the views into the stacked storage
+    attn = attentions[0]
+    new_state = {k: v.clone() for k, v in state.items()}
+    name = next(k for k, v in bundle.state_dict().items() if v.data_ptr() == attn.to_k.weight.data_ptr())
+    new_state[name] = torch.randn_like(new_state[name])
+    bundle.load_state_dict(new_state)
+    stacked = _stacked(attn.to_k, attn.to_v)
+    assert stacked is not None
+    assert torch.equal(stacked[: attn.to_k.out_features], new_state[name])
+    bundle.load_state_dict(state)
+    after = network_outputs(bundle, channels_last=False)
+    for name_, value in before.items():
+        assert rel_err(after[name_], value) < 2e-5, name_
+    # saving copies the views out; the file loads as the original weights
+    path = save(bundle, tmp_path / "fused.safetensors")
+    reloaded = load(path)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # new storage for a projection (module.to, assignment): the separate GEMMs run, the output is the same
+    attn.to_k.weight.data = attn.to_k.weight.detach().clone()
+    assert _stacked(attn.to_q, attn.to_k, attn.to_v) is None and _stacked(attn.to_k, attn.to_v) is None
+    again = network_outputs(bundle, channels_last=False)
+    for name_, value in before.items():
+        assert rel_err(again[name_], value) < 2e-5, name_
 
 
 def test_bf16_block_fused_model_is_no_less_accurate_on_cpu() -> None:
@@ -264,7 +310,12 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
         unfused = unet16(x, t, context=ctx.half())
         report = prepare_cuda_inference(unet16)
         assert report is not None
-        assert report.blocks.fused == {"ResBlock": 22, "BasicTransformerBlock": 16, "SpatialTransformer": 16}
+        assert report.blocks.fused == {
+            "ResBlock": 22,
+            "BasicTransformerBlock": 16,
+            "SpatialTransformer": 16,
+            "CrossAttention": 32,
+        }
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
         err_unfused, err_fast = rel_err(unfused, ref), rel_err(fast, ref)
         print(f"SD-1.5 UNet fp16 vs fp32: unfused {err_unfused:.3e}, prepared {err_fast:.3e}")
