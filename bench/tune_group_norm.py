@@ -1,8 +1,9 @@
 """Tile-size sweep of the channels_last fused GroupNorm(+SiLU) kernels at the SD-1.5 UNet and kl-f8 decoder
-shapes: the column-tile floor (``NHWC_MIN_COLS``), the tile size (``max_block``) and the programs aimed for
-per SM. For each configuration: GPU time per call (both passes, replayed from a CUDA graph of 10 calls),
-effective bandwidth (two reads and one write of the activation), and the ulp check against the float32
-reference -- a configuration that fails it is reported and never picked.
+shapes: the column-tile floor (``NHWC_MIN_COLS``), the tile size (``max_block``), the programs aimed for
+per SM, and the single-pass kernel (``_auto``: taken where the group fits) against the two kernels. For
+each configuration: GPU time per call (replayed from a CUDA graph of 10 calls), effective bandwidth (two
+reads and one write of the activation), and the ulp check against the float32 reference -- a
+configuration that fails it is reported and never picked.
 
     python bench/tune_group_norm.py --out tune_gn.json        # on a CUDA machine
 """
@@ -41,6 +42,7 @@ SHAPES = [
 MIN_COLS = (32, 64, 128, 256)
 MAX_BLOCKS = (2048, 4096)
 PER_SM = (4, 8)
+SINGLE = (False, None)  # the two kernels; the single-pass kernel where the group fits (else the two again)
 
 
 def graph_ms(fn: Any, reps: int = 10, iters: int = 30) -> float:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ref = K.group_norm_act_reference(x, w, b, 32, 1e-5, "silu", shift=shift)
             gbytes = 3 * x.numel() * x.element_size() / 1e9
             timings: dict[str, Any] = {}
-            for cols, block, per_sm in itertools.product(MIN_COLS, MAX_BLOCKS, PER_SM):
+            for cols, block, per_sm, single in itertools.product(MIN_COLS, MAX_BLOCKS, PER_SM, SINGLE):
                 K.NHWC_MIN_COLS = cols
 
                 call = functools.partial(
@@ -93,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     shift=shift,
                     target_programs=per_sm * sms,
                     max_block=block,
+                    single_pass=single,
                 )
 
-                key = f"cols{cols}_block{block}_sm{per_sm}"
+                key = f"cols{cols}_block{block}_sm{per_sm}" + ("_auto" if single is None else "")
                 try:
                     report = K.compare_ulps(call(), ref)
                     ms = graph_ms(call)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             K.NHWC_MIN_COLS = default[0]
             ok = {k: v for k, v in timings.items() if v.get("ok")}
             best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
-            now = f"cols{default[0]}_block{default[1]}_sm{default[2]}"
+            now = f"cols{default[0]}_block{default[1]}_sm{default[2]}_auto"
             row = {"shape": list(shape), "default": now, "best": best, "configs": timings}
             res["rows"].append(row)
             if best is not None and now in ok:

@@ -110,6 +110,7 @@ MAX_BLOCK = 2048  # elements per tile (fp16: 16 per thread at 4 warps)
 MAX_SPLIT = 1024  # chunks per group in the statistics pass (merged by one vector load)
 MAX_CHUNK = 2**24  # elements per chunk: counts stay exact in float32
 PROGRAMS_PER_SM = 4
+SINGLE_PASS_MAX = 16384  # padded group tile (positions x channels) one program normalises in registers
 
 
 # -- references (float32 maths, one rounding) ----------------------------------------------------------------
@@ -508,11 +509,16 @@ def group_norm_act_triton(
     target_programs: int | None = None,
     max_block: int = MAX_BLOCK,
     recorder: KernelRecorder | None = None,
+    single_pass: bool | None = None,
 ) -> Tensor:
-    """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, any float dtype)
-    is copied to a float32 ``(N * C)`` buffer and added to ``x`` in float32 by both passes.
+    """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, fp16 / bf16 /
+    fp32) is read in its dtype and added to ``x`` in float32 by both passes.
     ``target_programs`` / ``max_block`` tune the launch plan (:func:`plan_group_norm`; defaults: 4 x the
-    SM count, 2048); the result does not depend on them beyond float32 rounding of the statistics."""
+    SM count, 2048); the result does not depend on them beyond float32 rounding of the statistics.
+    ``single_pass``: one program per (sample, group) holding the whole group in registers (one launch, a
+    two-pass mean / variance over the registers) instead of the statistics + apply kernels; ``None``
+    picks it when the group's padded tile has at most ``SINGLE_PASS_MAX`` elements (the small maps of a
+    UNet's inner levels, where the two launches, not the bytes, set the time)."""
     _check_group_norm(x, weight, bias, num_groups, eps, act, shift)
     _check_kernel_input(x, "group_norm_act")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -542,6 +548,38 @@ def group_norm_act_triton(
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
     common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_SHIFT": has_shift, "ACT": act}
+    tile = _pow2(plan.s) * _pow2(cg)
+    if single_pass is None:
+        single_pass = tile <= SINGLE_PASS_MAX
+    if single_pass:
+        if tile > SINGLE_PASS_MAX:
+            raise ValueError(
+                f"single_pass needs a group tile of at most {SINGLE_PASS_MAX} elements, got {tile} "
+                f"(positions {plan.s} x channels {cg}, padded to powers of two); use single_pass=None"
+            )
+        stride_s, stride_c = (plan.c, 1) if channels_last else (1, plan.s)
+        launch(
+            _gn_single_pass_kernel,
+            (groups_total,),
+            recorder,
+            x,
+            y,
+            w,
+            b,
+            sh,
+            plan.c,
+            plan.s,
+            cg,
+            num_groups,
+            stride_s,
+            stride_c,
+            float(eps),
+            **common,
+            BLOCK_S=_pow2(plan.s),
+            BLOCK_CG=_pow2(cg),
+            num_warps=min(16, max(4, tile // 1024)),
+        )
+        return y
     if channels_last:
         # partials per (sample, group, part, chunk), part = the column tile of the group's first channel
         # (0) or the next one (1); count explicit (a part holds any number of the group's channels)
@@ -963,6 +1001,54 @@ if triton is not None:
             y = _activate((x - mu[None, :]) * scale[None, :] + beta[None, :], ACT)
             tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
+    @triton.jit(do_not_specialize=["G"])
+    def _gn_single_pass_kernel(
+        x_ptr,
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        shift_ptr,
+        C,
+        S,
+        CG,
+        G,
+        STRIDE_S,
+        STRIDE_C,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        ACT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_CG: tl.constexpr,
+    ):
+        """Program ``n G + g`` normalises group g of sample n whole: its ``S x CG`` tile (element (s, j)
+        at ``n C S + s STRIDE_S + (g CG + j) STRIDE_C``: channels_last or contiguous) in registers, the mean
+        then the variance of the centred tile, then the affine and activation."""
+        pid = tl.program_id(0).to(tl.int64)
+        n = pid // G
+        c = (pid % G) * CG + tl.arange(0, BLOCK_CG)
+        rows = tl.arange(0, BLOCK_S)
+        col_ok = c < (pid % G + 1) * CG
+        valid = (rows < S)[:, None] & col_ok[None, :]
+        idx = n * C * S + rows[:, None].to(tl.int64) * STRIDE_S + c[None, :] * STRIDE_C
+        x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            x = x + tl.load(shift_ptr + n * C + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x = tl.where(valid, x, 0.0)
+        count = (S * CG).to(tl.float32)
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+        d = tl.where(valid, x - mean, 0.0)
+        var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+        scale = tl.full([BLOCK_CG], 1.0, tl.float32) / tl.sqrt_rn(var + eps)
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + c, mask=col_ok, other=1.0).to(tl.float32)
+        beta = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        if HAS_B:
+            beta = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+        y = _activate(d * scale[None, :] + beta[None, :], ACT)
+        tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
+
     @triton.jit(do_not_specialize=["ROWS"])
     def _geglu_kernel(h_ptr, y_ptr, ROWS, INNER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """``y[r, j] = h[r, j] * gelu(h[r, INNER + j])`` over a BLOCK_R x BLOCK_C tile."""
@@ -981,6 +1067,7 @@ __all__ = [
     "BACKENDS",
     "FLOAT32_NOISE",
     "KERNEL_DTYPES",
+    "SINGLE_PASS_MAX",
     "Act",
     "Backend",
     "Chunking",

@@ -453,13 +453,19 @@ def interpreter_checks() -> list[str]:
         for shape, groups, dtype, channels_last, act, affine, max_block, target in cases:
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
             weight, bias = (w, b) if affine else (None, None)
-            out = K.group_norm_act_triton(
-                x, weight, bias, groups, 1e-5, act, max_block=max_block, target_programs=target
-            )
-            assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
-            what = f"group_norm_act{shape} G={groups} {dtype} cl={channels_last} {act} affine={affine}"
-            assert_close_to_truth(out, group_norm_truth(x, weight, bias, groups, 1e-5, act), what)
-            done.append(what)
+            # the statistics + apply kernels, and (all these groups fit) the single-pass kernel
+            for single in (False, True):
+                out = K.group_norm_act_triton(
+                    x, weight, bias, groups, 1e-5, act, max_block=max_block, target_programs=target,
+                    single_pass=single,
+                )  # fmt: skip
+                assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
+                what = (
+                    f"group_norm_act{shape} G={groups} {dtype} cl={channels_last} {act} affine={affine} "
+                    f"single_pass={single}"
+                )
+                assert_close_to_truth(out, group_norm_truth(x, weight, bias, groups, 1e-5, act), what)
+                done.append(what)
         # shift: x + shift[n, c] formed in float32 in both passes; both layouts, chunked group runs whose
         # tiles cross channel boundaries (contiguous: the shift is gathered per element), groups straddling
         # channels_last column tiles, partial last tiles, 3-D input, shift dtypes other than x's
@@ -478,24 +484,26 @@ def interpreter_checks() -> list[str]:
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
             weight, bias = (w, b) if affine else (None, None)
             shift = make_shift(x, shift_dtype)
-            out = K.group_norm_act_triton(
-                x, weight, bias, groups, 1e-5, act, shift=shift, max_block=max_block, target_programs=target
-            )
-            assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
-            what = (
-                f"group_norm_act{shape} G={groups} {dtype} + {shift_dtype} shift cl={channels_last} {act} "
-                f"affine={affine}"
-            )
             truth = group_norm_truth(shifted(x, shift.float()), weight, bias, groups, 1e-5, act)
-            assert_close_to_truth(out, truth, what)
-            done.append(what)
+            for single in (False, True):
+                out = K.group_norm_act_triton(
+                    x, weight, bias, groups, 1e-5, act, shift=shift, max_block=max_block,
+                    target_programs=target, single_pass=single,
+                )  # fmt: skip
+                assert out.stride() == x.stride(), f"memory format not kept: {out.stride()} vs {x.stride()}"
+                what = (
+                    f"group_norm_act{shape} G={groups} {dtype} + {shift_dtype} shift cl={channels_last} "
+                    f"{act} affine={affine} single_pass={single}"
+                )
+                assert_close_to_truth(out, truth, what)
+                done.append(what)
         # no shift: shift=None and a zero shift (x + 0.0 is exact) are bit for bit the unshifted kernels
         for shape, dtype, channels_last, max_block in (
             ((2, 12, 5, 7), torch.bfloat16, False, 16),
             ((2, 40, 5, 7), torch.float32, True, 64),
         ):
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
-            kwargs = {"max_block": max_block, "target_programs": 32}
+            kwargs = {"max_block": max_block, "target_programs": 32, "single_pass": False}
             plain = K.group_norm_act_triton(x, w, b, 4, 1e-5, "silu", **kwargs)  # type: ignore[arg-type]
             for shift in (None, torch.zeros(shape[:2], dtype=dtype)):
                 out = K.group_norm_act_triton(x, w, b, 4, 1e-5, "silu", shift=shift, **kwargs)  # type: ignore[arg-type]
@@ -516,6 +524,17 @@ def interpreter_checks() -> list[str]:
             assert_close_to_truth(out, geglu_truth(h), f"geglu {shape} {dtype}", max_frac=GEGLU_FRAC)
             done.append(f"geglu{shape} {dtype}")
         assert K.group_norm_act_triton(torch.empty(0, 8, 3, 3), None, None, 4, 1e-5).shape == (0, 8, 3, 3)
+        # a group above SINGLE_PASS_MAX: "auto" takes the two kernels, forcing the single pass is refused
+        x, w, b = make_inputs((1, 4, 130, 127), torch.bfloat16, channels_last=True)
+        out = K.group_norm_act_triton(x, w, b, 2, 1e-5, "silu")
+        assert_close_to_truth(out, group_norm_truth(x, w, b, 2, 1e-5, "silu"), "group above the single pass")
+        try:
+            K.group_norm_act_triton(x, w, b, 2, 1e-5, "silu", single_pass=True)
+        except ValueError as exc:
+            assert "single_pass needs a group tile of at most" in str(exc), exc
+        else:
+            raise AssertionError("single_pass=True took a group above SINGLE_PASS_MAX")
+        done.append("group_norm_act above SINGLE_PASS_MAX: two kernels; single_pass=True refused")
         # the fusion pass's modules, forced onto the kernels
         from ldm_sdk.accel.fusion import FusedGEGLU, FusedGroupNorm
 
@@ -549,7 +568,7 @@ def test_triton_kernels_in_the_interpreter() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 18 + 8 + 2, done
+    assert len(done) == 2 * 13 + 5 + 2 * 8 + 2 + 1, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
