@@ -32,9 +32,10 @@ PROFILED_CALLS = 5
 #: kernel-name fragments -> category (first match wins), for the "what bounds it" summary
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    # before "conv": the fused GroupNorm kernels' names contain "nhwc" too
+    ("norm", ("group_norm", "layer_norm", "norm", "welford", "_gn_")),
     ("conv", ("conv", "implicit", "cudnn", "xmma_fprop", "sm90_xmma", "nhwc")),
     ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "matmul", "sm90_")),
-    ("norm", ("group_norm", "layer_norm", "norm", "welford", "_gn_")),
     ("elementwise", ("elementwise", "vectorized", "silu", "gelu", "geglu", "add", "mul", "copy", "cat")),
 )
 
