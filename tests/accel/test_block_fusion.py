@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +43,7 @@ from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.unet import ResBlock, UNetModel
+from ldm_sdk.testing.interpreter import run_interpreted
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,17 +271,7 @@ def interpreter_check() -> dict[str, float]:
 
 def test_block_fusion_kernels_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, __file__],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(__file__)
     assert set(errors) == {"encode", "decode", "unet"}
     for name, err in errors.items():
         assert err < 2e-5, f"{name}: Triton (interpreted) vs reference {err:.3e}"

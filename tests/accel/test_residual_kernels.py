@@ -23,12 +23,10 @@ under a CUDA graph.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel import residual_kernels as R
 from ldm_sdk.accel.triton_kernels import compare_ulps, triton_available
+from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
 
 ROOT = Path(__file__).resolve().parents[2]
 HALF = [torch.float16, torch.bfloat16]
@@ -291,23 +290,6 @@ def test_argument_errors_say_what_is_valid(call: Callable[[Tensor], object], wor
 
 
 # -- the kernels in the Triton interpreter (CPU) -------------------------------------------------------------
-@contextlib.contextmanager
-def _unwritten_memory_is_nan() -> Iterator[None]:
-    """``torch.empty`` / ``empty_like`` fill floating tensors with NaN meanwhile, so an output element the
-    kernels forget to write shows up as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t: Tensor) -> Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: nan(empty(*a, **k))  # type: ignore[assignment]
-    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like  # type: ignore[assignment]
-
-
 def _bf16_toward_zero(x: Tensor) -> Tensor:
     """float32 -> bfloat16 rounded toward zero (the low 16 bits of the float32 pattern dropped)."""
     return (x.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
@@ -364,7 +346,7 @@ def interpreter_checks() -> list[str]:
         ((3, 7, 100), torch.bfloat16, True, 2048),  # C not a power of two
         ((11, 100), torch.float32, False, 256),
     ]
-    with _unwritten_memory_is_nan(), torch.no_grad():
+    with unwritten_memory_is_nan(), torch.no_grad():
         for shape, dtype, affine, max_block in ln_cases:
             y, r, w, b = make_ln_inputs(shape, dtype, seed=len(done))
             weight, bias = (w, b) if affine else (None, None)
@@ -413,17 +395,7 @@ def interpreter_checks() -> list[str]:
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_residual_kernels_in_the_interpreter() -> None:
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpreter-checks"], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    done = run_interpreted(__file__, "--interpreter-checks")
     assert len(done) == 22, done
 
 

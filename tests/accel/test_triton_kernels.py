@@ -28,12 +28,10 @@ a CUDA graph.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,6 +43,7 @@ from ldm_sdk.accel import triton_kernels as K
 from ldm_sdk.accel.triton_kernels import compare_ulps
 from ldm_sdk.models.attention import GEGLU
 from ldm_sdk.models.embeddings import GroupNorm32
+from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -411,23 +410,6 @@ def test_ulp_measure() -> None:
 
 
 # -- the kernels in the Triton interpreter (CPU) -------------------------------------------------------------
-@contextlib.contextmanager
-def _unwritten_memory_is_nan() -> Iterator[None]:
-    """``torch.empty`` / ``empty_like`` fill floating tensors with NaN meanwhile, so an output element or
-    a statistics partial the kernels forget to write shows up as NaN instead of as stale zeros."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t: Tensor) -> Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: nan(empty(*a, **k))  # type: ignore[assignment]
-    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like  # type: ignore[assignment]
-
-
 def interpreter_checks() -> list[str]:
     """Run in a subprocess with TRITON_INTERPRET=1 (see the module doc); returns what was checked."""
     done: list[str] = []
@@ -449,7 +431,7 @@ def interpreter_checks() -> list[str]:
         ((2, 80, 5, 7), 2, torch.float32, True, "silu", True, 128, 64),  # C/G 40: 64-column tiles
         ((1, 96, 5, 7), 2, torch.bfloat16, True, "none", False, 2048, None),  # C/G 48, partial last tile
     ]
-    with _unwritten_memory_is_nan(), torch.no_grad():
+    with unwritten_memory_is_nan(), torch.no_grad():
         for shape, groups, dtype, channels_last, act, affine, max_block, target in cases:
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
             weight, bias = (w, b) if affine else (None, None)
@@ -557,17 +539,7 @@ def interpreter_checks() -> list[str]:
 
 @pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
 def test_triton_kernels_in_the_interpreter() -> None:
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpreter-checks"], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
+    done = run_interpreted(__file__, "--interpreter-checks")
     assert len(done) == 2 * 13 + 5 + 2 * 8 + 2 + 1, done
 
 
