@@ -90,7 +90,7 @@ def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return graph.replay
 
 
-def probe_cudnn(dtype: torch.dtype, norms_only: bool = False) -> dict[str, Any]:
+def probe_cudnn(dtype: torch.dtype, norms_only: bool = False, no_subpixel: bool = False) -> dict[str, Any]:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
     from ldm_sdk.models.configs import UNetConfig
     from ldm_sdk.models.first_stage import AutoencoderKL
@@ -113,6 +113,12 @@ def probe_cudnn(dtype: torch.dtype, norms_only: bool = False) -> dict[str, Any]:
             model.to(memory_format=torch.channels_last)
         else:
             prepare_cuda_inference(model)
+        if no_subpixel:  # the upsamplings back to interpolate + 3x3 conv
+            from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, FusedUNetUpsample
+
+            for m in model.modules():
+                if isinstance(m, FusedFirstStageUpsample | FusedUNetUpsample):
+                    m.__class__ = m.unfused_class
     cl = torch.channels_last
     x = torch.randn(2, 4, 64, 64, generator=gen).to("cuda", dtype).contiguous(memory_format=cl)
     t = torch.full((2,), 501.0, device="cuda")
@@ -146,13 +152,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--skip-sdpa", action="store_true", help="only the cuDNN and decode-profile probes")
     p.add_argument("--norms-only", action="store_true", help="fuse norms / GEGLU only (no block fusion)")
+    p.add_argument("--no-subpixel", action="store_true", help="keep interpolate + 3x3 conv upsamplings")
     args = p.parse_args(argv)
     dtype = torch.float16
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_sdpa:
         res["sdpa_ms"] = probe_sdpa(dtype)
     res["norms_only"] = args.norms_only
-    res["cudnn"] = probe_cudnn(dtype, args.norms_only)
+    res["no_subpixel"] = args.no_subpixel
+    res["cudnn"] = probe_cudnn(dtype, args.norms_only, args.no_subpixel)
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     return res

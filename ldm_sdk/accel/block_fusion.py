@@ -23,6 +23,8 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
   and the following LayerNorm are one :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`;
 * ``CrossAttention`` -> :class:`FusedCrossAttention`: the q / k / v projections of self-attention (k / v of
   cross-attention) run as one GEMM over weights moved back to back into one storage;
+* ``Upsample`` with a 3x3 conv (UNet and first stage) -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
+  four 2x2 convolutions on the small map instead of the upsampling copy and a 3x3 convolution on the big one;
 * ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
   map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
   bias add is the GEMM's epilogue (cuBLASLt), with no layout copy.
@@ -50,7 +52,14 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
+from ldm_sdk.accel.subpixel import (
+    FusedFirstStageUpsample,
+    FusedUNetUpsample,
+    first_stage_upsample_fusable,
+    unet_upsample_fusable,
+)
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
+from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock
@@ -355,13 +364,15 @@ _FUSED = {
     BasicTransformerBlock: (FusedTransformerBlock, _transformer_fusable),
     SpatialTransformer: (FusedSpatialTransformer, _spatial_fusable),
     CrossAttention: (FusedCrossAttention, _attention_fusable),
+    autoencoder.Upsample: (FusedFirstStageUpsample, first_stage_upsample_fusable),
+    unet.Upsample: (FusedUNetUpsample, unet_upsample_fusable),
 }
 
 
 @dataclass(frozen=True)
 class BlockFusionReport:
-    """What :func:`fuse_blocks` switched (per original class name), what was fused already, and the blocks
-    left alone with the reason."""
+    """What :func:`fuse_blocks` switched (per fused class name without "Fused"), what was fused already,
+    and the blocks left alone with the reason."""
 
     backend: str
     fused: dict[str, int]
@@ -406,7 +417,7 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
             _prepare_attention(cast(CrossAttention, block))
         block.__class__ = fused_cls
         block.fusion_backend = backend
-        key = type(block).__mro__[1].__name__
+        key = fused_cls.__name__.removeprefix("Fused")
         fused[key] = fused.get(key, 0) + 1
     return BlockFusionReport(backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped))
 

@@ -35,10 +35,12 @@ from ldm_sdk.accel.block_fusion import (
     FusedTransformerBlock,
 )
 from ldm_sdk.accel.graphs import CapturedModel
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, FusedUNetUpsample
 from ldm_sdk.benchmarks.common import SD15_UNET, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
+from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.configs import UNetConfig
@@ -47,7 +49,14 @@ from ldm_sdk.testing.interpreter import run_interpreted
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-FUSED_CLASSES = (FusedResBlock, FusedResnetBlock, FusedTransformerBlock, FusedSpatialTransformer)
+FUSED_CLASSES = (
+    FusedResBlock,
+    FusedResnetBlock,
+    FusedTransformerBlock,
+    FusedSpatialTransformer,
+    FusedFirstStageUpsample,
+    FusedUNetUpsample,
+)
 
 
 def network_outputs(
@@ -122,9 +131,12 @@ def test_report_counts_and_reasons() -> None:
     vae_blocks = count(bundle.first_stage_model, ResnetBlock)
     transformers = count(bundle, BasicTransformerBlock)
     spatial = count(bundle, SpatialTransformer)
+    vae_up = sum(type(m) is autoencoder.Upsample and m.with_conv for m in bundle.modules())
+    unet_up = sum(type(m) is unet.Upsample and m.use_conv for m in bundle.modules())
+    assert vae_up > 0 and unet_up > 0
     not_yet = fuse_blocks(bundle)
-    # residual blocks need their norms fused first; transformers and attentions do not
-    assert not_yet.total == transformers + spatial + 2 * transformers
+    # residual blocks need their norms fused first; the other blocks do not
+    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
     assert count(bundle, FUSED_CLASSES) == 0
@@ -133,9 +145,11 @@ def test_report_counts_and_reasons() -> None:
     assert report.fused == {
         "ResBlock": unet_blocks,
         "ResnetBlock": vae_blocks,
-        "BasicTransformerBlock": transformers,
+        "TransformerBlock": transformers,
         "SpatialTransformer": spatial,
         "CrossAttention": 2 * transformers,
+        "FirstStageUpsample": vae_up,
+        "UNetUpsample": unet_up,
     }, report
     assert report.skipped == () and "fused blocks" in str(report)
     again = fuse_blocks(bundle, backend="reference")
@@ -300,9 +314,10 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
         assert report is not None
         assert report.blocks.fused == {
             "ResBlock": 22,
-            "BasicTransformerBlock": 16,
+            "TransformerBlock": 16,
             "SpatialTransformer": 16,
             "CrossAttention": 32,
+            "UNetUpsample": 3,
         }
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
         err_unfused, err_fast = rel_err(unfused, ref), rel_err(fast, ref)

@@ -1,0 +1,66 @@
+"""The sub-pixel form of nearest 2x upsampling + 3x3 convolution (``ldm_sdk.accel.subpixel``) against the
+plain ``interpolate`` + ``conv2d`` in float64 (where both are exact up to float64 rounding), both memory
+formats, odd sizes, with and without bias, and the fused modules' fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_sdk.accel.subpixel import (
+    FusedFirstStageUpsample,
+    FusedUNetUpsample,
+    phase_kernels,
+    upsample_conv,
+)
+from ldm_sdk.models import autoencoder, unet
+
+
+def plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 3, 1, 1), (1, 4, 6, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_equals_upsample_then_conv_in_float64(
+    shape: tuple[int, ...], channels_last: bool, with_bias: bool
+) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, shape[1], 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if with_bias else None
+    out = upsample_conv(x, w, b)
+    ref = plain(x, w, b)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    if channels_last and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_phase_kernels_sum_the_taps_that_meet() -> None:
+    w = torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3)  # rows [0 1 2] [3 4 5] [6 7 8]
+    k = phase_kernels(w)
+    assert k.shape == (2, 2, 1, 1, 2, 2)
+    # phase (0, 0): rows [W0, W1 + W2], columns likewise
+    assert k[0, 0, 0, 0].tolist() == [[0.0, 1.0 + 2.0], [3.0 + 6.0, 4.0 + 5.0 + 7.0 + 8.0]]
+    # phase (1, 1): rows [W0 + W1, W2]
+    assert k[1, 1, 0, 0].tolist() == [[0.0 + 1.0 + 3.0 + 4.0, 2.0 + 5.0], [6.0 + 7.0, 8.0]]
+    assert k.sum(dim=(-1, -2)).flatten().tolist() == [36.0] * 4  # every phase sees all nine taps
+
+
+def test_fused_modules_and_their_fallbacks() -> None:
+    torch.manual_seed(0)
+    for module, fused_cls in (
+        (autoencoder.Upsample(4, True), FusedFirstStageUpsample),
+        (unet.Upsample(4, True), FusedUNetUpsample),
+    ):
+        x = torch.randn(2, 4, 5, 6)
+        ref = module(x)
+        module.__class__ = fused_cls
+        assert torch.allclose(module(x), ref, rtol=1e-5, atol=1e-5)
+        module.train()
+        assert torch.equal(module(x), fused_cls.unfused_class.forward(module, x))  # training: original path
