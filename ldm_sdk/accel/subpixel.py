@@ -24,16 +24,20 @@ from torch import Tensor, nn
 
 from ldm_sdk.models import autoencoder, unet
 
-#: rows (or columns) of the 3x3 kernel each phase's 2x2 kernel sums: [phase][tap][kernel row]
-_COMBINE = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+def _combine(w: Tensor, dim: int) -> Tensor:
+    """Along ``dim`` (size 3) -> a new dim of size 2 after the phase dim: ``[[W0, W1 + W2], [W0 + W1, W2]]``
+    (phase 0, phase 1) on a new leading axis. Device ops only: capturable, no host-to-device copy."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
 
 
 def phase_kernels(weight: Tensor) -> Tensor:
     """``(2, 2, C_out, C_in, 2, 2)``: the 2x2 kernel of each output phase ``(a, b)``, in float32 (float64
     for float64 weights)."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    combine = torch.tensor(_COMBINE, dtype=dtype, device=weight.device)
-    return torch.einsum("ary,oiyx,bcx->aboirc", combine, weight.to(dtype), combine)
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    rows = _combine(w, 2)  # (a, C_out, C_in, 2, 3)
+    return _combine(rows, 4).transpose(0, 1)  # (b, a, ...) -> (a, b, C_out, C_in, 2, 2)
 
 
 def upsample_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
