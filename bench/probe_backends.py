@@ -114,10 +114,10 @@ def probe_cudnn(dtype: torch.dtype, norms_only: bool = False, no_subpixel: bool 
         else:
             prepare_cuda_inference(model)
         if no_subpixel:  # the upsamplings back to interpolate + 3x3 conv
-            from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, FusedUNetUpsample
+            from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 
             for m in model.modules():
-                if isinstance(m, FusedFirstStageUpsample | FusedUNetUpsample):
+                if isinstance(m, FusedFirstStageUpsample):
                     m.__class__ = m.unfused_class
     cl = torch.channels_last
     x = torch.randn(2, 4, 64, 64, generator=gen).to("cuda", dtype).contiguous(memory_format=cl)

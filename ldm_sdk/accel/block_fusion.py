@@ -23,7 +23,7 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
   and the following LayerNorm are one :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`;
 * ``CrossAttention`` -> :class:`FusedCrossAttention`: the q / k / v projections of self-attention (k / v of
   cross-attention) run as one GEMM over weights moved back to back into one storage;
-* ``Upsample`` with a 3x3 conv (UNet and first stage) -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
+* the first stage's ``Upsample`` with its 3x3 conv -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
   four 2x2 convolutions on the small map instead of the upsampling copy and a 3x3 convolution on the big one;
 * ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
   map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
@@ -52,14 +52,9 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
-from ldm_sdk.accel.subpixel import (
-    FusedFirstStageUpsample,
-    FusedUNetUpsample,
-    first_stage_upsample_fusable,
-    unet_upsample_fusable,
-)
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
-from ldm_sdk.models import autoencoder, unet
+from ldm_sdk.models import autoencoder
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock
@@ -365,7 +360,6 @@ _FUSED = {
     SpatialTransformer: (FusedSpatialTransformer, _spatial_fusable),
     CrossAttention: (FusedCrossAttention, _attention_fusable),
     autoencoder.Upsample: (FusedFirstStageUpsample, first_stage_upsample_fusable),
-    unet.Upsample: (FusedUNetUpsample, unet_upsample_fusable),
 }
 
 

@@ -6,7 +6,11 @@ Why: after a nearest upsampling each 2x2 block of the big map repeats one pixel,
 with the kernel's rows combined as ``[W0, W1 + W2]`` (``a = 0``) or ``[W0 + W1, W2]`` (``a = 1``), columns
 alike. Four 2x2 convolutions on the input (16 taps per input pixel instead of 36) replace the upsampling
 copy and the 3x3 convolution on the 4x bigger map; the phases are written interleaved into the output.
-The kl-f8 decoder does three such convolutions, up to 512 x 512 x 256.
+The kl-f8 decoder does three such convolutions, up to 512 x 512 x 256: its decode went from 7.22 / 7.32
+to 6.69 / 6.66 ms (H100, fp16, graph-replayed, two runs each, ``bench/probe_backends.py --no-subpixel``).
+Only the first stage's ``Upsample`` is switched: the combined kernels are formed on every call (so they can
+never be stale, also inside a CUDA graph), which costs more than it saves for the UNet's 1280-channel
+convolutions on 8-32 pixel maps (the SD-1.5 step went from 6.53 to 8.16 ms when they were included).
 
 Numerics: exact in real arithmetic. The combined kernels are formed in float32 from the weights on every
 call (so they are never stale) and rounded once to the weights' dtype; the convolutions accumulate in
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_sdk.models import autoencoder, unet
+from ldm_sdk.models import autoencoder
 
 
 def _combine(w: Tensor, dim: int) -> Tensor:
@@ -85,34 +89,15 @@ class FusedFirstStageUpsample(autoencoder.Upsample):
         return upsample_conv(x, self.conv.weight, self.conv.bias)
 
 
-class FusedUNetUpsample(unet.Upsample):
-    """The UNet's ``Upsample`` (with its conv) in the sub-pixel form; other inputs take the original path."""
-
-    unfused_class: ClassVar[type[nn.Module]] = unet.Upsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training or x.dim() != 4:
-            return unet.Upsample.forward(self, x)
-        return upsample_conv(x, self.conv.weight, self.conv.bias)
-
-
 def first_stage_upsample_fusable(module: autoencoder.Upsample) -> str | None:
     if not module.with_conv or not _conv3x3(getattr(module, "conv", None)):
         return "not followed by a plain 3x3 conv"
     return None
 
 
-def unet_upsample_fusable(module: unet.Upsample) -> str | None:
-    if not module.use_conv or not _conv3x3(getattr(module, "conv", None)):
-        return "not followed by a plain 3x3 conv (padding 1)"
-    return None
-
-
 __all__ = [
     "FusedFirstStageUpsample",
-    "FusedUNetUpsample",
     "first_stage_upsample_fusable",
     "phase_kernels",
-    "unet_upsample_fusable",
     "upsample_conv",
 ]

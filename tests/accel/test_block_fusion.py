@@ -35,12 +35,12 @@ from ldm_sdk.accel.block_fusion import (
     FusedTransformerBlock,
 )
 from ldm_sdk.accel.graphs import CapturedModel
-from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, FusedUNetUpsample
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.benchmarks.common import SD15_UNET, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
-from ldm_sdk.models import autoencoder, unet
+from ldm_sdk.models import autoencoder
 from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.configs import UNetConfig
@@ -55,7 +55,6 @@ FUSED_CLASSES = (
     FusedTransformerBlock,
     FusedSpatialTransformer,
     FusedFirstStageUpsample,
-    FusedUNetUpsample,
 )
 
 
@@ -132,11 +131,10 @@ def test_report_counts_and_reasons() -> None:
     transformers = count(bundle, BasicTransformerBlock)
     spatial = count(bundle, SpatialTransformer)
     vae_up = sum(type(m) is autoencoder.Upsample and m.with_conv for m in bundle.modules())
-    unet_up = sum(type(m) is unet.Upsample and m.use_conv for m in bundle.modules())
-    assert vae_up > 0 and unet_up > 0
+    assert vae_up > 0
     not_yet = fuse_blocks(bundle)
     # residual blocks need their norms fused first; the other blocks do not
-    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up
+    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
     assert count(bundle, FUSED_CLASSES) == 0
@@ -149,7 +147,6 @@ def test_report_counts_and_reasons() -> None:
         "SpatialTransformer": spatial,
         "CrossAttention": 2 * transformers,
         "FirstStageUpsample": vae_up,
-        "UNetUpsample": unet_up,
     }, report
     assert report.skipped == () and "fused blocks" in str(report)
     again = fuse_blocks(bundle, backend="reference")
@@ -317,7 +314,6 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
             "TransformerBlock": 16,
             "SpatialTransformer": 16,
             "CrossAttention": 32,
-            "UNetUpsample": 3,
         }
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
         err_unfused, err_fast = rel_err(unfused, ref), rel_err(fast, ref)
