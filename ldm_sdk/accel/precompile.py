@@ -16,6 +16,10 @@ threads overlap. The real first call then finds every kernel compiled.
 :class:`~ldm_sdk.accel.graphs.CapturedModel` does this before it captures a new call shape; the task runner
 does it before the first decode of a latent size. Models without fused modules (CPU, float32) are left
 alone: nothing is recorded and the call is not made.
+
+Limits: while it records, the model's fused modules skip their kernels, so the same model must not be
+called from another thread meanwhile (the runtime's job queue runs one job at a time; ``CapturedModel``
+records under its capture lock).
 """
 
 from __future__ import annotations
