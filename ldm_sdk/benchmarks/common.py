@@ -133,6 +133,16 @@ def randomize_(model: nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.2 * noise)
 
 
+def random_sd15_unet(device: torch.device | str, seed: int = 0) -> UNetModel:
+    """The SD-1.5-architecture UNet in float32 on ``device`` with :func:`randomize_` weights (generator on
+    the device, seeded ``seed``), eval mode, no grad: what the GPU tests and validations compare against."""
+    with torch.device("meta"):
+        unet = UNetModel.from_config(UNetConfig(**SD15_UNET))
+    unet = unet.to_empty(device=device).eval().requires_grad_(False)
+    randomize_(unet, torch.Generator(device).manual_seed(seed))
+    return unet
+
+
 @dataclass
 class Engine:
     name: str

@@ -36,7 +36,7 @@ from ldm_sdk.accel.block_fusion import (
 )
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
-from ldm_sdk.benchmarks.common import SD15_UNET, true_float32
+from ldm_sdk.benchmarks.common import random_sd15_unet, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
@@ -293,10 +293,7 @@ def test_block_fusion_kernels_in_the_interpreter() -> None:
 def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
 
-    with torch.device("meta"):
-        unet32 = UNetModel.from_config(UNetConfig(**SD15_UNET))
-    unet32 = unet32.to_empty(device="cuda").eval().requires_grad_(False)
-    bench_randomize_(unet32, torch.Generator("cuda").manual_seed(0))
+    unet32 = random_sd15_unet("cuda", seed=0)
     unet16 = copy.deepcopy(unet32).half()
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=g, device="cuda")

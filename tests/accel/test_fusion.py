@@ -25,12 +25,11 @@ from torch import Tensor, nn
 from ldm_sdk.accel import fuse_model, unfuse_model
 from ldm_sdk.accel.fusion import AbsorbedSiLU, FusedGEGLU, FusedGroupNorm, FusionReport
 from ldm_sdk.accel.graphs import CapturedModel, accelerate_denoiser
-from ldm_sdk.benchmarks.common import SD15_UNET, true_float32
+from ldm_sdk.benchmarks.common import random_sd15_unet, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
 from ldm_sdk.models.attention import GEGLU
-from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.embeddings import GroupNorm32
 from ldm_sdk.models.unet import ResBlock, UNetModel
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle, tiny_unet
@@ -303,10 +302,7 @@ def randomize_(model: nn.Module, seed: int) -> None:
 
 @pytest.mark.gpu
 def test_sd15_unet_fused_fp16_accuracy_and_capture() -> None:
-    with torch.device("meta"):
-        unet32 = UNetModel.from_config(UNetConfig(**SD15_UNET))
-    unet32 = unet32.to_empty(device="cuda").eval().requires_grad_(False)
-    randomize_(unet32, 0)
+    unet32 = random_sd15_unet("cuda", seed=0)
     unet16 = copy.deepcopy(unet32).half()
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=g, device="cuda")  # float32, as the sampler keeps it

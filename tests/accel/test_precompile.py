@@ -165,16 +165,9 @@ def _jit_cache_sizes() -> int:
 @pytest.mark.gpu
 def test_sd15_unet_first_call_after_precompile_compiles_nothing() -> None:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
-    from ldm_sdk.benchmarks.common import SD15_UNET
-    from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
-    from ldm_sdk.models.configs import UNetConfig
-    from ldm_sdk.models.unet import UNetModel
+    from ldm_sdk.benchmarks.common import random_sd15_unet
 
-    with torch.device("meta"):
-        unet = UNetModel.from_config(UNetConfig(**SD15_UNET))
-    unet = unet.to_empty(device="cuda").eval().requires_grad_(False)
-    bench_randomize_(unet, torch.Generator("cuda").manual_seed(0))
-    unet.half()
+    unet = random_sd15_unet("cuda", seed=0).half()
     prepare_cuda_inference(unet)
     g = torch.Generator(device="cuda").manual_seed(1)
     # an odd size, so no earlier test compiled these variants
