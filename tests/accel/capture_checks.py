@@ -9,7 +9,9 @@ tested before it reaches the GPU.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,8 +23,10 @@ from ldm_sdk.accel.graphs import (
     accelerate_denoiser,
     bundle_denoiser,
 )
+from ldm_sdk.benchmarks.common import random_sd15_unet, true_float32
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning
+from ldm_sdk.models.unet import UNetModel
 from ldm_sdk.samplers.base import ddim_timesteps
 from ldm_sdk.samplers.ddim import sample as ddim_sample
 from ldm_sdk.testing.tiny import ALL, random_bundle
@@ -36,6 +40,37 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """max |a - b| / max |b| (normwise), in float64."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@dataclass
+class Sd15Pair:
+    """The SD-1.5 UNet in half precision, one guided step's inputs (``x`` float32 as the sampler keeps it,
+    float64 ``t``, ``ctx`` float32), and the float32 model's output on them (``ref``, TF32 off) next to the
+    half-precision one before any fast-path pass (``unfused``): the accuracy baseline of the fusion tests."""
+
+    unet: UNetModel
+    x: Tensor
+    t: Tensor
+    ctx: Tensor
+    ref: Tensor
+    unfused: Tensor
+
+
+def sd15_pair(device: torch.device | str, dtype: torch.dtype = torch.float16, size: int = 64) -> Sd15Pair:
+    """Random SD-1.5 UNet (seed 0), inputs (seed 1, latents ``size`` x ``size``), float32 reference output
+    and the plain ``dtype`` output; the float32 copy is freed before returning."""
+    unet32 = random_sd15_unet(device, seed=0)
+    low = copy.deepcopy(unet32).to(dtype)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(2, 4, size, size, generator=g, device=device)
+    t = torch.tensor([981.0, 421.0], dtype=torch.float64, device=device)
+    ctx = torch.randn(2, 77, 768, generator=g, device=device)
+    with torch.inference_mode():
+        with true_float32():
+            ref = unet32(x, t, context=ctx)
+        del unet32
+        unfused = low(x, t, context=ctx.to(dtype))
+    return Sd15Pair(low, x, t, ctx, ref, unfused)
 
 
 def tolerance(dtype: torch.dtype) -> float:

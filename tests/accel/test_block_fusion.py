@@ -36,8 +36,8 @@ from ldm_sdk.accel.block_fusion import (
 )
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
-from ldm_sdk.benchmarks.common import random_sd15_unet, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
+from ldm_sdk.benchmarks.common import true_float32
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
 from ldm_sdk.models import autoencoder
@@ -47,6 +47,7 @@ from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.unet import ResBlock, UNetModel
 from ldm_sdk.testing.interpreter import run_interpreted
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle
+from tests.accel.capture_checks import sd15_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSED_CLASSES = (
@@ -293,17 +294,9 @@ def test_block_fusion_kernels_in_the_interpreter() -> None:
 def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
 
-    unet32 = random_sd15_unet("cuda", seed=0)
-    unet16 = copy.deepcopy(unet32).half()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=g, device="cuda")
-    t = torch.tensor([981.0, 421.0], dtype=torch.float64, device="cuda")
-    ctx = torch.randn(2, 77, 768, generator=g, device="cuda")
+    pair = sd15_pair("cuda")
+    unet16, x, t, ctx, ref, unfused = pair.unet, pair.x, pair.t, pair.ctx, pair.ref, pair.unfused
     with torch.inference_mode():
-        with true_float32():
-            ref = unet32(x, t, context=ctx)
-        del unet32
-        unfused = unet16(x, t, context=ctx.half())
         report = prepare_cuda_inference(unet16)
         assert report is not None
         assert report.blocks.fused == {

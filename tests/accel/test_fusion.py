@@ -25,14 +25,15 @@ from torch import Tensor, nn
 from ldm_sdk.accel import fuse_model, unfuse_model
 from ldm_sdk.accel.fusion import AbsorbedSiLU, FusedGEGLU, FusedGroupNorm, FusionReport
 from ldm_sdk.accel.graphs import CapturedModel, accelerate_denoiser
-from ldm_sdk.benchmarks.common import random_sd15_unet, true_float32
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
+from ldm_sdk.benchmarks.common import true_float32
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
 from ldm_sdk.models.attention import GEGLU
 from ldm_sdk.models.embeddings import GroupNorm32
 from ldm_sdk.models.unet import ResBlock, UNetModel
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle, tiny_unet
+from tests.accel.capture_checks import sd15_pair
 
 UNET_FAMILIES = [name for name, cfg in ALL.items() if cfg.unet is not None]
 
@@ -302,17 +303,9 @@ def randomize_(model: nn.Module, seed: int) -> None:
 
 @pytest.mark.gpu
 def test_sd15_unet_fused_fp16_accuracy_and_capture() -> None:
-    unet32 = random_sd15_unet("cuda", seed=0)
-    unet16 = copy.deepcopy(unet32).half()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=g, device="cuda")  # float32, as the sampler keeps it
-    t = torch.tensor([981.0, 421.0], dtype=torch.float64, device="cuda")
-    ctx = torch.randn(2, 77, 768, generator=g, device="cuda")
+    pair = sd15_pair("cuda")
+    unet16, x, t, ctx, ref, unfused = pair.unet, pair.x, pair.t, pair.ctx, pair.ref, pair.unfused
     with torch.inference_mode():
-        with true_float32():
-            ref = unet32(x, t, context=ctx)
-        del unet32
-        unfused = unet16(x, t, context=ctx.half())
         report = fuse_model(unet16)
         assert (report.group_norm_silu, report.group_norm, report.geglu) == (45, 16, 16), report
         fused = unet16(x, t, context=ctx.half())
