@@ -47,7 +47,6 @@ from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.unet import ResBlock, UNetModel
 from ldm_sdk.testing.interpreter import run_interpreted
 from ldm_sdk.testing.tiny import ALL, SD1, random_bundle
-from tests.accel.capture_checks import sd15_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSED_CLASSES = (
@@ -293,6 +292,7 @@ def test_block_fusion_kernels_in_the_interpreter() -> None:
 @pytest.mark.gpu
 def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
     from ldm_sdk.accel.prepare import prepare_cuda_inference
+    from tests.accel.capture_checks import sd15_pair  # here: the interpreter subprocess runs this file
 
     pair = sd15_pair("cuda")
     unet16, x, t, ctx, ref, unfused = pair.unet, pair.x, pair.t, pair.ctx, pair.ref, pair.unfused
