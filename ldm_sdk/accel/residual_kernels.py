@@ -114,13 +114,7 @@ def _check_add_layer_norm(
 ) -> None:
     if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 1:
         raise ValueError(f"y must be a floating-point tensor (..., C), got {_describe(y)}")
-    if not isinstance(residual, Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
-        raise ValueError(
-            f"residual must be a tensor of y's shape {tuple(y.shape)} and dtype "
-            f"{str(y.dtype).removeprefix('torch.')}, got {_describe(residual)}"
-        )
-    if residual.device != y.device:
-        raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
+    _check_residual(y, residual, "")
     channels = y.shape[-1]
     _check_vector("weight", weight, channels)
     _check_vector("bias", bias, channels)
@@ -133,13 +127,19 @@ def _check_bias_residual(y: Tensor, bias: Tensor | None, residual: Tensor | None
         raise ValueError(f"y must be a floating-point tensor (N, C, *spatial), got {_describe(y)}")
     _check_vector("bias", bias, y.shape[1])
     if residual is not None:
-        if not isinstance(residual, Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
-            raise ValueError(
-                f"residual must be None or a tensor of y's shape {tuple(y.shape)} and dtype "
-                f"{str(y.dtype).removeprefix('torch.')}, got {_describe(residual)}"
-            )
-        if residual.device != y.device:
-            raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
+        _check_residual(y, residual, "None or ")
+
+
+def _check_residual(y: Tensor, residual: object, alternatives: str) -> None:
+    """``residual`` is a tensor of ``y``'s shape, dtype and device (``alternatives``: what else the caller
+    accepts, for the message)."""
+    if not isinstance(residual, Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
+        raise ValueError(
+            f"residual must be {alternatives}a tensor of y's shape {tuple(y.shape)} and dtype "
+            f"{str(y.dtype).removeprefix('torch.')}, got {_describe(residual)}"
+        )
+    if residual.device != y.device:
+        raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
 
 
 def _check_devices(x: Tensor, **params: Tensor | None) -> None:
