@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_sdk.accel.fusion import FusedGroupNorm
+from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
@@ -250,23 +250,15 @@ class FusedCrossAttention(CrossAttention):
 
     unfused_class: ClassVar[type[nn.Module]] = CrossAttention
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         inner = self.heads * self.dim_head
-        b, n, _ = x.shape
         if context is None and (qkv := _stacked(self.to_q, self.to_k, self.to_v)) is not None:
             q, k, v = F.linear(x, qkv).split(inner, dim=-1)
-            m = n
-        elif context is not None and (kv := _stacked(self.to_k, self.to_v)) is not None:
-            q = self.to_q(x)
+            return q, k, v
+        if context is not None and (kv := _stacked(self.to_k, self.to_v)) is not None:
             k, v = F.linear(context, kv).split(inner, dim=-1)
-            m = context.shape[1]
-        else:
-            return CrossAttention.forward(self, x, context)
-        q = q.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k = k.view(b, m, self.heads, self.dim_head).transpose(1, 2)
-        v = v.view(b, m, self.heads, self.dim_head).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+            return self.to_q(x), k, v
+        return CrossAttention.project(self, x, context)
 
 
 def _stacked(*linears: nn.Linear) -> Tensor | None:
@@ -419,14 +411,7 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
 def unfuse_blocks(module: nn.Module) -> int:
     """Switch fused blocks back to their original classes (each fused class names its ``unfused_class``);
     returns how many. :func:`~ldm_sdk.accel.fusion.unfuse_model` does this too, with the norms."""
-    restored = 0
-    for block in module.modules():
-        original = getattr(type(block), "unfused_class", None)
-        if original is not None and type(block) is not original:
-            block.__class__ = original
-            block.__dict__.pop("fusion_backend", None)
-            restored += 1
-    return restored
+    return sum(restore_class(block) for block in module.modules())
 
 
 __all__ = [

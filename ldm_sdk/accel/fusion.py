@@ -301,6 +301,17 @@ def fuse_model(module: nn.Module, *, backend: Backend = "auto") -> FusionReport:
     return FusionReport(backend=backend, skipped=tuple(skipped), **counts)
 
 
+def restore_class(module: nn.Module) -> bool:
+    """Switch a class-swapped fused block (``ldm_sdk.accel.block_fusion``) back to its ``unfused_class``;
+    False when ``module`` is not one."""
+    original = getattr(type(module), "unfused_class", None)
+    if original is None or type(module) is original:
+        return False
+    module.__class__ = original
+    module.__dict__.pop("fusion_backend", None)
+    return True
+
+
 def unfuse_model(module: nn.Module) -> int:
     """Undo :func:`fuse_model` in place: fused norms / GEGLUs back to their original classes (same
     Parameters), absorbed SiLUs back to ``nn.SiLU``, and the blocks of
@@ -311,10 +322,7 @@ def unfuse_model(module: nn.Module) -> int:
     restored = 0
     for parent in list(module.modules()):
         for child_name, child in list(parent._modules.items()):
-            original = getattr(type(child), "unfused_class", None)
-            if original is not None and type(child) is not original:  # a fused block (block_fusion.py)
-                child.__class__ = original
-                child.__dict__.pop("fusion_backend", None)
+            if restore_class(child):  # a fused block (block_fusion.py)
                 restored += 1
             replacement: nn.Module | None = None
             if isinstance(child, FusedGroupNorm | FusedGEGLU):
@@ -339,5 +347,6 @@ __all__ = [
     "FusedGroupNorm",
     "FusionReport",
     "fuse_model",
+    "restore_class",
     "unfuse_model",
 ]

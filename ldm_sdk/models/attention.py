@@ -55,12 +55,24 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: ``(B, N, query_dim)``, ``context``: ``(B, M, context_dim)`` or None; returns like ``x``."""
+        return self.attend(*self.project(x, context))
+
+    def project(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v`` as ``(B, L, heads * dim_head)``: ``to_q(x)`` and ``to_k`` / ``to_v`` of the context
+        (``x`` itself when None). A fast path may compute them another way (one GEMM); the rest is shared."""
         context = x if context is None else context
-        b, n, _ = x.shape
+        return self.to_q(x), self.to_k(context), self.to_v(context)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over the heads of projected ``q, k, v``, then ``to_out``."""
+        b, n, _ = q.shape
+        m = k.shape[1]
         # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
-        q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k = self.to_k(context).view(b, context.shape[1], self.heads, self.dim_head).transpose(1, 2)
-        v = self.to_v(context).view(b, context.shape[1], self.heads, self.dim_head).transpose(1, 2)
+        q = q.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+        k = k.view(b, m, self.heads, self.dim_head).transpose(1, 2)
+        v = v.view(b, m, self.heads, self.dim_head).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
         return self.to_out(out)
