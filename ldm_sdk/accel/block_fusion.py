@@ -19,8 +19,11 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
       out = conv2(h) + [conv2.bias (+ skip.bias)] + skip(x)  # one bias + residual kernel
 
 * first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding);
-* ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: the residual add after ``attn1`` / ``attn2``
-  and the following LayerNorm are one :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`;
+* ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: ``norm1`` is the LayerNorm row kernel; the
+  residual add after ``attn1`` / ``attn2`` and the following LayerNorm are one
+  :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`; the feed-forward's output GEMM accumulates into
+  the residual stream in place (``x.addmm_(g, W.t())``, beta 1 in the GEMM), its bias having been added to
+  that stream by the fused add before it;
 * ``CrossAttention`` -> :class:`FusedCrossAttention`: the q / k / v projections of self-attention (k / v of
   cross-attention) run as one GEMM over weights moved back to back into one storage;
 * the first stage's ``Upsample`` with its 3x3 conv -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
@@ -51,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
-from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add
+from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
 from ldm_sdk.models import autoencoder
@@ -214,8 +217,10 @@ def _resnet_fusable(block: ResnetBlock) -> str | None:
 
 # -- transformer blocks --------------------------------------------------------------------------------------
 class FusedTransformerBlock(BasicTransformerBlock):
-    """``BasicTransformerBlock`` whose residual adds after the two attentions are fused with the next
-    LayerNorm (:func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`)."""
+    """``BasicTransformerBlock`` whose first LayerNorm is the row kernel, whose residual adds after the two
+    attentions are fused with the next LayerNorm (:func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`),
+    and whose feed-forward output projection accumulates into the residual stream in place (its bias
+    carried into that stream by the preceding fused add), so the feed-forward's residual add is no kernel."""
 
     unfused_class: ClassVar[type[nn.Module]] = BasicTransformerBlock
     fusion_backend: Backend
@@ -225,12 +230,42 @@ class FusedTransformerBlock(BasicTransformerBlock):
         if self.training:
             return BasicTransformerBlock._forward(self, x, context)
         backend, rec = _backend(self), self.kernel_recorder
-        a = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
-        n2, n3 = self.norm2, self.norm3
+        n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        h = layer_norm(x, n1.weight, n1.bias, n1.eps, backend=backend, recorder=rec)
+        a = self.attn1(h, context=context if self.disable_self_attn else None)
         x, h = add_layer_norm(a, x, n2.weight, n2.bias, n2.eps, backend=backend, recorder=rec)
         a = self.attn2(h, context=context)
-        x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend, recorder=rec)
-        return self.ff(h) + x
+        ff_in, ff_out = _feed_forward_parts(self.ff)
+        if ff_out is None:
+            x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend, recorder=rec)
+            return self.ff(h) + x
+        # x: a new tensor from add_layer_norm holding x + ff_out.bias; the output GEMM adds into it
+        x, h = add_layer_norm(
+            a, x, n3.weight, n3.bias, n3.eps, carry_bias=ff_out.bias, backend=backend, recorder=rec
+        )
+        g = ff_in(h)
+        rows, weight = x.view(-1, x.shape[-1]), ff_out.weight.t()
+        if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or weight.requires_grad):
+            return torch.addmm(rows, g.reshape(-1, g.shape[-1]), weight).view(
+                x.shape
+            )  # autograd: no in-place
+        rows.addmm_(g.reshape(-1, g.shape[-1]), weight)
+        return x
+
+
+def _feed_forward_parts(ff: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
+    """``(input part, output Linear)`` of a ``FeedForward`` whose ``net`` is (projection, dropout, Linear
+    with a bias); ``(ff, None)`` when it is anything else (then it runs whole)."""
+    net = getattr(ff, "net", None)
+    if (
+        isinstance(net, nn.Sequential)
+        and len(net) == 3
+        and isinstance(net[1], nn.Dropout)
+        and type(net[2]) is nn.Linear
+        and net[2].bias is not None
+    ):
+        return net[0], net[2]
+    return ff, None
 
 
 def _transformer_fusable(block: BasicTransformerBlock) -> str | None:

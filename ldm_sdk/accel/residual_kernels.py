@@ -5,6 +5,11 @@ What
 * :func:`add_layer_norm` -- ``s = y + residual`` (the new residual stream of a transformer block) and
   ``n = layer_norm(s)`` over the last dimension, in one kernel that reads ``y`` and ``residual`` once and
   writes ``s`` and ``n`` once (eager: an add kernel, then a LayerNorm kernel that reads ``s`` back).
+  ``carry_bias`` adds a bias to the returned ``s`` only: the bias of the feed-forward output projection,
+  whose bias-free GEMM then accumulates into ``s`` in place (``s.addmm_(h, W.t())``), so the feed-forward's
+  residual add needs no kernel of its own.
+* :func:`layer_norm` -- the same kernel without a residual: a LayerNorm over the last dim (a transformer
+  block's first norm), one read and one write, the row's statistics in float32 registers.
 * :func:`bias_residual_add` -- ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)``
   whose bias add was split off (or never fused, e.g. the time-embedding add of a ResBlock) and a skip
   connection, in one elementwise kernel instead of two broadcast / add kernels.
@@ -110,14 +115,24 @@ def _check_vector(name: str, p: object, channels: int) -> None:
 
 
 def _check_add_layer_norm(
-    y: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    y: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    carry_bias: Tensor | None = None,
 ) -> None:
+    """``residual=None``: a plain LayerNorm of ``y`` (then ``carry_bias`` must be None too)."""
     if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 1:
         raise ValueError(f"y must be a floating-point tensor (..., C), got {_describe(y)}")
-    _check_residual(y, residual, "")
+    if residual is not None:
+        _check_residual(y, residual, "")
+    elif carry_bias is not None:
+        raise ValueError("carry_bias is added to the residual sum: it needs a residual")
     channels = y.shape[-1]
     _check_vector("weight", weight, channels)
     _check_vector("bias", bias, channels)
+    _check_vector("carry_bias", carry_bias, channels)
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
@@ -150,19 +165,41 @@ def _check_devices(x: Tensor, **params: Tensor | None) -> None:
 
 # -- references (float32 maths, one rounding) ----------------------------------------------------------------
 def add_layer_norm_reference(
-    y: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    y: Tensor,
+    residual: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    carry_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(s, n)``: ``s = y + residual`` computed in float32 (float64 for float64 inputs) and cast to
     ``y.dtype`` once, ``n = F.layer_norm(s)`` over the last dim computed in float32 from the rounded ``s`` and
     cast once; both contiguous. For float32 inputs this is exactly eager ``s = y + residual;
-    F.layer_norm(s, (C,), weight, bias, eps)`` (the same torch calls in the same order)."""
-    _check_add_layer_norm(y, residual, weight, bias, eps)
+    F.layer_norm(s, (C,), weight, bias, eps)`` (the same torch calls in the same order). ``carry_bias``:
+    the returned ``s`` is ``y + residual + carry_bias`` (one rounding); ``n`` is unchanged."""
+    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
     ct = _compute_dtype(y.dtype)
-    s = (y.to(ct) + residual.to(ct)).to(y.dtype)
+    total = y.to(ct) + residual.to(ct)
+    s = total.to(y.dtype)
+    n = _layer_norm_float(s, weight, bias, eps).to(y.dtype)
+    if carry_bias is not None:
+        s = (total + carry_bias.to(ct)).to(y.dtype)
+    return s.contiguous(), n.contiguous()
+
+
+def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``F.layer_norm`` over the last dim computed in float32 (float64 for float64 inputs), cast to
+    ``x.dtype`` once, contiguous; exactly eager ``F.layer_norm`` for float32."""
+    _check_add_layer_norm(x, None, weight, bias, eps)
+    return _layer_norm_float(x, weight, bias, eps).to(x.dtype).contiguous()
+
+
+def _layer_norm_float(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    ct = _compute_dtype(x.dtype)
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
-    n = F.layer_norm(s.to(ct), (y.shape[-1],), w, b, eps).to(y.dtype)
-    return s.contiguous(), n.contiguous()
+    return F.layer_norm(x.to(ct), (x.shape[-1],), w, b, eps)
 
 
 def bias_residual_add_reference(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
@@ -195,17 +232,37 @@ def add_layer_norm(
     bias: Tensor | None,
     eps: float,
     *,
+    carry_bias: Tensor | None = None,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``(s, n)`` with ``s = y + residual`` and ``n = layer_norm(s)`` over
-    the last dim (see the module doc); ``backend`` picks Triton or the reference."""
-    _check_add_layer_norm(y, residual, weight, bias, eps)
-    if _use_triton(backend, "add_layer_norm", y, residual, weight, bias) and (
+    the last dim (see the module doc); ``backend`` picks Triton or the reference. ``carry_bias`` (C values)
+    is added to the returned ``s`` only -- the bias of a layer whose bias-free output is then accumulated
+    into ``s`` in place (``s.addmm_(h, W.t())``: the transformer's feed-forward output projection)."""
+    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
+    if _use_triton(backend, "add_layer_norm", y, residual, weight, bias, carry_bias) and (
         backend == "triton" or _ln_fits(y)
     ):
-        return add_layer_norm_triton(y, residual, weight, bias, eps, recorder=recorder)
-    return add_layer_norm_reference(y, residual, weight, bias, eps)
+        return add_layer_norm_triton(y, residual, weight, bias, eps, carry_bias=carry_bias, recorder=recorder)
+    return add_layer_norm_reference(y, residual, weight, bias, eps, carry_bias=carry_bias)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
+) -> Tensor:
+    """LayerNorm over the last dim through :func:`add_layer_norm`'s kernel without a residual (one read,
+    one write; float32 statistics over the row in registers); ``backend`` picks Triton or the reference."""
+    _check_add_layer_norm(x, None, weight, bias, eps)
+    if _use_triton(backend, "layer_norm", x, weight, bias) and (backend == "triton" or _ln_fits(x)):
+        return _layer_norm_rows(x, None, weight, bias, eps, None, MAX_BLOCK, recorder)[1]
+    return layer_norm_reference(x, weight, bias, eps)
 
 
 def bias_residual_add(
@@ -234,47 +291,85 @@ def add_layer_norm_triton(
     bias: Tensor | None,
     eps: float,
     *,
+    carry_bias: Tensor | None = None,
     max_block: int = MAX_BLOCK,
     recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` through the Triton kernel. ``max_block`` (a power of two) caps the rows x
     columns of a program's tile (smaller values give more, partial, row blocks in tests); a row is always
     one tile, so a program holds at least one row whatever ``max_block`` is."""
-    _check_add_layer_norm(y, residual, weight, bias, eps)
+    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
+    return _layer_norm_rows(y, residual, weight, bias, eps, carry_bias, max_block, recorder)
+
+
+def layer_norm_triton(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    max_block: int = MAX_BLOCK,
+    recorder: KernelRecorder | None = None,
+) -> Tensor:
+    """:func:`layer_norm` through the Triton kernel (``max_block`` as in :func:`add_layer_norm_triton`)."""
+    _check_add_layer_norm(x, None, weight, bias, eps)
+    return _layer_norm_rows(x, None, weight, bias, eps, None, max_block, recorder)[1]
+
+
+def _layer_norm_rows(
+    y: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    carry_bias: Tensor | None,
+    max_block: int,
+    recorder: KernelRecorder | None,
+) -> tuple[Tensor, Tensor]:
+    """The launch behind both kernel calls: ``(s, n)``; without a residual ``s`` is ``y`` (not written)."""
     channels = y.shape[-1]
+    what = "add_layer_norm" if residual is not None else "layer_norm"
     if not _ln_fits(y):
         raise ValueError(
-            f"the Triton add_layer_norm kernel normalises rows of at most {MAX_LN_COLUMNS} values (one "
+            f"the Triton {what} kernel normalises rows of at most {MAX_LN_COLUMNS} values (one "
             f"register tile), got C={channels}; use backend='auto' or 'reference'"
         )
     if max_block < 1 or max_block & (max_block - 1):
         raise ValueError(f"max_block must be a power of two, got {max_block}")
-    _check_kernel_input(y, "add_layer_norm")
-    _check_devices(y, weight=weight, bias=bias)
+    _check_kernel_input(y, what)
+    _check_devices(y, weight=weight, bias=bias, carry_bias=carry_bias)
     y = y.contiguous()
-    residual = residual.contiguous()
-    s = torch.empty_like(y, memory_format=torch.contiguous_format)
-    n = torch.empty_like(s)
+    if residual is not None:
+        residual = residual.contiguous()
+        s = torch.empty_like(y, memory_format=torch.contiguous_format)
+    else:
+        s = y
+    n = torch.empty_like(y, memory_format=torch.contiguous_format)
     rows = y.numel() // channels if channels else 0
     if rows == 0:
         return s, n
     block_c = max(16, _pow2(channels))
     block_r = max(1, min(max_block // block_c, _pow2(rows)))
-    w = weight.contiguous() if weight is not None else y  # a dummy pointer when absent
+    # absent operands: a dummy pointer (never read)
+    w = weight.contiguous() if weight is not None else y
     b = bias.contiguous() if bias is not None else y
+    cb = carry_bias.contiguous() if carry_bias is not None else y
     launch(
         _add_layer_norm_kernel,
         (triton.cdiv(rows, block_r),),
         recorder,
         y,
-        residual,
+        residual if residual is not None else y,
         w,
         b,
+        cb,
         s,
         n,
         rows,
         channels,
         float(eps),
+        HAS_RESIDUAL=residual is not None,
+        HAS_CARRY=carry_bias is not None,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         BLOCK_R=block_r,
@@ -358,28 +453,41 @@ if triton is not None:
         r_ptr,
         w_ptr,
         b_ptr,
+        cb_ptr,
         s_ptr,
         n_ptr,
         ROWS,
         C,
         eps,
+        HAS_RESIDUAL: tl.constexpr,
+        HAS_CARRY: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """Rows ``[p BLOCK_R, (p + 1) BLOCK_R)``: ``s = y + r`` rounded to the output dtype, stored; then the
-        LayerNorm of the rounded row (mean, then the variance of the centred row), stored."""
+        """Rows ``[p BLOCK_R, (p + 1) BLOCK_R)``. With ``HAS_RESIDUAL``: ``s = y + r`` rounded to the output
+        dtype and stored (``HAS_CARRY``: ``y + r + cb[c]`` is stored instead, rounded once, while the norm
+        still reads the rounded ``y + r``); then the LayerNorm of the rounded row (mean, then the variance
+        of the centred row), stored. Without a residual the row normalised is ``y`` itself and no ``s`` is
+        written."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         valid = (rows < ROWS)[:, None] & col_ok[None, :]
         idx = rows[:, None] * C + cols[None, :]
         y = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-        s = (y + r).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + idx, s, mask=valid)
-        x = s.to(tl.float32)  # the rounded residual stream; padding lanes are 0
+        if HAS_RESIDUAL:
+            total = y + tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            s = total.to(s_ptr.dtype.element_ty)
+            if HAS_CARRY:
+                carried = total + tl.load(cb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(s_ptr + idx, carried.to(s_ptr.dtype.element_ty), mask=valid)
+            else:
+                tl.store(s_ptr + idx, s, mask=valid)
+            x = s.to(tl.float32)  # the rounded residual stream; padding lanes are 0
+        else:
+            x = y
         mean = tl.sum(x, axis=1) / C
         d = tl.where(valid, x - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / C
@@ -437,4 +545,7 @@ __all__ = [
     "bias_residual_add",
     "bias_residual_add_reference",
     "bias_residual_add_triton",
+    "layer_norm",
+    "layer_norm_reference",
+    "layer_norm_triton",
 ]

@@ -211,6 +211,30 @@ def test_state_dict_training_mode_and_unfuse() -> None:
     assert all(type(m) is ResBlock for m in bundle.modules() if isinstance(m, ResBlock))
 
 
+def test_eval_transformer_block_stays_differentiable() -> None:
+    """The fused feed-forward accumulates into the residual stream in place; with gradients on (an eval
+    model under gradient guidance, say) that stays differentiable and the gradients equal the unfused
+    block's."""
+    g = torch.Generator().manual_seed(4)
+    plain = BasicTransformerBlock(16, n_heads=2, d_head=8, context_dim=12, checkpoint=False).eval()
+    bench_randomize_(plain, g)
+    fused = copy.deepcopy(plain)
+    fuse_blocks(fused, backend="reference")
+    assert type(fused) is FusedTransformerBlock
+    x = torch.randn(2, 6, 16, generator=g)
+    ctx = torch.randn(2, 5, 12, generator=g)
+    grads = []
+    for block in (plain, fused):
+        xi = x.clone().requires_grad_(True)
+        out = block(xi, context=ctx)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    assert rel_err(grads[1][0], grads[0][0]) < 2e-6
+    assert rel_err(grads[1][1], grads[0][1]) < 2e-5
+    with torch.no_grad():
+        assert rel_err(fused(x, context=ctx), grads[0][0]) < 2e-6
+
+
 def test_attention_projections_share_one_storage(tmp_path: Path) -> None:
     from ldm_sdk.accel.block_fusion import FusedCrossAttention, _stacked
     from ldm_sdk.checkpoints.loader import load, save

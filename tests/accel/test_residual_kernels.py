@@ -123,6 +123,22 @@ def make_conv_inputs(
 
 # -- references: closed forms, eager equality ----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_and_carry_bias_references_match_float64(dtype: torch.dtype) -> None:
+    y, r, w, b = make_ln_inputs((3, 5, 40), dtype)
+    n = R.layer_norm_reference(y, w, b, 1e-5)
+    assert n.dtype == dtype and n.is_contiguous()
+    assert_within_ulps(n, layer_norm_truth(y, w, b, 1e-5), f"layer_norm reference {dtype}")
+    carry = (0.3 * torch.randn(40, generator=torch.Generator().manual_seed(1))).to(dtype)
+    s, n = R.add_layer_norm_reference(y, r, w, b, 1e-5, carry_bias=carry)
+    if dtype == torch.float32:  # computed in float32 itself: two roundings
+        assert_within_ulps(s, sum_truth(y, r) + carry.double(), "carried s float32")
+    else:  # the half-precision three-term sum is exact in float32: one rounding
+        assert_rounded_once(s, sum_truth(y, r) + carry.double(), f"carried s {dtype}")
+    # the norm still reads the residual sum without the carried bias
+    assert_within_ulps(n, layer_norm_truth(sum_truth(y, r).to(dtype), w, b, 1e-5), f"carried n {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_add_layer_norm_reference_matches_float64(dtype: torch.dtype, affine: bool) -> None:
     y, r, w, b = make_ln_inputs((3, 5, 40), dtype)
@@ -274,6 +290,9 @@ def test_triton_functions_refuse_float64_and_bad_blocks() -> None:
         (lambda y: R.add_layer_norm(y, y, torch.ones(6), None, 1e-5), "weight must be None or a 1-D"),
         (lambda y: R.add_layer_norm(y, y, None, torch.ones(2, 4), 1e-5), "bias must be None or a 1-D"),
         (lambda y: R.add_layer_norm(y, y, None, None, -1.0), "eps must be a float >= 0"),
+        (lambda y: R.add_layer_norm(y, y, None, None, 1e-5, carry_bias=y), "carry_bias must be None or"),
+        (lambda y: R.layer_norm(y, torch.ones(3), None, 1e-5), "weight must be None or a 1-D"),
+        (lambda y: R.layer_norm(y.long(), None, None, 1e-5), "floating-point tensor"),
         (lambda y: R.add_layer_norm(y.long(), y.long(), None, None, 1e-5), "floating-point tensor"),
         (lambda y: R.add_layer_norm(y, y, None, None, 1e-5, backend="cuda"), "valid: auto, triton"),  # type: ignore[arg-type]
         (lambda y: R.bias_residual_add(y, torch.ones(8), None), r"bias must be None or a 1-D .* 6 values"),
@@ -359,6 +378,24 @@ def interpreter_checks() -> list[str]:
         done.append("add_layer_norm strided inputs")
         s, n = R.add_layer_norm_triton(torch.empty(0, 32), torch.empty(0, 32), None, None, 1e-5)
         assert s.shape == n.shape == (0, 32)
+        for shape, dtype, max_block in (((3, 5, 40), torch.float16, 128), ((2, 7, 100), torch.float32, 2048)):
+            y, r, w, b = make_ln_inputs(shape, dtype, seed=len(done))
+            n = R.layer_norm_triton(y.transpose(0, 1), w, b, 1e-5, max_block=max_block)
+            assert n.is_contiguous() and n.shape == y.transpose(0, 1).shape
+            assert_within_ulps(n, layer_norm_truth(y.transpose(0, 1), w, b, 1e-5), f"layer_norm{shape}")
+            done.append(f"layer_norm{shape} {dtype}")
+            carry = (0.3 * torch.randn(shape[-1], generator=torch.Generator().manual_seed(2))).to(dtype)
+            s, n = R.add_layer_norm_triton(y, r, w, b, 1e-5, carry_bias=carry, max_block=max_block)
+            if dtype == torch.float32:
+                assert_within_ulps(s, sum_truth(y, r) + carry.double(), f"carried s{shape}")
+            else:
+                assert_rounded_once(s, sum_truth(y, r) + carry.double(), f"carried s{shape}")
+            ref_s, _ = R.add_layer_norm_reference(y, r, w, b, 1e-5, carry_bias=carry)
+            assert torch.equal(s, ref_s), f"carried s{shape}"
+            assert_within_ulps(
+                n, layer_norm_truth(sum_truth(y, r).to(dtype), w, b, 1e-5), f"carried n{shape}"
+            )
+            done.append(f"add_layer_norm{shape} {dtype} carry_bias")
 
         br_cases = [
             # shape, dtype, y channels_last, residual channels_last, bias, residual, block
@@ -396,7 +433,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_residual_kernels_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 22, done
+    assert len(done) == 26, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -432,6 +469,26 @@ class TestKernelsOnCuda:
                     report = compare_ulps(n, truth)
                     if not report.ok():
                         failures.append(f"{shape} {dtype} n vs {name}: {report}")
+        assert not failures, "\n".join(failures)
+
+    @pytest.mark.parametrize("dtype", HALF, ids=str)
+    def test_layer_norm_and_carry_bias_sd15_shapes(self, dtype: torch.dtype) -> None:
+        _skip_without_bf16(dtype)
+        failures = []
+        with torch.no_grad():
+            for shape in LN_SHAPES:
+                y, r, w, b = make_ln_inputs(shape, dtype, device="cuda", seed=shape[-1])
+                n = R.layer_norm_triton(y, w, b, 1e-5)
+                report = compare_ulps(n, layer_norm_truth(y, w, b, 1e-5))
+                if not report.ok():
+                    failures.append(f"layer_norm {shape} {dtype}: {report}")
+                s, n = R.add_layer_norm_triton(y, r, w, b, 1e-5, carry_bias=b)
+                ref_s, ref_n = R.add_layer_norm_reference(y, r, w, b, 1e-5, carry_bias=b)
+                if not torch.equal(s, ref_s):
+                    failures.append(f"carry {shape} {dtype}: s differs from the reference")
+                report = compare_ulps(n, ref_n)
+                if not report.ok():
+                    failures.append(f"carry {shape} {dtype} n: {report}")
         assert not failures, "\n".join(failures)
 
     def test_add_layer_norm_float32_and_wide_rows(self) -> None:
