@@ -15,6 +15,7 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
 
       h = conv1(silu(norm1(x)))                       # conv without its bias
       s = addmm(conv1.bias + emb.bias, silu(emb), emb.weight^T)   # the embedding GEMM takes the bias
+          # (one GEMM for all of a UNet's blocks: ldm_sdk.accel.time_embedding)
       h = silu(norm2(h + s))                          # one fused GroupNorm with a per-(n, c) shift
       out = conv2(h) + [conv2.bias (+ skip.bias)] + skip(x)  # one bias + residual kernel
 
@@ -55,12 +56,14 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
+from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
+from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projection
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
 from ldm_sdk.models import autoencoder
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
-from ldm_sdk.models.unet import ResBlock
+from ldm_sdk.models.unet import ResBlock, UNetModel
 
 
 # -- shared pieces -------------------------------------------------------------------------------------------
@@ -120,6 +123,8 @@ class FusedResBlock(ResBlock):
     unfused_class: ClassVar[type[nn.Module]] = ResBlock
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    emb_shifts: EmbeddingShifts | None = None  # the UNet's shared embedding projection (fuse_blocks)
+    emb_shift_index: int = 0
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         norm1 = _silu_norm(self.in_layers[0])
@@ -134,10 +139,13 @@ class FusedResBlock(ResBlock):
             h = self.h_upd(h)
             x = self.x_upd(x)
         h = _conv_no_bias(conv1, h)
-        # the embedding projection with conv1's bias in its GEMM: emb_layers = (SiLU, Linear)
-        proj = cast(nn.Linear, self.emb_layers[1])
-        bias = cast(Tensor, conv1.bias) + cast(Tensor, proj.bias)
-        shift = torch.addmm(bias, F.silu(emb), proj.weight.t())
+        shift = self.emb_shifts.shift(self.emb_shift_index, emb) if self.emb_shifts is not None else None
+        if (
+            shift is None
+        ):  # the embedding projection with conv1's bias in its GEMM: emb_layers = (SiLU, Linear)
+            proj = cast(nn.Linear, self.emb_layers[1])
+            bias = cast(Tensor, conv1.bias) + cast(Tensor, proj.bias)
+            shift = torch.addmm(bias, F.silu(emb), proj.weight.t())
         h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
         h = _conv_no_bias(conv2, h)  # out_layers[2] is a dropout: the identity in eval
         residual, bias = _skip(self.skip_connection, x, cast(Tensor, conv2.bias))
@@ -297,30 +305,9 @@ class FusedCrossAttention(CrossAttention):
 
 
 def _stacked(*linears: nn.Linear) -> Tensor | None:
-    """The weights of ``linears`` as one ``(sum out, in)`` view when they lie back to back in one storage
-    (as :func:`_stack_weights` leaves them), else None."""
-    first = linears[0].weight
-    rows = sum(lin.weight.shape[0] for lin in linears)
-    offset = first.storage_offset()
-    for lin in linears:
-        w = lin.weight
-        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or not w.is_contiguous():
-            return None
-        if w.storage_offset() != offset or w.shape[1] != first.shape[1]:
-            return None
-        offset += w.numel()
-    return first.detach().as_strided((rows, first.shape[1]), first.stride(), first.storage_offset())
-
-
-def _stack_weights(*linears: nn.Linear) -> None:
-    """Move the weights of ``linears`` into one new storage, back to back (values unchanged)."""
-    with torch.no_grad(), torch.inference_mode(False):
-        stacked = torch.cat([lin.weight.detach() for lin in linears])
-        start = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = stacked[start : start + rows]
-            start += rows
+    """The weights of ``linears`` as one ``(sum out, in)`` view while they lie back to back in one storage
+    (as :func:`_prepare_attention` leaves them), else None."""
+    return stacked_view([lin.weight for lin in linears])
 
 
 def _attention_fusable(module: CrossAttention) -> str | None:
@@ -335,9 +322,9 @@ def _attention_fusable(module: CrossAttention) -> str | None:
 
 def _prepare_attention(module: CrossAttention) -> None:
     if module.to_q.in_features == module.to_k.in_features:
-        _stack_weights(module.to_q, module.to_k, module.to_v)  # self-attention: one QKV GEMM
+        stack_storage([module.to_q.weight, module.to_k.weight, module.to_v.weight])  # one QKV GEMM
     else:
-        _stack_weights(module.to_k, module.to_v)  # context width differs: one K/V GEMM
+        stack_storage([module.to_k.weight, module.to_v.weight])  # context width differs: one K/V GEMM
 
 
 class FusedSpatialTransformer(SpatialTransformer):
@@ -399,6 +386,7 @@ class BlockFusionReport:
     fused: dict[str, int]
     already_fused: int = 0
     skipped: tuple[str, ...] = ()
+    shared_embedding: int = 0  # residual blocks newly given their UNet's one embedding GEMM
 
     @property
     def total(self) -> int:
@@ -407,6 +395,8 @@ class BlockFusionReport:
     def __str__(self) -> str:
         counts = ", ".join(f"{n} {name}" for name, n in self.fused.items()) or "nothing"
         text = f"fused blocks (backend {self.backend}): {counts}; {self.already_fused} already fused"
+        if self.shared_embedding:
+            text += f"; {self.shared_embedding} ResBlock embedding projections as one GEMM"
         return text + (f"; skipped: {'; '.join(self.skipped)}" if self.skipped else "")
 
 
@@ -440,7 +430,15 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
         block.fusion_backend = backend
         key = fused_cls.__name__.removeprefix("Fused")
         fused[key] = fused.get(key, 0) + 1
-    return BlockFusionReport(backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped))
+    shared = 0
+    for net in module.modules():
+        if isinstance(net, UNetModel):
+            blocks = [m for m in net.modules() if isinstance(m, FusedResBlock) and m.emb_shifts is None]
+            if share_embedding_projection(blocks) is not None:
+                shared += len(blocks)
+    return BlockFusionReport(
+        backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped), shared_embedding=shared
+    )
 
 
 def unfuse_blocks(module: nn.Module) -> int:

@@ -490,6 +490,17 @@ def _nhwc_block_c(c: int, cg: int) -> int:
     return max(_pow2(cg), min(NHWC_MIN_COLS, _pow2(c)))
 
 
+def _shift_rows(shift: Tensor) -> tuple[Tensor, int]:
+    """``(tensor, row stride)`` the kernels read ``shift[n, c]`` from at ``n stride + c``: ``shift`` itself
+    when its channels are contiguous (any row stride, 0 for a vector expanded over N), else a contiguous
+    copy; dtypes the kernels do not load are converted to float32."""
+    if shift.dtype not in KERNEL_DTYPES:
+        shift = shift.float()
+    if shift.stride(1) != 1 and shift.shape[1] > 1:
+        shift = shift.contiguous()
+    return shift, shift.stride(0) if shift.shape[0] > 1 else 0
+
+
 def _target_programs(x: Tensor) -> int:
     if x.is_cuda:
         return PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -542,8 +553,9 @@ def group_norm_act_triton(
     groups_total = plan.n * num_groups
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else x
-    # shift[n, c] at n C + c, read in its own dtype and converted to float32 in the kernels (no copy)
-    sh = (shift if shift.dtype in KERNEL_DTYPES else shift.float()).contiguous() if shift is not None else x
+    # shift[n, c] at n shift_stride + c, read in its own dtype and converted to float32 in the kernels: a
+    # row-strided view (one block's slice of a batched projection, a bias expanded over N) is read in place
+    sh, shift_stride = _shift_rows(shift) if shift is not None else (x, 0)
     has_shift = shift is not None
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
@@ -573,6 +585,7 @@ def group_norm_act_triton(
             num_groups,
             stride_s,
             stride_c,
+            shift_stride,
             float(eps),
             **common,
             BLOCK_S=_pow2(plan.s),
@@ -588,7 +601,7 @@ def group_norm_act_triton(
         m2 = torch.empty_like(mean)
         count = torch.empty_like(mean)
         grid = (plan.n * math.ceil(plan.c / plan.block_c), plan.stats.split)
-        sizes = (plan.c, plan.s, cg, num_groups, plan.stats.chunk, plan.stats.split)
+        sizes = (plan.c, plan.s, cg, num_groups, plan.stats.chunk, plan.stats.split, shift_stride)
         tiles = {
             "BLOCK_S": plan.block_s,
             "BLOCK_C": plan.block_c,
@@ -642,9 +655,11 @@ def group_norm_act_triton(
             m2,
             plan.s,
             cg,
+            num_groups,
             length,
             plan.stats.chunk,
             plan.stats.split,
+            shift_stride,
             HAS_SHIFT=has_shift,
             BLOCK=plan.block,
             num_warps=plan.num_warps,
@@ -667,6 +682,7 @@ def group_norm_act_triton(
             plan.stats.chunk,
             plan.stats.split,
             plan.apply.chunk,
+            shift_stride,
             float(eps),
             BLOCK=plan.apply_block,
             BLOCK_SPLIT=block_split,
@@ -761,7 +777,7 @@ if triton is not None:
             y = y / (1.0 + tl.exp(-y))
         return y
 
-    @triton.jit(do_not_specialize=["S", "CG", "SPLIT"])
+    @triton.jit(do_not_specialize=["S", "CG", "G", "SPLIT", "SHIFT_STRIDE"])
     def _gn_stats_ncs_kernel(
         x_ptr,
         shift_ptr,
@@ -769,16 +785,18 @@ if triton is not None:
         m2_ptr,
         S,
         CG,
+        G,
         L,
         CHUNK,
         SPLIT,
+        SHIFT_STRIDE,
         HAS_SHIFT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Contiguous (N, C, S): group g is the run ``[g L, (g + 1) L)``; program (g, k) reduces chunk k.
-        With ``HAS_SHIFT``, element ``idx`` of group g (of sample n) is in channel ``(g % G) CG + idx // S``,
-        so its shift is ``shift[n C + (g % G) CG + idx // S] = shift[g CG + idx // S]`` (``S``, ``CG`` are
-        only read then)."""
+        """Contiguous (N, C, S): group ``n G + g`` is the run ``[(n G + g) L, (n G + g + 1) L)``; program
+        (group, k) reduces chunk k. With ``HAS_SHIFT``, element ``idx`` of the group is in channel
+        ``g CG + idx // S``, so its shift is ``shift[n SHIFT_STRIDE + g CG + idx // S]`` (``S``, ``CG``,
+        ``G`` are only read then)."""
         group = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
         x_group = x_ptr + group * L
@@ -792,13 +810,14 @@ if triton is not None:
             valid = idx < L
             x = tl.load(x_group + idx, mask=valid, other=0.0).to(tl.float32)
             if HAS_SHIFT:  # invalid lanes stay 0 (shift loaded as 0 there)
-                x = x + tl.load(shift_ptr + group * CG + idx // S, mask=valid, other=0.0).to(tl.float32)
+                sh = shift_ptr + (group // G) * SHIFT_STRIDE + (group % G) * CG
+                x = x + tl.load(sh + idx // S, mask=valid, other=0.0).to(tl.float32)
             count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK)
         mu, m2_sum = _welford_finish(count, mean, m2)
         tl.store(mean_ptr + group * SPLIT + k, mu)
         tl.store(m2_ptr + group * SPLIT + k, m2_sum)
 
-    @triton.jit(do_not_specialize=["C", "CG", "L", "STAT_CHUNK", "STAT_SPLIT"])
+    @triton.jit(do_not_specialize=["C", "CG", "L", "STAT_CHUNK", "STAT_SPLIT", "SHIFT_STRIDE"])
     def _gn_apply_ncs_kernel(
         x_ptr,
         y_ptr,
@@ -814,6 +833,7 @@ if triton is not None:
         STAT_CHUNK,
         STAT_SPLIT,
         CHUNK,
+        SHIFT_STRIDE,
         eps,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
@@ -823,7 +843,7 @@ if triton is not None:
         BLOCK_SPLIT: tl.constexpr,
     ):
         """Contiguous (N, C, S): program (n C + c, k) normalises chunk k of channel c's spatial run (after
-        adding ``shift[n C + c]`` with ``HAS_SHIFT``)."""
+        adding ``shift[n SHIFT_STRIDE + c]`` with ``HAS_SHIFT``)."""
         row = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
         c = row % C
@@ -838,7 +858,7 @@ if triton is not None:
             beta = tl.load(b_ptr + c).to(tl.float32)
         x_shift = 0.0
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + row).to(tl.float32)
+            x_shift = tl.load(shift_ptr + (row // C) * SHIFT_STRIDE + c).to(tl.float32)
         x_row = x_ptr + row * S
         y_row = y_ptr + row * S
         start = k * CHUNK
@@ -868,7 +888,7 @@ if triton is not None:
         hot = ((cols // CG)[None, :] == g[:, None]) & col_ok[None, :]
         return n, c0, cols, col_ok, g, touched, hot
 
-    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE"])
     def _gn_stats_nhwc_kernel(
         x_ptr,
         shift_ptr,
@@ -881,6 +901,7 @@ if triton is not None:
         G,
         CHUNK,
         SPLIT,
+        SHIFT_STRIDE,
         BLOCK_S: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_G: tl.constexpr,
@@ -892,7 +913,7 @@ if triton is not None:
         per group of the tile (Chan over the group's columns), and writes one partial per touched group:
         part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the tile it
         starts in also writes an empty part 1, so every slot is written). With ``HAS_SHIFT`` the tile's
-        ``shift[n C + cols]`` is added to every valid element (invalid ones stay 0)."""
+        ``shift[n SHIFT_STRIDE + cols]`` is added to every valid element (invalid ones stay 0)."""
         n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
         x_tile = x_ptr + n * S * C
@@ -901,7 +922,7 @@ if triton is not None:
         mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x_shift = tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
         start = k * CHUNK
         for i in range(0, CHUNK, BLOCK_S):
             r = start + i + rows
@@ -935,7 +956,7 @@ if triton is not None:
             tl.store(m2_ptr + empty, zero, mask=ends_here)
             tl.store(count_ptr + empty, zero, mask=ends_here)
 
-    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE"])
     def _gn_apply_nhwc_kernel(
         x_ptr,
         y_ptr,
@@ -951,6 +972,7 @@ if triton is not None:
         G,
         CHUNK,
         SPLIT,
+        SHIFT_STRIDE,
         eps,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
@@ -965,7 +987,7 @@ if triton is not None:
         """channels_last: program (n tiles + t, k) merges the partials of the groups its column tile
         touches (Chan), spreads their mean / rstd over the columns, and normalises rows
         ``[k CHUNK, (k + 1) CHUNK)`` of the tile with per-column scale and offset (after adding the
-        tile's ``shift[n C + cols]`` with ``HAS_SHIFT``)."""
+        tile's ``shift[n SHIFT_STRIDE + cols]`` with ``HAS_SHIFT``)."""
         n, _, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BLOCK_PS)
@@ -987,7 +1009,7 @@ if triton is not None:
         if HAS_B:
             beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x_shift = tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
         offset = n * S * C
         rows = tl.arange(0, BLOCK_S)
         start = k * CHUNK
@@ -1001,7 +1023,7 @@ if triton is not None:
             y = _activate((x - mu[None, :]) * scale[None, :] + beta[None, :], ACT)
             tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
-    @triton.jit(do_not_specialize=["G"])
+    @triton.jit(do_not_specialize=["G", "SHIFT_STRIDE"])
     def _gn_single_pass_kernel(
         x_ptr,
         y_ptr,
@@ -1014,6 +1036,7 @@ if triton is not None:
         G,
         STRIDE_S,
         STRIDE_C,
+        SHIFT_STRIDE,
         eps,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
@@ -1034,7 +1057,7 @@ if triton is not None:
         idx = n * C * S + rows[:, None].to(tl.int64) * STRIDE_S + c[None, :] * STRIDE_C
         x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            x = x + tl.load(shift_ptr + n * C + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            x = x + tl.load(shift_ptr + n * SHIFT_STRIDE + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         x = tl.where(valid, x, 0.0)
         count = (S * CG).to(tl.float32)
         mean = tl.sum(tl.sum(x, axis=1), axis=0) / count

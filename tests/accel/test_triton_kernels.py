@@ -117,6 +117,19 @@ def make_inputs(
     return x, w, b
 
 
+def row_strided_shift(shift: Tensor, kind: int) -> Tensor:
+    """``shift`` (kind 0), its values as columns ``[3, 3 + C)`` of a wider buffer (kind 1: row stride
+    ``C + 5``, offset 3, as one block's slice of a batched projection), or its first row expanded over N
+    (kind 2: row stride 0, as a bias without an embedding)."""
+    if kind == 0:
+        return shift
+    if kind == 1:
+        wide = torch.full((shift.shape[0], shift.shape[1] + 5), float("nan"), dtype=shift.dtype)
+        wide[:, 3 : 3 + shift.shape[1]] = shift
+        return wide[:, 3 : 3 + shift.shape[1]]
+    return shift[:1].expand_as(shift)
+
+
 def make_shift(x: Tensor, dtype: torch.dtype | None = None, *, seed: int = 1) -> Tensor:
     """A ``(N, C)`` shift like a conv bias plus a timestep embedding: O(1), with a nonzero mean, so it moves
     the group means and varies within a group (each channel its own value)."""
@@ -462,10 +475,21 @@ def interpreter_checks() -> list[str]:
             ((1, 96, 5, 7), 2, torch.bfloat16, torch.float16, True, "silu", False, 2048, None),  # C/G 48
             ((2, 32, 5, 7), 32, torch.float32, torch.float32, True, "none", False, 16, 64),  # C/G 1
         ]
-        for shape, groups, dtype, shift_dtype, channels_last, act, affine, max_block, target in shift_cases:
+        for i, (
+            shape,
+            groups,
+            dtype,
+            shift_dtype,
+            channels_last,
+            act,
+            affine,
+            max_block,
+            target,
+        ) in enumerate(shift_cases):
             x, w, b = make_inputs(shape, dtype, channels_last=channels_last)
             weight, bias = (w, b) if affine else (None, None)
-            shift = make_shift(x, shift_dtype)
+            # read in place: contiguous, a column slice of a wider (N, C') tensor, or one row expanded
+            shift = row_strided_shift(make_shift(x, shift_dtype), i % 3)
             truth = group_norm_truth(shifted(x, shift.float()), weight, bias, groups, 1e-5, act)
             for single in (False, True):
                 out = K.group_norm_act_triton(
