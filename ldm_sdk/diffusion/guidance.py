@@ -19,7 +19,8 @@ from ldm_sdk.diffusion.denoiser import ModelFn
 
 
 class ClassifierFreeGuidance:
-    """A ``ModelFn`` returning ``u + scale * (c - u)`` from one batched call of ``model_fn``.
+    """A ``ModelFn`` returning ``u + scale * (c - u)`` from one batched call of ``model_fn`` (``torch.lerp``:
+    one kernel, and for fp16 / bf16 outputs one rounding of the float32 result instead of three).
 
     ``uncond`` is the unconditional conditioning (e.g. the empty-prompt embedding); a batch of 1 is
     repeated to the batch of ``x``. It must carry the same parts as the conditional one (for
@@ -41,7 +42,8 @@ class ClassifierFreeGuidance:
         x_in = torch.cat([x, x])
         t_in = torch.cat([t, t])
         out_uncond, out_cond = self.model_fn(x_in, t_in, c_in).chunk(2)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        # u + scale (c - u) as one kernel, computed in float32 for half-precision outputs, rounded once
+        return torch.lerp(out_uncond, out_cond, self.scale)
 
 
 __all__ = ["ClassifierFreeGuidance"]

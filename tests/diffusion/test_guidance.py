@@ -49,3 +49,21 @@ def test_rejects_mismatched_parts_and_bad_scale() -> None:
         ClassifierFreeGuidance(Model(), 5.0, Conditioning())(X, T, COND)
     with pytest.raises(ValueError, match="finite"):
         ClassifierFreeGuidance(Model(), float("nan"), UNCOND)
+
+
+def test_half_precision_outputs_are_combined_in_float32() -> None:
+    """fp16 outputs: ``u + s (c - u)`` formed in float32 and rounded once (three fp16 ops would round after
+    each and lose up to a few ulps at s = 7.5)."""
+    model = Model()
+
+    def half_model(x, t, cond):
+        return model(x, t, cond).half()
+
+    guided = ClassifierFreeGuidance(half_model, 7.5, UNCOND)(X, T, COND)
+    assert guided.dtype == torch.float16
+    u = Model()(X, T, UNCOND.expand(2)).half().double()
+    c = Model()(X, T, COND).half().double()
+    truth = u + 7.5 * (c - u)
+    # rounded once: within half an ulp (<= eps/2 relative) plus float32 noise; three fp16 ops are not
+    bound = (0.5 + 1e-3) * torch.finfo(torch.float16).eps * truth.abs().clamp_min(2**-14)
+    assert ((guided.double() - truth).abs() <= bound).all()
