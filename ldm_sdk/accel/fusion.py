@@ -20,7 +20,8 @@ What :func:`fuse_model` does, in place:
     ``norm_out`` -> ``act_out``;
 
 * every ``GEGLU`` becomes a :class:`FusedGEGLU` (same ``proj`` Linear) whose forward is ``proj`` then one
-  fused ``a * gelu(gate)``.
+  fused ``a * gelu(gate)``, or, where it measured faster (narrow inputs), both as one dual GEMM
+  (:mod:`ldm_sdk.accel.geglu_gemm`).
 
 ``backend``: ``"auto"`` decides per call -- Triton for CUDA tensors when Triton imports and no gradient is
 needed, the float32 torch reference otherwise (CPU, offloaded weights, training); ``"triton"`` /
@@ -50,6 +51,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from ldm_sdk.accel.geglu_gemm import geglu_linear, geglu_linear_pays
 from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, KernelRecorder, geglu, group_norm_act
 from ldm_sdk.models.attention import GEGLU
 from ldm_sdk.models.autoencoder import Decoder, Encoder, ResnetBlock
@@ -147,6 +149,10 @@ class FusedGEGLU(GEGLU):
 
     backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    #: where it measured faster (:func:`~ldm_sdk.accel.geglu_gemm.geglu_linear_pays`): the projection and
+    #: the gating as one Triton dual GEMM (:func:`~ldm_sdk.accel.geglu_gemm.geglu_linear`) instead of
+    #: cuBLAS + the gating kernel
+    one_gemm: bool = True
 
     def __init__(self, proj: nn.Linear, *, backend: Backend = "auto") -> None:
         nn.Module.__init__(self)  # not GEGLU.__init__: the existing projection is attached, none is built
@@ -167,7 +173,12 @@ class FusedGEGLU(GEGLU):
         return plain
 
     def forward(self, x: Tensor) -> Tensor:
-        return geglu(self.proj(x), backend=self.backend, recorder=self.kernel_recorder)
+        proj = self.proj
+        if self.one_gemm and geglu_linear_pays(x, proj.weight, proj.bias, self.backend):
+            return geglu_linear(
+                x, proj.weight, proj.bias, backend=self.backend, recorder=self.kernel_recorder
+            )
+        return geglu(proj(x), backend=self.backend, recorder=self.kernel_recorder)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
