@@ -29,6 +29,8 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
   cross-attention) run as one GEMM over weights moved back to back into one storage;
 * the first stage's ``Upsample`` with its 3x3 conv -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
   four 2x2 convolutions on the small map instead of the upsampling copy and a 3x3 convolution on the big one;
+* the UNet's ``Upsample`` -> :class:`~ldm_sdk.accel.nearest_upsample.FusedUNetUpsample`: the nearest 2x
+  upsampling of a channels_last map as one Triton copy kernel, then the same conv;
 * ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
   map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
   bias add is the GEMM's epilogue (cuBLASLt), with no layout copy.
@@ -55,12 +57,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
+from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projection
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
-from ldm_sdk.models import autoencoder
+from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock, UNetModel
@@ -374,6 +377,7 @@ _FUSED = {
     SpatialTransformer: (FusedSpatialTransformer, _spatial_fusable),
     CrossAttention: (FusedCrossAttention, _attention_fusable),
     autoencoder.Upsample: (FusedFirstStageUpsample, first_stage_upsample_fusable),
+    unet.Upsample: (FusedUNetUpsample, unet_upsample_fusable),
 }
 
 

@@ -35,12 +35,14 @@ from ldm_sdk.accel.block_fusion import (
     FusedTransformerBlock,
 )
 from ldm_sdk.accel.graphs import CapturedModel
+from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.benchmarks.common import true_float32
 from ldm_sdk.checkpoints.bundle import ModelBundle
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
 from ldm_sdk.models import autoencoder
+from ldm_sdk.models import unet as unet_module
 from ldm_sdk.models.attention import BasicTransformerBlock, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.configs import UNetConfig
@@ -55,6 +57,7 @@ FUSED_CLASSES = (
     FusedTransformerBlock,
     FusedSpatialTransformer,
     FusedFirstStageUpsample,
+    FusedUNetUpsample,
 )
 
 
@@ -131,10 +134,12 @@ def test_report_counts_and_reasons() -> None:
     transformers = count(bundle, BasicTransformerBlock)
     spatial = count(bundle, SpatialTransformer)
     vae_up = sum(type(m) is autoencoder.Upsample and m.with_conv for m in bundle.modules())
-    assert vae_up > 0
+    unet_up = count(bundle, unet_module.Upsample)
+    assert vae_up > 0 and unet_up > 0
     not_yet = fuse_blocks(bundle)
     # residual blocks need their norms fused first; the other blocks do not
-    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up
+    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up
+    assert not_yet.fused["UNetUpsample"] == unet_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
     assert count(bundle, FUSED_CLASSES) == 0
@@ -147,7 +152,9 @@ def test_report_counts_and_reasons() -> None:
         "SpatialTransformer": spatial,
         "CrossAttention": 2 * transformers,
         "FirstStageUpsample": vae_up,
+        "UNetUpsample": unet_up,
     }, report
+    assert report.shared_embedding == unet_blocks
     assert report.skipped == () and "fused blocks" in str(report)
     again = fuse_blocks(bundle, backend="reference")
     assert again.total == 0 and again.already_fused == sum(report.fused.values())
