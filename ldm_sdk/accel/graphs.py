@@ -51,7 +51,7 @@ import contextlib
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -59,8 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm_sdk.diffusion.conditioning import Conditioning
-from ldm_sdk.diffusion.denoiser import ModelDenoiser, ModelFn
-from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
+from ldm_sdk.diffusion.denoiser import Denoiser, ModelDenoiser, ModelFn
 
 if TYPE_CHECKING:
     from ldm_sdk.checkpoints.bundle import ModelBundle
@@ -183,6 +182,7 @@ class CapturedModel:
         self.modules = tuple(modules)
         self.stats = CaptureStats()
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
+        self._companions: dict[Hashable, CapturedModel] = {}
         self._lock = threading.RLock()  # one call at a time through the static buffers
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
@@ -219,9 +219,36 @@ class CapturedModel:
             return list(self._captures)
 
     def clear(self) -> None:
-        """Drop every capture and free its memory (the next call captures again)."""
+        """Drop every capture and free its memory (the next call captures again), companions' too."""
         with self._lock:
             self._drop_all()
+            for companion in self._companions.values():
+                companion.clear()
+
+    @property
+    def companions(self) -> dict[Hashable, CapturedModel]:
+        """The companions made so far (:meth:`companion`), by key."""
+        with self._lock:
+            return dict(self._companions)
+
+    def companion(self, key: Hashable, wrap: Callable[[ModelFn], ModelFn]) -> CapturedModel:
+        """A second ``CapturedModel`` over ``wrap(self.fn)`` (a larger function around this one's call,
+        such as the whole guided denoiser step of :mod:`ldm_sdk.accel.guided_step`), with this one's mode,
+        warm-up, graph budget and watched modules; made on the first request for ``key`` and kept with
+        this one (:meth:`clear` clears it too), so it lives exactly as long as this one's cache entry."""
+        with self._lock:
+            kept = self._companions.get(key)
+            if kept is None:
+                kept = CapturedModel(
+                    wrap(self.fn),
+                    mode=self.mode,
+                    warmup=self.warmup,
+                    max_graphs=self.max_graphs,
+                    clone_output=True,
+                    modules=self.modules,
+                )
+                self._companions[key] = kept
+            return kept
 
     def __repr__(self) -> str:
         return (
@@ -489,21 +516,26 @@ def bundle_denoiser(
     uncond: Conditioning | None = None,
     captured: CapturedModel | None = None,
     mode: CaptureMode = "auto",
-) -> ModelDenoiser:
-    """:meth:`ModelBundle.denoiser` with the network call captured: same arguments, same result.
+) -> Denoiser:
+    """:meth:`ModelBundle.denoiser` with the network call captured: same arguments, same result (bit for
+    bit). With guidance the whole denoiser call -- ``[uncond; cond]`` batching, network, guidance, the
+    ``(eps, x0)`` conversion -- is replayed as one graph (:mod:`ldm_sdk.accel.guided_step`); without, the
+    network call.
 
     Pass ``captured`` (from :func:`accelerate_denoiser`) to reuse its graphs across requests; otherwise a
     new one is made with ``mode``.
     """
     if bundle.schedule is None or bundle.parameterization is None:
         raise ValueError(f"{bundle.family!r} is a first-stage-only model: it cannot denoise")
-    fast: ModelFn = captured if captured is not None else accelerate_denoiser(bundle, mode=mode)
-    model_fn: ModelFn = fast
+    fast = captured if captured is not None else accelerate_denoiser(bundle, mode=mode)
     if guidance_scale != 1.0:
         if uncond is None:
             raise ValueError("guidance_scale != 1 needs the unconditional conditioning (uncond=...)")
-        model_fn = ClassifierFreeGuidance(fast, guidance_scale, uncond)
-    return ModelDenoiser(model_fn, bundle.schedule, bundle.parameterization, cond)  # type: ignore[arg-type]
+        from ldm_sdk.accel.guided_step import guided_denoiser
+
+        # the whole guided step (batching, network, guidance, (eps, x0)) replayed as one graph
+        return guided_denoiser(fast, bundle.schedule, bundle.parameterization, cond, uncond, guidance_scale)
+    return ModelDenoiser(fast, bundle.schedule, bundle.parameterization, cond)
 
 
 __all__ = [

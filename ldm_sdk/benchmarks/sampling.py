@@ -107,9 +107,8 @@ def build(args: argparse.Namespace, which: tuple[str, ...]) -> tuple[C.Arch, dic
 def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None:
     """Put our engine on the SDK's fast path (see the module docstring); the same sampler stack runs."""
     from ldm_sdk.accel import CapturedModel, configure_cpu_inference
+    from ldm_sdk.accel.guided_step import guided_denoiser
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
-    from ldm_sdk.diffusion.denoiser import ModelDenoiser
-    from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
     from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
     from ldm_sdk.samplers.ddim import sample as ddim_sample
 
@@ -126,13 +125,17 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
         def sample(
             noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int, scale: float
         ) -> torch.Tensor:
-            cfg = ClassifierFreeGuidance(captured, scale, Conditioning(crossattn=uncond))
-            den = ModelDenoiser(cfg, sched, "eps", cond=Conditioning(crossattn=cond))
+            den = guided_denoiser(
+                captured, sched, "eps", Conditioning(crossattn=cond), Conditioning(crossattn=uncond), scale
+            )
             return ddim_sample(den, noise, torch.tensor(C.timesteps(steps), dtype=torch.float64), eta=0.0)
 
         e.call_unet = lambda x, t, c: captured(x, t, Conditioning(crossattn=c))
         e.sample = sample
-        e.loop += ", the guidance-batched UNet call replayed from CUDA graphs (ldm_sdk.accel.CapturedModel)"
+        e.loop += (
+            ", the whole guided denoiser call (batching, UNet, guidance, eps/x0) replayed from CUDA graphs "
+            "(ldm_sdk.accel.guided_step, as the tasks run it)"
+        )
         if fused:  # half precision: what the runtime does at load (UNet and VAE)
             plain_decode = e.decode
             # as the task runner (tasks/context.py captured_decoder): the decode replayed from a CUDA graph,

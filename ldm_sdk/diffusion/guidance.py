@@ -15,12 +15,22 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.conditioning import Conditioning
-from ldm_sdk.diffusion.denoiser import ModelFn
+from ldm_sdk.diffusion.denoiser import ModelFn, work_dtype
+
+
+def guidance_combine(uncond_out: Tensor, cond_out: Tensor, scale: float | Tensor) -> Tensor:
+    """``u + scale * (c - u)`` as one ``torch.lerp`` in the diffusion work dtype (float32, float64 for
+    float64 outputs): half-precision network outputs are upcast first, so the guided output is not rounded
+    back to fp16 / bf16 (it goes to the float32 (eps, x0) conversion next). ``scale`` a float, or a tensor
+    broadcastable to the outputs in the work dtype (the captured step's per-sample scale): either gives the
+    same bits, ``lerp`` computes in float32 for both."""
+    dtype = work_dtype(uncond_out)
+    return torch.lerp(uncond_out.to(dtype), cond_out.to(dtype), scale)
 
 
 class ClassifierFreeGuidance:
-    """A ``ModelFn`` returning ``u + scale * (c - u)`` from one batched call of ``model_fn`` (``torch.lerp``:
-    one kernel, and for fp16 / bf16 outputs one rounding of the float32 result instead of three).
+    """A ``ModelFn`` returning ``u + scale * (c - u)`` from one batched call of ``model_fn``
+    (:func:`guidance_combine`: one ``lerp`` in float32 of the upcast outputs).
 
     ``uncond`` is the unconditional conditioning (e.g. the empty-prompt embedding); a batch of 1 is
     repeated to the batch of ``x``. It must carry the same parts as the conditional one (for
@@ -42,8 +52,7 @@ class ClassifierFreeGuidance:
         x_in = torch.cat([x, x])
         t_in = torch.cat([t, t])
         out_uncond, out_cond = self.model_fn(x_in, t_in, c_in).chunk(2)
-        # u + scale (c - u) as one kernel, computed in float32 for half-precision outputs, rounded once
-        return torch.lerp(out_uncond, out_cond, self.scale)
+        return guidance_combine(out_uncond, out_cond, self.scale)
 
 
-__all__ = ["ClassifierFreeGuidance"]
+__all__ = ["ClassifierFreeGuidance", "guidance_combine"]

@@ -176,10 +176,19 @@ def check_sampler_capture(device: torch.device, dtype: torch.dtype, mode: Captur
     assert torch.isfinite(eager).all(), "the eager reference run is not finite"
     assert err <= tolerance(dtype), f"DDIM+CFG {dtype}: captured vs eager rel. err {err:.3e}"
     n_steps = len(ddim_timesteps(steps))
-    assert captured.stats.captures == 1 and captured.stats.replays == n_steps, captured.stats
-    (signature,) = captured.signatures
-    assert signature.x.shape[0] == 2, f"the captured call should be the batched [uncond; cond]: {signature}"
+    # the whole guided step is the guided companion's graph; the network's own graphs are not used
+    assert captured.stats.captures == 0 and captured.stats.replays == 0, captured.stats
+    (step,) = guided_steps(captured)
+    assert step.stats.captures == 1 and step.stats.replays == n_steps, step.stats
+    (signature,) = step.signatures
+    assert signature.x.shape[0] == 1 and signature.t.shape == (2, 1), f"not the guided step: {signature}"
+    assert dict(signature.cond)["crossattn"].shape[0] == 2, f"no [uncond; cond] conditioning: {signature}"
     return {"rel_err": err}
+
+
+def guided_steps(captured: CapturedModel) -> list[CapturedModel]:
+    """The guided-step companions of a network's ``CapturedModel`` (:mod:`ldm_sdk.accel.guided_step`)."""
+    return [c for key, c in captured.companions.items() if isinstance(key, tuple) and key[0] == "guided"]
 
 
 # -- behaviour of the wrapper on the device ----------------------------------------------------------------

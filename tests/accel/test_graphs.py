@@ -20,6 +20,7 @@ from tests.accel.capture_checks import (
     check_cache_and_outputs,
     check_sampler_capture,
     check_unet_capture,
+    guided_steps,
     random_inputs,
     run_ddim_cfg,
     tiny_bundle,
@@ -99,7 +100,9 @@ def test_pass_through_ddim_cfg_is_bit_identical() -> None:
     eager, _ = run_ddim_cfg(bundle, CPU, torch.float32, None, steps=5)
     fast, captured = run_ddim_cfg(bundle, CPU, torch.float32, "auto", steps=5)
     assert torch.equal(fast, eager)
-    assert captured is not None and captured.stats.passthrough == len(ddim_timesteps(5))
+    assert captured is not None
+    (step,) = guided_steps(captured)
+    assert step.stats.passthrough == len(ddim_timesteps(5))
 
 
 def test_emulated_calls_work_in_and_out_of_inference_mode() -> None:

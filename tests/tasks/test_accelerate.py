@@ -58,6 +58,18 @@ def captured_of(runtime: Runtime, path: Path, name: str = CAPTURED_MODEL) -> Cap
     return runtime.cache.attachments(bundle).get(name)
 
 
+def replays(captured: CapturedModel) -> int:
+    """Replays of the network's graphs and of its companions' (the guided steps of
+    :mod:`ldm_sdk.accel.guided_step`, which run the network inside)."""
+    return captured.stats.replays + sum(c.stats.replays for c in captured.companions.values())
+
+
+def guided_step(captured: CapturedModel) -> CapturedModel:
+    """The one guided-step companion (the graphs of guided runs)."""
+    (step,) = captured.companions.values()
+    return step
+
+
 def same(a: TaskResult, b: TaskResult) -> bool:
     assert a.latents is not None and b.latents is not None
     images = len(a.images) == len(b.images) and all(
@@ -123,13 +135,13 @@ def test_emulated_fast_path_equals_eager(
     inputs = TaskInputs(image=IMAGE, mask=MASK if task_name == "inpaint" else None) if needs_image else None
     eager = task(request.model_copy(update={"accelerate": False}), emulated, inputs=inputs)
     captured = captured_of(emulated, model_files[model])
-    before = captured.stats.replays if captured is not None else 0
+    before = replays(captured) if captured is not None else 0
     decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
     decodes_before = decoder.stats.replays if decoder is not None else 0
     fast = task(request, emulated, inputs=inputs)
     captured = captured_of(emulated, model_files[model])
     assert captured is not None and captured.mode == "emulate"
-    assert captured.stats.replays > before, "the fast run went through the CapturedModel"
+    assert replays(captured) > before, "the fast run went through the CapturedModel"
     decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
     assert decoder is not None and decoder.mode == "emulate"
     assert decoder.stats.replays - decodes_before == len(fast.images), "each image decoded through it"
@@ -169,19 +181,25 @@ def test_one_captured_model_per_model_reused_across_jobs(model_files: dict[str, 
     with Runtime.create(load_entrypoints=False, device="cpu", capture_mode="emulate") as rt:
         first = txt2img(request, rt)
         captured = captured_of(rt, model_files["txt"])
-        assert captured is not None and captured.stats.captures == 1
+        assert captured is not None
+        step = guided_step(captured)  # guided: the whole step is one graph of the companion
+        assert step.stats.captures == 1 and captured.stats.captures == 0
         steps = first.manifest.steps
-        assert captured.stats.replays == steps
+        assert step.stats.replays == steps
         txt2img(request.model_copy(update={"seed": 9, "batch": 2}), rt)  # same signature: replayed
-        assert captured_of(rt, model_files["txt"]) is captured
-        assert captured.stats.captures == 1 and captured.stats.replays == 3 * steps
+        assert captured_of(rt, model_files["txt"]) is captured and guided_step(captured) is step
+        assert step.stats.captures == 1 and step.stats.replays == 3 * steps
+        # another prompt, negative prompt and guidance scale: inputs of the same graph
+        other = {"prompt": "a dog", "negative_prompt": "blur", "guidance": 3.0}
+        txt2img(request.model_copy(update=other), rt)
+        assert step.stats.captures == 1 and step.stats.replays == 4 * steps
         txt2img(request.model_copy(update={"accelerate": False}), rt)  # opted out: not used
-        assert captured.stats.replays == 3 * steps
+        assert step.stats.replays == 4 * steps
         for size in (64, 96):  # new signatures: captured too; beyond TASK_MAX_GRAPHS the oldest goes
             txt2img(request.model_copy(update={"width": size, "height": size}), rt)
         assert captured_of(rt, model_files["txt"]) is captured
-        assert captured.stats.captures == 3 and len(captured.signatures) == TASK_MAX_GRAPHS == 2
-        assert captured.stats.evictions == 1
+        assert step.stats.captures == 3 and len(step.signatures) == TASK_MAX_GRAPHS == 2
+        assert step.stats.evictions == 1
         # kept beside the model, not in its bytes
         bundle = rt.load_model(model_files["txt"])
         assert rt.cache_stats().resident_bytes == module_nbytes(bundle)
@@ -215,7 +233,8 @@ def test_captured_model_goes_with_its_model(model_files: dict[str, Path]) -> Non
         assert rt.cache.resident() == [] and _gone(class_ref)
         get_task("class")(cls, rt)  # reloaded: a new CapturedModel, captured again
         fresh = captured_of(rt, model_files["class"])
-        assert fresh is not None and fresh.stats.captures == 1
+        assert fresh is not None
+        assert fresh.stats.captures + sum(c.stats.captures for c in fresh.companions.values()) == 1
 
 
 # -- when there is none -------------------------------------------------------------------------------------
@@ -252,8 +271,9 @@ def test_a_model_given_in_memory_gets_one_for_the_run(
     )
     assert same(fast, eager)
     [captured] = made  # one per run, shared by the batch items; none for the eager run
-    assert captured is not None and captured.stats.captures == 1
-    assert captured.stats.replays == 2 * fast.manifest.steps
+    assert captured is not None
+    step = guided_step(captured)
+    assert step.stats.captures == 1 and step.stats.replays == 2 * fast.manifest.steps
     assert emulated.cache.attachments(bundle) == {}  # not the cache's: it went with the run
 
 

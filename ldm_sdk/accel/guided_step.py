@@ -1,0 +1,115 @@
+"""The whole guided denoiser call as one CUDA-graph replay: the ``[uncond; cond]`` batching, the network,
+the guidance combination and the ``(eps, x0)`` conversion.
+
+Why: with only the network call replayed from a graph (:class:`~ldm_sdk.accel.graphs.CapturedModel`), the
+rest of a guided sampler step is ~45 small eager kernels -- the ``x`` / ``t`` / conditioning
+concatenations, the guidance ``lerp``, the schedule look-ups and arithmetic of the ``(eps, x0)``
+conversion -- each a launch of a few microseconds: 0.19 ms of a 6.7 ms SD-1.5 step at batch 1 on an H100
+(``docs/benchmarks.md``, "loop overhead"). Captured, they cost about what their arithmetic costs.
+
+How: :class:`GuidedPrediction` is a function of the :data:`~ldm_sdk.diffusion.denoiser.ModelFn` shape,
+``f(x, ts, c2) -> stack([eps, x0])``, where ``ts = stack([t, scale])`` carries the timesteps and the
+per-sample guidance scale, and ``c2`` is the request's ``[uncond; cond]`` conditioning. It runs exactly the
+ops of the eager ``ModelDenoiser(ClassifierFreeGuidance(model_fn, scale, uncond), schedule, p, cond)``
+(:func:`~ldm_sdk.diffusion.guidance.guidance_combine`,
+:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`), so the results are the same bits. A
+``CapturedModel`` over it -- :meth:`CapturedModel.companion` of the model's own, so it lives with the model's
+cache entry -- copies ``x``, ``ts`` and ``c2`` into static buffers and replays: since the prompt, the negative
+prompt and the scale are all inputs, one set of graphs serves every request with the same shapes.
+:func:`guided_denoiser` returns the per-request :class:`~ldm_sdk.diffusion.denoiser.Denoiser`; the sampler's
+own update (DDIM's two multiply-adds, say) stays eager. Off CUDA (mode ``"auto"``) the call is a plain one,
+so the same code runs everywhere; mode ``"emulate"`` runs the static-buffer logic on any device (the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ldm_sdk.accel.graphs import CapturedModel
+from ldm_sdk.diffusion.conditioning import Conditioning
+from ldm_sdk.diffusion.denoiser import ModelFn, Prediction, batch_time, prediction_from_output, work_dtype
+from ldm_sdk.diffusion.guidance import guidance_combine
+from ldm_sdk.diffusion.schedule import DiffusionSchedule
+from ldm_sdk.models.configs import Parameterization
+
+
+class GuidedPrediction:
+    """``f(x, ts, c2) -> stack([eps, x0])``: one guided denoiser call as a capturable function (see the
+    module doc). ``ts`` is ``(2, B)``: timesteps, then guidance scales; ``c2`` the ``[uncond; cond]``
+    conditioning of batch ``2B``."""
+
+    def __init__(
+        self, model_fn: ModelFn, schedule: DiffusionSchedule, parameterization: Parameterization
+    ) -> None:
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.parameterization = parameterization
+
+    def __call__(self, x: Tensor, ts: Tensor, c2: Conditioning) -> Tensor:
+        t, scale = ts[0], ts[1]
+        out = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), c2)
+        if out.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"the model returned shape {tuple(out.shape[1:])} per sample for x of shape "
+                f"{tuple(x.shape[1:])}; an {self.parameterization!r} model must return x's shape (learned "
+                "variance is unsupported)"
+            )
+        out_uncond, out_cond = out.chunk(2)
+        weight = scale.to(work_dtype(out_uncond)).reshape(-1, *([1] * (x.dim() - 1)))
+        guided = guidance_combine(out_uncond, out_cond, weight)
+        pred = prediction_from_output(self.schedule, self.parameterization, x, t, guided)
+        return torch.stack([pred.eps, pred.x0])
+
+
+class GuidedGraphDenoiser:
+    """A :class:`~ldm_sdk.diffusion.denoiser.Denoiser` for one request whose every call is one replay of
+    ``captured`` (a ``CapturedModel`` over :class:`GuidedPrediction`)."""
+
+    def __init__(
+        self,
+        captured: CapturedModel,
+        schedule: DiffusionSchedule,
+        cond: Conditioning,
+        uncond: Conditioning,
+        scale: float,
+    ) -> None:
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance scale must be finite, got {scale}")
+        self.captured = captured
+        self.schedule = schedule
+        self.cond = cond
+        self.uncond = uncond
+        self.scale = float(scale)
+        self._batch: tuple[int, Conditioning, Tensor] | None = None  # (B, c2, scales) of the last batch size
+
+    def __call__(self, x: Tensor, t: Tensor) -> Prediction:
+        t = batch_time(t, x)
+        batch = x.shape[0]
+        kept = self._batch
+        if kept is None or kept[0] != batch or kept[2].dtype != t.dtype or kept[2].device != t.device:
+            c2 = Conditioning.cat(self.uncond.expand(batch), self.cond.expand(batch))
+            kept = (batch, c2, torch.full((batch,), self.scale, dtype=t.dtype, device=t.device))
+            self._batch = kept
+        out = self.captured(x, torch.stack([t, kept[2]]), kept[1])
+        return Prediction(eps=out[0], x0=out[1])
+
+
+def guided_denoiser(
+    captured: CapturedModel,
+    schedule: DiffusionSchedule,
+    parameterization: Parameterization,
+    cond: Conditioning,
+    uncond: Conditioning,
+    scale: float,
+) -> GuidedGraphDenoiser:
+    """The guided denoiser of one request over the network of ``captured``, replayed whole from the graphs
+    of its companion for (``schedule``, ``parameterization``) (see the module doc)."""
+    key = ("guided", id(schedule), parameterization)
+    step = captured.companion(key, lambda fn: GuidedPrediction(fn, schedule, parameterization))
+    return GuidedGraphDenoiser(step, schedule, cond, uncond, scale)
+
+
+__all__ = ["GuidedGraphDenoiser", "GuidedPrediction", "guided_denoiser"]
