@@ -13,7 +13,8 @@ unless said otherwise:
 
 Phases (seconds): ``cuda_init`` (context), ``build`` (SD-1.5 UNet + kl-f8 VAE with random weights on the GPU,
 fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_steps`` (two guided DDIM steps
-through ``CapturedModel``, whose first call pre-compiles the fused kernels in parallel
+through the guided step's ``CapturedModel`` (``ldm_sdk.accel.guided_step``, as the task runner), whose
+first call pre-compiles the fused kernels in parallel
 (``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
 ``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decode as the task
 runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, capture and replay);
@@ -46,10 +47,9 @@ def child(variant: str) -> dict[str, Any]:
     from validate_fast_path import build_sd15
 
     from ldm_sdk.accel import CapturedModel
+    from ldm_sdk.accel.guided_step import guided_denoiser
     from ldm_sdk.benchmarks import common as C
     from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
-    from ldm_sdk.diffusion.denoiser import ModelDenoiser
-    from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
     from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
     from ldm_sdk.samplers.ddim import sample as ddim_sample
 
@@ -82,11 +82,12 @@ def child(variant: str) -> dict[str, Any]:
     steps = C.timesteps(50)
     with torch.inference_mode():
         captured = CapturedModel(model_fn, mode="graph", modules=[unet])
-        den = ModelDenoiser(ClassifierFreeGuidance(captured, 7.5, u1), sched, "eps", cond=c1)
+        # as the task runner (bundle_denoiser): the whole guided step replayed from one graph
+        den = guided_denoiser(captured, sched, "eps", c1, u1, 7.5)
         ts = torch.tensor(steps, dtype=torch.float64)
         # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
         phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
-        res["precompiled_unet"] = captured.stats.precompiled
+        res["precompiled_unet"] = den.captured.stats.precompiled
         latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
         z = (latents / arch.scale_factor).to(dtype)
 
