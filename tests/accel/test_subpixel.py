@@ -4,6 +4,10 @@ formats, odd sizes, with and without bias, and the fused modules' fallbacks."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,3 +60,43 @@ def test_fused_module_and_its_fallback() -> None:
     assert torch.allclose(module(x), ref, rtol=1e-5, atol=1e-5)
     module.train()
     assert torch.equal(module(x), autoencoder.Upsample.forward(module, x))  # training: the original path
+
+
+def interpreter_checks() -> list[str]:
+    """Run in a subprocess with TRITON_INTERPRET=1: the Triton interleave against the strided copies (the
+    same convolution output, so bit for bit), NaN-filled fresh buffers, odd sizes, partial tiles."""
+    from ldm_sdk.testing.interpreter import unwritten_memory_is_nan
+
+    done = []
+    with unwritten_memory_is_nan(), torch.no_grad():
+        for shape, c_out, dtype in (((2, 8, 5, 7), 6, torch.float16), ((1, 3, 1, 2), 200, torch.float32)):
+            g = torch.Generator().manual_seed(sum(shape))
+            x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c_out, shape[1], 3, 3, generator=g).to(dtype)
+            b = torch.randn(c_out, generator=g).to(dtype)
+            out = upsample_conv(x, w, b, backend="triton")
+            ref = upsample_conv(x, w, b, backend="reference")
+            assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref), shape
+            done.append(f"{shape} -> {c_out} {dtype}")
+    return done
+
+
+def test_interleave_kernel_in_the_interpreter() -> None:
+    from ldm_sdk.accel.triton_kernels import triton_available
+    from ldm_sdk.testing.interpreter import run_interpreted
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    assert len(run_interpreted(__file__, "--interpreter-checks")) == 2
+
+
+def test_triton_backend_refuses_other_layouts() -> None:
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="channels_last"):
+        upsample_conv(x, torch.randn(2, 2, 3, 3), None, backend="triton")
+
+
+if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1 (before Triton is imported) to run the interpreter checks")
+    print(json.dumps(interpreter_checks()))
