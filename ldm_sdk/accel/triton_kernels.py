@@ -32,20 +32,28 @@ Numerics
   round trip is therefore kept (the unfused path rounds twice in half precision: after the norm and after
   the SiLU; the fused one rounds once, so it is at least as accurate).
 * ``shift`` (any floating dtype) is read in float32 (float64 by the reference for float64 ``x``) and
-  ``x + shift`` is formed in float32 where ``x`` is read (statistics and apply pass alike): the sum is
+  ``x + shift`` is formed in float32 where ``x`` is read (statistics and apply pass alike; the
+  channels_last kernels use that the shift is constant per column: it is added to the column means of the
+  statistics and folded into the subtrahend, ``x - (mean - shift)``, of the apply pass): the sum is
   never rounded to ``x.dtype``, so the result is still rounded once. Without ``shift`` the kernels are
   the same as before (a constexpr ``HAS_SHIFT`` flag; bit-identical results).
-* Statistics: each program keeps a per-lane Welford state (count, mean, M2) over its chunk of a group,
-  combines its lanes with the parallel (Chan et al.) formula ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``,
-  and the apply pass merges the chunks of a group the same way (channels_last: lanes, then columns, then
-  the group's columns in a tile, then the tiles and chunks, all by the same formula). No sum /
-  sum-of-squares in low precision.
+* Statistics, contiguous layout: each program keeps a per-lane Welford state (count, mean, M2) over its
+  chunk of a group, combines its lanes with the parallel (Chan et al.) formula
+  ``M2 = sum M2_i + sum n_i (mean_i - mean)^2``, and the apply pass merges the chunks of a group the same
+  way. channels_last: each program sums, per lane in float32, ``d = x - pivot`` and ``d^2`` over its
+  chunk of a column tile, the pivot being each column's mean over the chunk's first tile (so the sums
+  hold deviations, whatever the column's offset -- a channel mean, a ``shift`` -- and
+  ``M2 = sum d^2 - (sum d)^2 / rows`` cancels little: at most ``rows / tile rows`` of relative precision
+  even for an outlier in the first tile, about none for ordinary data); columns, the group's columns of a
+  tile, then the tiles and chunks are merged by Chan's formula. No sum / sum-of-squares in low precision
+  and none of raw (un-pivoted) values.
   Variance is the biased one (divide by the group size), as ``torch.nn.functional.group_norm``.
 * Normalisation is ``(x - mean) * (rstd * w) + b`` (no ``x * scale + offset`` cancellation); SiLU is
-  ``y / (1 + exp(-y))``; GELU is ``0.5 g (1 + erf(g / sqrt 2))``. The float32 results differ from torch's
-  float32 ones by a few float32 ulps, so after rounding to fp16 / bf16 they are equal or one output ulp
-  apart (values within ~1e-4 of zero after a cancellation can differ by a few float32 ulps in absolute
-  terms, which may be more than one ulp of such a tiny output).
+  ``y / (1 + exp(-y))`` (channels_last two-pass: the divide is the full-range approximate float32 one,
+  within 2 float32 ulps, far below the output's rounding); GELU is ``0.5 g (1 + erf(g / sqrt 2))``. The
+  float32 results differ from torch's float32 ones by a few float32 ulps, so after rounding to fp16 /
+  bf16 they are equal or one output ulp apart (values within ~1e-4 of zero after a cancellation can
+  differ by a few float32 ulps in absolute terms, which may be more than one ulp of such a tiny output).
 
 Layouts and sizes
 -----------------
@@ -64,14 +72,18 @@ that only index -- group counts, splits -- are not specialised by Triton, to kee
 * apply, contiguous layout: a grid of ``(N * C, split)`` over the channels' spatial runs (one weight and
   bias per program, no per-element channel division).
 * channels_last (both passes): a grid of ``(N * ceil(C / BLOCK_C), split)``; each program walks a chunk of
-  pixel rows of one column tile in ``BLOCK_S x BLOCK_C`` tiles (<= 2048 elements), ``BLOCK_C`` contiguous
-  channels per pixel (128-bit loads and stores). ``BLOCK_C`` is a power of two >= ``C / groups`` and >= 32
-  (64 bytes of fp16 per row), so a tile touches few groups and a group spans one tile (``C / groups``
-  divides ``BLOCK_C``) or at most two. The statistics program reduces per column, then per group of the
-  tile (Chan), and writes one partial (mean, M2, count) per (group, part, chunk), part = which of the
-  group's (at most two) tiles; the apply program merges the partials of the groups its tile touches and
-  normalises with per-column scale / offset. Narrow column tiles keep that merge small (it grows with the
-  groups per tile times ``split``).
+  pixel rows of one column tile in ``BLOCK_S x BLOCK_C`` tiles (<= 4096 elements, 8 warps),
+  ``BLOCK_C`` contiguous channels per pixel (128-bit loads and stores), the row loop software-pipelined
+  (``tl.range(num_stages=3)``). ``BLOCK_C`` is a power of two >= ``C / groups``, 64 (128 bytes of fp16
+  per row) unless that pads ``C`` by more than 1/8 (then down to 32), so a tile touches few groups and a
+  group spans one tile (``C / groups`` divides ``BLOCK_C``) or at most two. The statistics program reduces
+  per column, then per group of the tile (Chan), and writes one partial (mean, M2, count) per (group,
+  part, chunk), part = which of the group's (at most two) tiles; the apply program merges the partials of
+  the groups its tile touches and normalises with per-column scale / offset, walking the chunks last to
+  first (its first programs re-read what the statistics pass read last, from L2). Narrow column tiles
+  keep that merge small (it grows with the groups per tile times ``split``). On an H100 (SD-1.5 UNet
+  norms at batch 16, fp16) these tiles, the pipelining, the pivoted sums and the reversed walk took the
+  two-pass norm from ~73 % to ~83 % of the HBM bandwidth at the 64 x 64 maps.
 * GEGLU: ``(rows / BLOCK_R, inner / BLOCK_C)`` tiles of about 2048 outputs, ``BLOCK_C`` picked among
   128..1024 to waste at most 1/8 of a row (SD-1.5's inner widths 1280 / 2560 / 5120 give 256 / 512 / 1024).
 
@@ -107,6 +119,8 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 MAX_BLOCK = 2048  # elements per tile (fp16: 16 per thread at 4 warps)
+NHWC_MAX_BLOCK = 4096  # channels_last tiles (64 rows x 64 columns at 8 warps: measured on an H100)
+NHWC_STAGES = 3  # channels_last row loops: software-pipelined loads in flight
 MAX_SPLIT = 1024  # chunks per group in the statistics pass (merged by one vector load)
 MAX_CHUNK = 2**24  # elements per chunk: counts stay exact in float32
 PROGRAMS_PER_SM = 4
@@ -446,11 +460,14 @@ def plan_group_norm(
     *,
     channels_last: bool,
     target_programs: int,
-    max_block: int = MAX_BLOCK,
+    max_block: int | None = None,
 ) -> GroupNormPlan:
     """The launch plan for an ``(N, C, *spatial)`` input (see the module doc). ``target_programs``: the
     parallelism to aim for (the kernels use 4 x the SM count); ``max_block``: the largest tile (a power of
-    two; smaller values exercise the chunk loops in tests)."""
+    two; default ``MAX_BLOCK``, channels_last ``NHWC_MAX_BLOCK``; smaller values exercise the chunk loops
+    in tests)."""
+    if max_block is None:
+        max_block = NHWC_MAX_BLOCK if channels_last else MAX_BLOCK
     if max_block < 16 or max_block & (max_block - 1):
         raise ValueError(f"max_block must be a power of two >= 16, got {max_block}")
     n, c = shape[0], shape[1]
@@ -478,16 +495,24 @@ def plan_group_norm(
     )
 
 
-NHWC_MIN_COLS = 32  # channels_last column tile: at least 64 bytes of a pixel's channels (fp16)
+NHWC_MIN_COLS = 64  # channels_last column tile aimed for: 128 bytes of a pixel's channels (fp16)
+NHWC_FLOOR_COLS = 32  # ... narrowed down to this (64 bytes) where whole tiles would pad C by more than 1/8
 
 
 def _nhwc_block_c(c: int, cg: int) -> int:
-    """channels_last column tile: a power of two >= the group size (so a group spans at most two tiles)
-    and >= ``NHWC_MIN_COLS`` (whole DRAM sectors per pixel row), at most ``C`` rounded up. Narrow tiles keep
-    the groups per tile, hence the partials each apply program merges, few; narrowness costs no
-    coalescing, since each tile row is whole 32-byte sectors either way (neighbouring column tiles, the
-    adjacent programs of the grid, read the rest of the pixel row at about the same time)."""
-    return max(_pow2(cg), min(NHWC_MIN_COLS, _pow2(c)))
+    """channels_last column tile: a power of two >= the group size (so a group spans at most two tiles),
+    ``NHWC_MIN_COLS`` wide (at most ``C`` rounded up), halved while the last tile would pad ``C`` by more
+    than 1/8 but not below ``NHWC_FLOOR_COLS`` (whole DRAM sectors per pixel row) or the group size. On an
+    H100, 64 columns x 64 rows at 8 warps beat 32 x 64 at 4 warps (the old tiles) and 128-column tiles;
+    narrow tiles also keep the groups per tile, hence the partials each apply program merges, few;
+    narrowness costs no coalescing, since each tile row is whole 32-byte sectors either way (neighbouring
+    column tiles, the adjacent programs of the grid, read the rest of the pixel row at about the same
+    time)."""
+    floor = max(_pow2(cg), min(NHWC_FLOOR_COLS, NHWC_MIN_COLS, _pow2(c)))
+    width = max(floor, min(NHWC_MIN_COLS, _pow2(c)))
+    while width > floor and math.ceil(c / width) * width - c > c // 8:
+        width //= 2
+    return width
 
 
 def _shift_rows(shift: Tensor) -> tuple[Tensor, int]:
@@ -518,14 +543,15 @@ def group_norm_act_triton(
     *,
     shift: Tensor | None = None,
     target_programs: int | None = None,
-    max_block: int = MAX_BLOCK,
+    max_block: int | None = None,
     recorder: KernelRecorder | None = None,
     single_pass: bool | None = None,
 ) -> Tensor:
     """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, fp16 / bf16 /
     fp32) is read in its dtype and added to ``x`` in float32 by both passes.
     ``target_programs`` / ``max_block`` tune the launch plan (:func:`plan_group_norm`; defaults: 4 x the
-    SM count, 2048); the result does not depend on them beyond float32 rounding of the statistics.
+    SM count, 2048 / channels_last 4096); the result does not depend on them beyond float32 rounding of
+    the statistics.
     ``single_pass``: one program per (sample, group) holding the whole group in registers (one launch, a
     two-pass mean / variance over the registers) instead of the statistics + apply kernels; ``None``
     picks it when the group's padded tile has at most ``SINGLE_PASS_MAX`` elements (the small maps of a
@@ -620,6 +646,7 @@ def group_norm_act_triton(
             *sizes,
             **tiles,
             HAS_SHIFT=has_shift,
+            STAGES=NHWC_STAGES,
             num_warps=plan.num_warps,
         )
         launch(
@@ -638,6 +665,7 @@ def group_norm_act_triton(
             float(eps),
             **tiles,
             BLOCK_PS=max(2, _pow2(plan.parts * plan.stats.split)),
+            STAGES=NHWC_STAGES,
             num_warps=plan.num_warps,
             **common,
         )
@@ -888,6 +916,14 @@ if triton is not None:
         hot = ((cols // CG)[None, :] == g[:, None]) & col_ok[None, :]
         return n, c0, cols, col_ok, g, touched, hot
 
+    @triton.jit
+    def _activate_fast(y, ACT: tl.constexpr):
+        """SiLU with a full-range approximate float32 divide (``div.full.f32``: within 2 float32 ulps, no
+        IEEE rounding sequence); the channels_last apply pass, where the divide's cost shows."""
+        if ACT == "silu":
+            y = tl.fdiv(y, 1.0 + tl.exp(-y), ieee_rounding=False)
+        return y
+
     @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE"])
     def _gn_stats_nhwc_kernel(
         x_ptr,
@@ -907,40 +943,54 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         PARTS: tl.constexpr,
         HAS_SHIFT: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         """channels_last (N, S, C): program (n tiles + t, k) reduces rows ``[k CHUNK, (k + 1) CHUNK)`` of
-        column tile t (``BLOCK_C`` contiguous channels, coalesced) per lane, then per column (Chan), then
-        per group of the tile (Chan over the group's columns), and writes one partial per touched group:
-        part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the tile it
-        starts in also writes an empty part 1, so every slot is written). With ``HAS_SHIFT`` the tile's
-        ``shift[n SHIFT_STRIDE + cols]`` is added to every valid element (invalid ones stay 0)."""
+        column tile t (``BLOCK_C`` contiguous channels, coalesced). Per lane it sums ``d = x - pivot`` and
+        ``d * d`` in float32, the pivot being each column's mean over the chunk's first tile (a peeled
+        iteration), so the sums hold deviations of about one standard deviation whatever the column's
+        offset: ``M2 = sum d^2 - (sum d)^2 / rows`` then loses at most ``(pivot - mean)^2 rows / M2`` of
+        float32 precision, which is about one for any column and at most ``rows / BLOCK_S`` even when the
+        first tile holds an outlier. Per column: ``mean = pivot + sum d / rows``, then ``shift`` (a
+        per-column constant, it moves the mean only) is added to the mean; per group of the tile the
+        columns are merged by Chan's formula, and one partial (mean, M2, count) is written per touched
+        group: part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the
+        tile it starts in also writes an empty part 1, so every slot is written). The row loop is software
+        pipelined (``STAGES`` loads in flight)."""
         n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
-        x_tile = x_ptr + n * S * C
+        x_chunk = x_ptr + n * S * C + k * CHUNK * C
         rows = tl.arange(0, BLOCK_S)
-        count = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-        mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        end = tl.minimum(S - k * CHUNK, CHUNK).to(tl.int32)  # rows of this chunk: >= 1
+        # the first tile: pivot = its column means; its deviations start the sums
+        valid = (rows < end)[:, None] & col_ok[None, :]
+        x = tl.load(x_chunk + rows[:, None].to(tl.int64) * C + cols[None, :], mask=valid, other=0.0).to(
+            tl.float32
+        )
+        pivot = tl.sum(x, axis=0) / tl.minimum(end, BLOCK_S).to(tl.float32)
+        s1 = tl.where(valid, x - pivot[None, :], 0.0)
+        s2 = s1 * s1
+        for i in tl.range(BLOCK_S, end, BLOCK_S, num_stages=STAGES):
+            r = i + rows
+            valid = (r < end)[:, None] & col_ok[None, :]
+            idx = r[:, None].to(tl.int64) * C + cols[None, :]  # 64-bit: a chunk may span 2**31 elements
+            x = tl.load(x_chunk + idx, mask=valid, other=0.0).to(tl.float32)
+            d = tl.where(valid, x - pivot[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+        # per column: every valid column holds the chunk's rows
+        nrows = end.to(tl.float32)
+        t1 = tl.sum(s1, axis=0)
+        col_mu = pivot + t1 / nrows
+        col_m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * (t1 / nrows), 0.0)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
-        start = k * CHUNK
-        for i in range(0, CHUNK, BLOCK_S):
-            r = start + i + rows
-            valid = (r < S)[:, None] & col_ok[None, :]
-            x = tl.load(x_tile + r[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = tl.where(valid, x + x_shift[None, :], 0.0)
-            count, mean, m2 = _welford_update(x, valid, count, mean, m2, i // BLOCK_S)
-        # per column: Chan over the rows
-        col_n = tl.sum(count, axis=0)
-        col_mu = tl.sum(count * mean, axis=0) / tl.maximum(col_n, 1.0)
-        d = tl.where(count > 0, mean - col_mu[None, :], 0.0)
-        col_m2 = tl.sum(m2, axis=0) + tl.sum(count * d * d, axis=0)
-        # per group: Chan over the group's columns of the tile
-        grp_n = tl.sum(tl.where(hot, col_n[None, :], 0.0), axis=1)
-        grp_mu = tl.sum(tl.where(hot, (col_n * col_mu)[None, :], 0.0), axis=1) / tl.maximum(grp_n, 1.0)
+            col_mu += tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # per group: Chan over the group's columns of the tile (equal counts)
+        ncols = tl.sum(hot.to(tl.float32), axis=1)
+        grp_mu = tl.sum(tl.where(hot, col_mu[None, :], 0.0), axis=1) / tl.maximum(ncols, 1.0)
         dg = col_mu[None, :] - grp_mu[:, None]
-        grp_m2 = tl.sum(tl.where(hot, col_m2[None, :] + col_n[None, :] * dg * dg, 0.0), axis=1)
+        grp_m2 = tl.sum(tl.where(hot, col_m2[None, :] + nrows * dg * dg, 0.0), axis=1)
+        grp_n = ncols * nrows
         starts_here = g * CG >= c0
         slot = (n * G + g) * PARTS * SPLIT + k
         if PARTS == 2:
@@ -983,13 +1033,16 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         PARTS: tl.constexpr,
         BLOCK_PS: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
-        """channels_last: program (n tiles + t, k) merges the partials of the groups its column tile
-        touches (Chan), spreads their mean / rstd over the columns, and normalises rows
-        ``[k CHUNK, (k + 1) CHUNK)`` of the tile with per-column scale and offset (after adding the
-        tile's ``shift[n SHIFT_STRIDE + cols]`` with ``HAS_SHIFT``)."""
+        """channels_last: program (n tiles + t, j) merges the partials of the groups its column tile
+        touches (Chan), spreads their mean / rstd over the columns, and normalises the rows of chunk
+        ``k = SPLIT - 1 - j`` of the tile, last tile first, with per-column scale and offset (``shift``
+        folded into the offset: ``x + shift - mean = x - (mean - shift)``). The walk runs backwards (the
+        first programs take the last chunks, each walks its rows last to first) so that it starts on what
+        the statistics pass read last, still in L2. The row loop is software pipelined."""
         n, _, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
-        k = tl.program_id(1).to(tl.int64)
+        k = SPLIT - 1 - tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BLOCK_PS)
         ok = touched[:, None] & (j < PARTS * SPLIT)[None, :]
         src = (n * G + g)[:, None] * (PARTS * SPLIT) + j[None, :]
@@ -1009,18 +1062,17 @@ if triton is not None:
         if HAS_B:
             beta = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_SHIFT:
-            x_shift = tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
-        offset = n * S * C
+            mu = mu - tl.load(shift_ptr + n * SHIFT_STRIDE + cols, mask=col_ok, other=0.0).to(tl.float32)
+        offset = n * S * C + k * CHUNK * C
         rows = tl.arange(0, BLOCK_S)
-        start = k * CHUNK
-        for i in range(0, CHUNK, BLOCK_S):
-            r = start + i + rows
-            valid = (r < S)[:, None] & col_ok[None, :]
-            idx = offset + r[:, None] * C + cols[None, :]
+        end = tl.minimum(S - k * CHUNK, CHUNK).to(tl.int32)
+        last = tl.cdiv(end, BLOCK_S) * BLOCK_S - BLOCK_S  # first row of the chunk's last tile
+        for i in tl.range(0, end, BLOCK_S, num_stages=STAGES):
+            r = (last - i) + rows
+            valid = (r < end)[:, None] & col_ok[None, :]
+            idx = offset + r[:, None].to(tl.int64) * C + cols[None, :]
             x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                x = x + x_shift[None, :]
-            y = _activate((x - mu[None, :]) * scale[None, :] + beta[None, :], ACT)
+            y = _activate_fast((x - mu[None, :]) * scale[None, :] + beta[None, :], ACT)
             tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit(do_not_specialize=["G", "SHIFT_STRIDE"])

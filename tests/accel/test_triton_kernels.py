@@ -15,7 +15,9 @@ CPU (always):
   no affine, fp32 / bf16, channels_last group sizes 1..48 (whole groups per column tile and groups
   straddling two tiles), 1x1 maps, against float64, with fresh buffers NaN-filled so an unwritten output
   or statistics partial fails; the same with ``shift`` (both layouts, chunking, straddling groups, shift
-  dtypes other than x's), and ``shift=None`` / ``shift=zeros`` bit-identical to no shift (about 15 s).
+  dtypes other than x's), ``shift=None`` / ``shift=zeros`` bit-identical to no shift, and channels_last
+  offset means (``|mean| / std`` up to ~700, from x or from the shift) with outliers heading a chunk, held
+  to a few float32 ulps of the mean (the pivoted statistics; naive sums of squares fail it) (about 25 s).
 
 GPU (mark ``gpu``, run by ``bench/validate_kernels.py``): the kernels against the float32 reference at the
 SD-1.5 UNet shapes (N=2, C 320..2560, 64x64..8x8) and the kl-f8 VAE shapes (C 128..512 up to 512x512), fp16
@@ -399,6 +401,28 @@ def test_channels_last_tiles_touch_at_most_block_g_groups(channels: int, groups:
     assert plan.block_g & (plan.block_g - 1) == 0 and plan.parts * plan.stats.split <= K.MAX_SPLIT
 
 
+@pytest.mark.parametrize(
+    ("channels", "groups", "block_c"),
+    [(320, 32, 64), (640, 32, 64), (960, 32, 64), (1280, 32, 64), (1920, 32, 64), (2560, 32, 128),
+     (128, 32, 64), (256, 32, 64), (512, 32, 64), (96, 32, 32), (40, 4, 32), (12, 4, 16), (80, 2, 64),
+     (4096, 1, 4096)],
+)  # fmt: skip
+def test_channels_last_tiles_are_64_columns_of_4096_elements(
+    channels: int, groups: int, block_c: int
+) -> None:
+    """The measured channels_last tile: 64 columns (wider for wider groups; 32 or the group where 64 would
+    pad C by more than 1/8) x enough rows for 4096 elements, 8 warps; the contiguous plan keeps 2048."""
+    shape = (16, channels, 64, 64)
+    plan = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132)
+    assert plan.block_c == block_c
+    floor = max(K._pow2(channels // groups), min(32, K._pow2(channels)))  # the group, or 64 bytes of fp16
+    assert -(-channels // block_c) * block_c - channels <= channels // 8 or block_c == floor
+    assert plan.block_s * plan.block_c == max(K.NHWC_MAX_BLOCK, block_c) and plan.num_warps == 8
+    assert K.plan_group_norm(shape, groups, channels_last=False, target_programs=4 * 132).block <= K.MAX_BLOCK
+    small = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132, max_block=1024)
+    assert small.block_s * small.block_c == max(1024, small.block_c)
+
+
 def test_sd15_batch2_statistics_use_more_than_64_programs() -> None:
     """Batch 2 x 32 groups is 64 groups; the split reduction must spread them over the 132 SMs."""
     plan = K.plan_group_norm((2, 320, 64, 64), 32, channels_last=False, target_programs=4 * 132)
@@ -430,19 +454,19 @@ def interpreter_checks() -> list[str]:
         # shape, groups, dtype, channels_last, act, affine, max_block, target_programs
         ((2, 12, 5, 7), 4, torch.float32, False, "silu", True, 16, 32),  # split chunks, several tiles each
         ((2, 12, 5, 7), 4, torch.bfloat16, True, "none", True, 16, 32),
-        ((3, 12, 5, 7), 4, torch.float32, True, "silu", True, 2048, None),
+        ((3, 12, 5, 7), 4, torch.float32, True, "silu", True, None, None),  # default tiles
         ((1, 64, 4, 4), 32, torch.bfloat16, False, "silu", True, 2048, None),  # 4x4 maps, 2 channels / group
-        ((1, 64, 4, 4), 32, torch.bfloat16, True, "silu", True, 2048, None),
+        ((1, 64, 4, 4), 32, torch.bfloat16, True, "silu", True, None, None),
         ((2, 8, 33), 2, torch.float32, False, "none", False, 16, 16),  # 3-D (AttentionBlock), no affine
         # channels_last: C / G = 1, 4, 10, 16, 20, 40 (tiles of whole groups, and groups split across two
         # column tiles), odd / 4x4 / 1x1 maps, N 1 and 2, chunks split over programs (small max_block)
         ((2, 32, 5, 7), 32, torch.float32, True, "none", False, 16, 64),  # C/G 1, 1-row tiles, split
         ((1, 64, 4, 4), 16, torch.bfloat16, True, "silu", True, 64, 8),  # C/G 4, whole groups per tile
         ((2, 40, 5, 7), 4, torch.float32, True, "silu", True, 64, 64),  # C/G 10, groups straddle tiles
-        ((1, 64, 1, 1), 4, torch.bfloat16, True, "silu", False, 2048, None),  # C/G 16, 1x1
+        ((1, 64, 1, 1), 4, torch.bfloat16, True, "silu", False, None, None),  # C/G 16, 1x1
         ((2, 160, 4, 4), 8, torch.bfloat16, True, "none", True, 128, 64),  # C/G 20, 5 tiles, split
         ((2, 80, 5, 7), 2, torch.float32, True, "silu", True, 128, 64),  # C/G 40: 64-column tiles
-        ((1, 96, 5, 7), 2, torch.bfloat16, True, "none", False, 2048, None),  # C/G 48, partial last tile
+        ((1, 96, 5, 7), 2, torch.bfloat16, True, "none", False, None, None),  # C/G 48, partial last tile
     ]
     with unwritten_memory_is_nan(), torch.no_grad():
         for shape, groups, dtype, channels_last, act, affine, max_block, target in cases:
@@ -503,6 +527,54 @@ def interpreter_checks() -> list[str]:
                 )
                 assert_close_to_truth(out, truth, what)
                 done.append(what)
+        # offset means, |mean| >> std (a channel offset of x, or a shift carrying it), and outliers: the
+        # channels_last statistics sum deviations from a per-column pivot, so the centred values keep their
+        # float32 precision; a plain float32 sum / sum of squares loses about (mean / std)^2 ulps of the
+        # variance (torch's CPU float32 group_norm is off by ~0.5 at the first case). Chunked, the last
+        # chunk and its last tile partial (the apply pass walks them last to first), groups straddling
+        # column tiles, an outlier heading the first tile of a chunk (the pivot's worst case).
+        offset_cases = [
+            # shape, groups, dtype, x offset, shift offset (None: no shift), outlier, max_block, target
+            ((1, 64, 13, 11), 4, torch.float32, 1000.0, None, False, 256, 16),  # C/G 16, 11-row last chunk
+            ((2, 96, 9, 9), 4, torch.float32, 0.0, 1000.0, True, 512, 16),  # C/G 24 straddles, shift
+            # half precision: x not so coarsely quantised that one value, repeated, decides the check
+            ((2, 40, 11, 7), 4, torch.float16, 0.0, 60.0, True, 64, 64),  # C/G 10 straddles
+            ((2, 64, 13, 11), 2, torch.float16, -45.0, None, True, None, 8),  # default tiles, 2 chunks
+        ]
+        for shape, groups, dtype, x_off, shift_off, outlier, max_block, target in offset_cases:
+            plan = K.plan_group_norm(
+                shape, groups, channels_last=True, target_programs=target, max_block=max_block
+            )
+            assert plan.stats.split > 1 and plan.s % plan.stats.chunk and plan.s % plan.block_s, plan
+            x, w, b = make_inputs(shape, dtype, channels_last=True)
+            x = (x.float() + x_off).to(dtype)
+            if outlier:  # channel 5, first row of the second chunk
+                h, col = divmod(plan.stats.chunk, shape[3])
+                x[:, 5, h, col] = x_off + (2000.0 if dtype != torch.float16 else 200.0)
+            shift = None
+            if shift_off is not None:
+                shift = shift_off + 0.3 * make_shift(x, torch.float32)
+                shift = shift.to(torch.bfloat16 if dtype == torch.float16 else dtype)
+            xs = shifted(x, shift).reshape(shape[0], groups, -1)
+            offset = float((xs.mean(-1).abs() / xs.std(-1)).max())
+            assert offset > 25, offset
+            truth = group_norm_truth(shifted(x, shift), w, b, groups, 1e-5, "silu")
+            out = K.group_norm_act_triton(
+                x, w, b, groups, 1e-5, "silu", shift=shift, max_block=max_block, target_programs=target,
+                single_pass=False,
+            )  # fmt: skip
+            what = f"group_norm_act{shape} {dtype} |mean| / std {offset:.0f} outlier={outlier}"
+            # float32 holds the mean to ~2**-24 |mean|, i.e. 2**-24 |mean| / std of the normalised values,
+            # whatever the algorithm: allow a few of those (plus the output's rounding), everywhere. Naive
+            # float32 sums of squares miss by ~2**-24 (|mean| / std)^2 of the variance, far more.
+            bound = 8 * 2**-24 * offset * float(w.abs().max()) + 2e-6 * float(truth.abs().max())
+            err = (out.double() - truth).abs()
+            if dtype != torch.float32:
+                err = err - K.output_ulp(truth, dtype)
+            assert float(err.max()) <= bound, (
+                f"{what}: max |diff| - 1 ulp {float(err.max()):.3e} > {bound:.3e}"
+            )
+            done.append(what)
         # no shift: shift=None and a zero shift (x + 0.0 is exact) are bit for bit the unshifted kernels
         for shape, dtype, channels_last, max_block in (
             ((2, 12, 5, 7), torch.bfloat16, False, 16),
@@ -564,7 +636,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
 def test_triton_kernels_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 2 * 13 + 5 + 2 * 8 + 2 + 1, done
+    assert len(done) == 2 * 13 + 5 + 2 * 8 + 4 + 2 + 1, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
