@@ -788,20 +788,25 @@ def make_baseline_call(
     if name == "pkg_c128":
         kwargs.update(single_pass=False, target_programs=4 * sms)
 
+    if name in PKG_TILES:  # the package kernels with a given channels_last tiling
+        kwargs["nhwc"] = PKG_TILES[name]
+    if name == "pkg_c128":
+        kwargs["nhwc"] = replace(K.NHWC_WIDE, cols=128)
+
     def call() -> Tensor:
-        cols = K.NHWC_MIN_COLS
-        if name == "pkg_c128":
-            K.NHWC_MIN_COLS = 128
-        try:
-            return K.group_norm_act_triton(x, inp.w, inp.b, T.GROUPS, case.eps, case.act, **kwargs)  # type: ignore[arg-type]
-        finally:
-            K.NHWC_MIN_COLS = cols
+        return K.group_norm_act_triton(x, inp.w, inp.b, T.GROUPS, case.eps, case.act, **kwargs)  # type: ignore[arg-type]
 
-    return call, 1 if single and name == "pkg" else 2
+    return call, 1 if single and name != "pkg_c128" else 2
 
 
-BASELINES = ("copy", "torch", "old_pkg", "pkg", "pkg_c128")
-DEFAULT_BASELINES = ("copy", "torch", "old_pkg", "pkg")
+PKG_TILES = {
+    "pkg_wide": K.NHWC_WIDE,
+    "pkg_narrow": K.NHWC_NARROW,
+    "pkg_narrow_s3": replace(K.NHWC_NARROW, stages=3),
+}
+"""The package kernels with each channels_last tiling forced (``pkg``: the one its plan picks by batch)."""
+BASELINES = ("copy", "torch", "old_pkg", "pkg", *PKG_TILES, "pkg_c128")
+DEFAULT_BASELINES = ("copy", "torch", "old_pkg", "pkg", *PKG_TILES)
 DEFAULT_VARIANTS = ("sumsq_c64_t4096_w8_rev_fast_pipe3",)  # the variant the package now follows
 
 

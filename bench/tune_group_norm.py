@@ -1,5 +1,5 @@
 """Tile-size sweep of the channels_last fused GroupNorm(+SiLU) kernels at the SD-1.5 UNet and kl-f8 decoder
-shapes: the column-tile floor (``NHWC_MIN_COLS``), the tile size (``max_block``), the programs aimed for
+shapes: the column tile (``NhwcTiles.cols``), the tile size (``max_block``), the programs aimed for
 per SM, and the single-pass kernel (``_auto``: taken where the group fits) against the two kernels. For
 each configuration: GPU time per call (replayed from a CUDA graph of 10 calls), effective bandwidth (two
 reads and one write of the activation), and the ulp check against the float32 reference -- a
@@ -25,6 +25,7 @@ input out of L2 ("cold"), the DRAM-bound figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -248,7 +249,6 @@ def sweep(
     inp: Inputs, case: Case, sms: int, *, rotate: bool, reduced: bool = False
 ) -> tuple[dict[str, Any], str | None]:
     """Every (min cols, max block, programs per SM, single pass) configuration: ms, GB/s, ulp check."""
-    default_cols = K.NHWC_MIN_COLS
     x = inp.xs[0]
     gbytes = gn_bytes(x, 2) / 1e9
     timings: dict[str, Any] = {}
@@ -258,7 +258,9 @@ def sweep(
         else itertools.product(MIN_COLS, MAX_BLOCKS, PER_SM, SINGLE)
     )
     for cols, block, per_sm, single in grid:
-        K.NHWC_MIN_COLS = cols
+        tiles = dataclasses.replace(
+            K.NHWC_NARROW if x.shape[0] < K.NHWC_WIDE_MIN_BATCH else K.NHWC_WIDE, cols=cols
+        )
         calls = [
             functools.partial(
                 K.group_norm_act_triton,
@@ -272,6 +274,7 @@ def sweep(
                 target_programs=per_sm * sms,
                 max_block=block,
                 single_pass=single,
+                nhwc=tiles,
             )
             for xi in inp.xs
         ]
@@ -282,16 +285,15 @@ def sweep(
         except Exception as exc:  # a configuration the plan or compiler refuses
             timings[key] = {"error": str(exc).splitlines()[0][:120]}
             continue
-        finally:
-            K.NHWC_MIN_COLS = default_cols
         timings[key] = {"ms": ms, "gb_s": gbytes / (ms / 1e3), "ok": report.ok(1e-4)}
     ok = {k: v for k, v in timings.items() if v.get("ok")}
     best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
     return timings, best
 
 
-def default_key(sms_factor: int | None = None) -> str:
-    return f"cols{K.NHWC_MIN_COLS}_block{K.NHWC_MAX_BLOCK}_sm{sms_factor or K.PROGRAMS_PER_SM}_auto"
+def default_key(batch: int, sms_factor: int | None = None) -> str:
+    tiles = K.NHWC_WIDE if batch >= K.NHWC_WIDE_MIN_BATCH else K.NHWC_NARROW
+    return f"cols{tiles.cols}_block{tiles.max_block}_sm{sms_factor or K.PROGRAMS_PER_SM}_auto"
 
 
 def summarize_sweep(res: dict[str, Any]) -> None:
@@ -313,7 +315,7 @@ def run_legacy(res: dict[str, Any], sms: int, device: torch.device, rotate: bool
         x_bytes = n * c * h * shape[3] * 2
         inp = make_inputs(n, case, device, copies_for(x_bytes, rotate))
         timings, best = sweep(inp, case, sms, rotate=rotate)
-        now = default_key()
+        now = default_key(n)
         res["rows"].append({"shape": list(shape), "default": now, "best": best, "configs": timings})
         ok = {k: v for k, v in timings.items() if v.get("ok")}
         if best is not None and now in ok:
@@ -405,7 +407,7 @@ def run_batch(
             row["torch"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
         if do_sweep and case.act == "silu":
             row["configs"], row["best"] = sweep(inp, case, sms, rotate=rotate, reduced=device.type != "cuda")
-            row["default"] = default_key()
+            row["default"] = default_key(x.shape[0])
         res["rows"].append(row)
         p, t = row["package"], row["torch"]
         print(

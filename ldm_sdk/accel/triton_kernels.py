@@ -119,8 +119,6 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 MAX_BLOCK = 2048  # elements per tile (fp16: 16 per thread at 4 warps)
-NHWC_MAX_BLOCK = 4096  # channels_last tiles (64 rows x 64 columns at 8 warps: measured on an H100)
-NHWC_STAGES = 3  # channels_last row loops: software-pipelined loads in flight
 MAX_SPLIT = 1024  # chunks per group in the statistics pass (merged by one vector load)
 MAX_CHUNK = 2**24  # elements per chunk: counts stay exact in float32
 PROGRAMS_PER_SM = 4
@@ -430,6 +428,27 @@ def _chunking(units: int, tile: int, parallel: int, target: int, max_split: int,
 
 
 @dataclass(frozen=True)
+class NhwcTiles:
+    """The channels_last two-pass kernels' tiling: at most ``max_block`` elements per tile, ``cols``
+    columns aimed for (narrowed by :func:`_nhwc_block_c`), ``stages`` loads in flight in the row loops."""
+
+    max_block: int
+    cols: int
+    stages: int
+
+
+NHWC_WIDE = NhwcTiles(max_block=4096, cols=64, stages=3)
+"""Large batches (SD-1.5 UNet at batch 16, H100): 64 x 64 tiles on 8 warps, pipelined rows: the norms of a
+step 0.84x of the narrow tiles' time (``bench/gn_variants.py``, ``bench/results/gn_variants_*_h100.json``)."""
+NHWC_NARROW = NhwcTiles(max_block=2048, cols=32, stages=1)
+"""Batch 1-2 (UNet at batch 2, the VAE decoder at 512 px): 64 x 32 tiles on 4 warps; the wide tiles were
+1.21x (UNet) and 1.37x (decoder) slower there."""
+NHWC_WIDE_MIN_BATCH = 8
+"""Batch from which :func:`plan_group_norm` takes :data:`NHWC_WIDE` (measured at 1, 2 and 16)."""
+NHWC_FLOOR_COLS = 32  # column tiles are narrowed down to this (64 bytes) where they would pad C by > 1/8
+
+
+@dataclass(frozen=True)
 class GroupNormPlan:
     """How :func:`group_norm_act_triton` launches for one input: layout, tiles, chunks and warps."""
 
@@ -448,6 +467,7 @@ class GroupNormPlan:
     apply_warps: int
     block_g: int = 0  # channels_last: groups a column tile can touch (a power of two)
     parts: int = 1  # channels_last: column tiles a group can span (1: tiles hold whole groups; else 2)
+    stages: int = 1  # channels_last: loads in flight in the row loops
 
     @property
     def group_size(self) -> int:
@@ -461,13 +481,17 @@ def plan_group_norm(
     channels_last: bool,
     target_programs: int,
     max_block: int | None = None,
+    nhwc: NhwcTiles | None = None,
 ) -> GroupNormPlan:
     """The launch plan for an ``(N, C, *spatial)`` input (see the module doc). ``target_programs``: the
-    parallelism to aim for (the kernels use 4 x the SM count); ``max_block``: the largest tile (a power of
-    two; default ``MAX_BLOCK``, channels_last ``NHWC_MAX_BLOCK``; smaller values exercise the chunk loops
-    in tests)."""
+    parallelism to aim for (the kernels use 4 x the SM count); ``nhwc``: the channels_last tiling (default:
+    :data:`NHWC_WIDE` from batch :data:`NHWC_WIDE_MIN_BATCH`, else :data:`NHWC_NARROW`); ``max_block``: the
+    largest tile (a power of two; default ``MAX_BLOCK``, channels_last the tiling's; smaller values exercise
+    the chunk loops in tests)."""
+    if nhwc is None:
+        nhwc = NHWC_WIDE if shape[0] >= NHWC_WIDE_MIN_BATCH else NHWC_NARROW
     if max_block is None:
-        max_block = NHWC_MAX_BLOCK if channels_last else MAX_BLOCK
+        max_block = nhwc.max_block if channels_last else MAX_BLOCK
     if max_block < 16 or max_block & (max_block - 1):
         raise ValueError(f"max_block must be a power of two >= 16, got {max_block}")
     n, c = shape[0], shape[1]
@@ -475,7 +499,7 @@ def plan_group_norm(
     cg = c // num_groups
     groups_total = n * num_groups
     if channels_last:
-        block_c = _nhwc_block_c(c, cg)
+        block_c = _nhwc_block_c(c, cg, nhwc.cols)
         tiles = math.ceil(c / block_c)
         parts = 1 if block_c % cg == 0 else 2
         block_g = _pow2(block_c // cg) if parts == 1 else _pow2((block_c - 1) // cg + 2)
@@ -483,7 +507,22 @@ def plan_group_norm(
         stats = _chunking(s, block_s, n * tiles, target_programs, MAX_SPLIT // parts, min(cg, block_c))
         warps = _warps(block_s * block_c)
         return GroupNormPlan(
-            True, n, c, s, num_groups, 0, block_s, block_c, stats, stats, 0, warps, warps, block_g, parts
+            True,
+            n,
+            c,
+            s,
+            num_groups,
+            0,
+            block_s,
+            block_c,
+            stats,
+            stats,
+            0,
+            warps,
+            warps,
+            block_g,
+            parts,
+            nhwc.stages,
         )
     length = cg * s
     block = max(16, min(max_block, _pow2(length)))
@@ -495,21 +534,17 @@ def plan_group_norm(
     )
 
 
-NHWC_MIN_COLS = 64  # channels_last column tile aimed for: 128 bytes of a pixel's channels (fp16)
-NHWC_FLOOR_COLS = 32  # ... narrowed down to this (64 bytes) where whole tiles would pad C by more than 1/8
-
-
-def _nhwc_block_c(c: int, cg: int) -> int:
+def _nhwc_block_c(c: int, cg: int, cols: int) -> int:
     """channels_last column tile: a power of two >= the group size (so a group spans at most two tiles),
-    ``NHWC_MIN_COLS`` wide (at most ``C`` rounded up), halved while the last tile would pad ``C`` by more
-    than 1/8 but not below ``NHWC_FLOOR_COLS`` (whole DRAM sectors per pixel row) or the group size. On an
-    H100, 64 columns x 64 rows at 8 warps beat 32 x 64 at 4 warps (the old tiles) and 128-column tiles;
-    narrow tiles also keep the groups per tile, hence the partials each apply program merges, few;
-    narrowness costs no coalescing, since each tile row is whole 32-byte sectors either way (neighbouring
+    ``cols`` wide (at most ``C`` rounded up), halved while the last tile would pad ``C`` by more than 1/8
+    but not below ``NHWC_FLOOR_COLS`` (whole DRAM sectors per pixel row) or the group size. On an H100 at
+    batch 16, 64 columns x 64 rows at 8 warps beat 32 x 64 at 4 warps and 128-column tiles; narrow tiles
+    also keep the groups per tile, hence the partials each apply program merges, few; narrowness costs no
+    coalescing, since each tile row is whole 32-byte sectors either way (neighbouring
     column tiles, the adjacent programs of the grid, read the rest of the pixel row at about the same
     time)."""
-    floor = max(_pow2(cg), min(NHWC_FLOOR_COLS, NHWC_MIN_COLS, _pow2(c)))
-    width = max(floor, min(NHWC_MIN_COLS, _pow2(c)))
+    floor = max(_pow2(cg), min(NHWC_FLOOR_COLS, cols, _pow2(c)))
+    width = max(floor, min(cols, _pow2(c)))
     while width > floor and math.ceil(c / width) * width - c > c // 8:
         width //= 2
     return width
@@ -546,12 +581,13 @@ def group_norm_act_triton(
     max_block: int | None = None,
     recorder: KernelRecorder | None = None,
     single_pass: bool | None = None,
+    nhwc: NhwcTiles | None = None,
 ) -> Tensor:
     """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, fp16 / bf16 /
     fp32) is read in its dtype and added to ``x`` in float32 by both passes.
-    ``target_programs`` / ``max_block`` tune the launch plan (:func:`plan_group_norm`; defaults: 4 x the
-    SM count, 2048 / channels_last 4096); the result does not depend on them beyond float32 rounding of
-    the statistics.
+    ``target_programs`` / ``max_block`` / ``nhwc`` tune the launch plan (:func:`plan_group_norm`; defaults:
+    4 x the SM count, 2048 / channels_last the tiling's, the tiling by batch); the result does not depend on
+    them beyond float32 rounding of the statistics.
     ``single_pass``: one program per (sample, group) holding the whole group in registers (one launch, a
     two-pass mean / variance over the registers) instead of the statistics + apply kernels; ``None``
     picks it when the group's padded tile has at most ``SINGLE_PASS_MAX`` elements (the small maps of a
@@ -575,6 +611,7 @@ def group_norm_act_triton(
         channels_last=channels_last,
         target_programs=target_programs or _target_programs(x),
         max_block=max_block,
+        nhwc=nhwc,
     )
     groups_total = plan.n * num_groups
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
@@ -646,7 +683,7 @@ def group_norm_act_triton(
             *sizes,
             **tiles,
             HAS_SHIFT=has_shift,
-            STAGES=NHWC_STAGES,
+            STAGES=plan.stages,
             num_warps=plan.num_warps,
         )
         launch(
@@ -665,7 +702,7 @@ def group_norm_act_triton(
             float(eps),
             **tiles,
             BLOCK_PS=max(2, _pow2(plan.parts * plan.stats.split)),
-            STAGES=NHWC_STAGES,
+            STAGES=plan.stages,
             num_warps=plan.num_warps,
             **common,
         )
@@ -1142,6 +1179,9 @@ __all__ = [
     "BACKENDS",
     "FLOAT32_NOISE",
     "KERNEL_DTYPES",
+    "NHWC_NARROW",
+    "NHWC_WIDE",
+    "NHWC_WIDE_MIN_BATCH",
     "SINGLE_PASS_MAX",
     "Act",
     "Backend",
@@ -1149,6 +1189,7 @@ __all__ = [
     "GroupNormPlan",
     "KernelRecorder",
     "Launch",
+    "NhwcTiles",
     "UlpReport",
     "compare_ulps",
     "geglu",

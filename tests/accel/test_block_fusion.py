@@ -335,7 +335,9 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
             "TransformerBlock": 16,
             "SpatialTransformer": 16,
             "CrossAttention": 32,
+            "UNetUpsample": 3,
         }
+        assert report.blocks.shared_embedding == 22
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
         err_unfused, err_fast = rel_err(unfused, ref), rel_err(fast, ref)
         print(f"SD-1.5 UNet fp16 vs fp32: unfused {err_unfused:.3e}, prepared {err_fast:.3e}")

@@ -401,6 +401,19 @@ def test_channels_last_tiles_touch_at_most_block_g_groups(channels: int, groups:
     assert plan.block_g & (plan.block_g - 1) == 0 and plan.parts * plan.stats.split <= K.MAX_SPLIT
 
 
+def test_channels_last_tiling_follows_the_batch() -> None:
+    """Wide pipelined tiles from batch ``NHWC_WIDE_MIN_BATCH`` (measured faster at batch 16), the narrow
+    unpipelined ones below (measured faster at batch 1-2); either can be forced."""
+    for batch, tiles in ((1, K.NHWC_NARROW), (2, K.NHWC_NARROW), (8, K.NHWC_WIDE), (16, K.NHWC_WIDE)):
+        plan = K.plan_group_norm((batch, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132)
+        assert plan.block_c == tiles.cols and plan.block_s * plan.block_c == tiles.max_block, batch
+        assert plan.stages == tiles.stages and plan.num_warps == K._warps(tiles.max_block), batch
+    forced = K.plan_group_norm(
+        (2, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132, nhwc=K.NHWC_WIDE
+    )
+    assert forced.block_c == 64 and forced.stages == 3
+
+
 @pytest.mark.parametrize(
     ("channels", "groups", "block_c"),
     [(320, 32, 64), (640, 32, 64), (960, 32, 64), (1280, 32, 64), (1920, 32, 64), (2560, 32, 128),
@@ -417,7 +430,8 @@ def test_channels_last_tiles_are_64_columns_of_4096_elements(
     assert plan.block_c == block_c
     floor = max(K._pow2(channels // groups), min(32, K._pow2(channels)))  # the group, or 64 bytes of fp16
     assert -(-channels // block_c) * block_c - channels <= channels // 8 or block_c == floor
-    assert plan.block_s * plan.block_c == max(K.NHWC_MAX_BLOCK, block_c) and plan.num_warps == 8
+    assert plan.block_s * plan.block_c == max(K.NHWC_WIDE.max_block, block_c) and plan.num_warps == 8
+    assert plan.stages == K.NHWC_WIDE.stages
     assert K.plan_group_norm(shape, groups, channels_last=False, target_programs=4 * 132).block <= K.MAX_BLOCK
     small = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132, max_block=1024)
     assert small.block_s * small.block_c == max(1024, small.block_c)
