@@ -791,7 +791,7 @@ def make_baseline_call(
     if name in PKG_TILES:  # the package kernels with a given channels_last tiling
         kwargs["nhwc"] = PKG_TILES[name]
     if name == "pkg_c128":
-        kwargs["nhwc"] = replace(K.NHWC_WIDE, cols=128)
+        kwargs["nhwc"] = replace(WIDE_TILES, cols=128)
 
     def call() -> Tensor:
         return K.group_norm_act_triton(x, inp.w, inp.b, T.GROUPS, case.eps, case.act, **kwargs)  # type: ignore[arg-type]
@@ -799,10 +799,11 @@ def make_baseline_call(
     return call, 1 if single and name != "pkg_c128" else 2
 
 
+WIDE_TILES = K.NhwcTiles(max_block=4096, cols=64, stages=3)  # 64 x 64 tiles on 8 warps, pipelined
 PKG_TILES = {
-    "pkg_wide": K.NHWC_WIDE,
-    "pkg_narrow": K.NHWC_NARROW,
-    "pkg_narrow_s3": replace(K.NHWC_NARROW, stages=3),
+    "pkg_wide": WIDE_TILES,
+    "pkg_narrow": K.NHWC_PLAIN,
+    "pkg_narrow_s3": K.NHWC_PIPELINED,
 }
 """The package kernels with each channels_last tiling forced (``pkg``: the one its plan picks by batch)."""
 BASELINES = ("copy", "torch", "old_pkg", "pkg", *PKG_TILES, "pkg_c128")

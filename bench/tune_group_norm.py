@@ -259,7 +259,7 @@ def sweep(
     )
     for cols, block, per_sm, single in grid:
         tiles = dataclasses.replace(
-            K.NHWC_NARROW if x.shape[0] < K.NHWC_WIDE_MIN_BATCH else K.NHWC_WIDE, cols=cols
+            K.NHWC_PLAIN if x.shape[0] < K.NHWC_PIPELINE_MIN_BATCH else K.NHWC_PIPELINED, cols=cols
         )
         calls = [
             functools.partial(
@@ -292,7 +292,7 @@ def sweep(
 
 
 def default_key(batch: int, sms_factor: int | None = None) -> str:
-    tiles = K.NHWC_WIDE if batch >= K.NHWC_WIDE_MIN_BATCH else K.NHWC_NARROW
+    tiles = K.NHWC_PIPELINED if batch >= K.NHWC_PIPELINE_MIN_BATCH else K.NHWC_PLAIN
     return f"cols{tiles.cols}_block{tiles.max_block}_sm{sms_factor or K.PROGRAMS_PER_SM}_auto"
 
 

@@ -437,14 +437,16 @@ class NhwcTiles:
     stages: int
 
 
-NHWC_WIDE = NhwcTiles(max_block=4096, cols=64, stages=3)
-"""Large batches (SD-1.5 UNet at batch 16, H100): 64 x 64 tiles on 8 warps, pipelined rows: the norms of a
-step 0.84x of the narrow tiles' time (``bench/gn_variants.py``, ``bench/results/gn_variants_*_h100.json``)."""
-NHWC_NARROW = NhwcTiles(max_block=2048, cols=32, stages=1)
-"""Batch 1-2 (UNet at batch 2, the VAE decoder at 512 px): 64 x 32 tiles on 4 warps; the wide tiles were
-1.21x (UNet) and 1.37x (decoder) slower there."""
-NHWC_WIDE_MIN_BATCH = 8
-"""Batch from which :func:`plan_group_norm` takes :data:`NHWC_WIDE` (measured at 1, 2 and 16)."""
+NHWC_PLAIN = NhwcTiles(max_block=2048, cols=32, stages=1)
+"""Batches below :data:`NHWC_PIPELINE_MIN_BATCH`: 64 x 32 tiles on 4 warps, plain row loops."""
+NHWC_PIPELINED = NhwcTiles(max_block=2048, cols=32, stages=3)
+"""From batch :data:`NHWC_PIPELINE_MIN_BATCH`: the same tiles, 3 loads in flight in the row loops. H100,
+fp16, sum over the norms of one SD-1.5 UNet step (``bench/gn_variants.py``,
+``bench/results/gn_variants_*_h100.json``): at batch 16, 2.21 ms pipelined vs 2.52 plain (and 2.40 for
+64 x 64 tiles on 8 warps, 2.87 for the kernels before the sum-of-squares statistics); at batch 2, 0.559 vs
+0.549; the kl-f8 decoder's norms at 512 px, 1.26 vs 1.15 ms."""
+NHWC_PIPELINE_MIN_BATCH = 8
+"""Batch from which :func:`plan_group_norm` takes :data:`NHWC_PIPELINED` (measured at 1, 2 and 16)."""
 NHWC_FLOOR_COLS = 32  # column tiles are narrowed down to this (64 bytes) where they would pad C by > 1/8
 
 
@@ -484,12 +486,12 @@ def plan_group_norm(
     nhwc: NhwcTiles | None = None,
 ) -> GroupNormPlan:
     """The launch plan for an ``(N, C, *spatial)`` input (see the module doc). ``target_programs``: the
-    parallelism to aim for (the kernels use 4 x the SM count); ``nhwc``: the channels_last tiling (default:
-    :data:`NHWC_WIDE` from batch :data:`NHWC_WIDE_MIN_BATCH`, else :data:`NHWC_NARROW`); ``max_block``: the
-    largest tile (a power of two; default ``MAX_BLOCK``, channels_last the tiling's; smaller values exercise
-    the chunk loops in tests)."""
+    parallelism to aim for (the kernels use 4 x the SM count); ``nhwc``: the channels_last tiling
+    (default: :data:`NHWC_PIPELINED` from batch :data:`NHWC_PIPELINE_MIN_BATCH`, else :data:`NHWC_PLAIN`);
+    ``max_block``: the largest tile (a power of two; default ``MAX_BLOCK``, channels_last the tiling's;
+    smaller values exercise the chunk loops in tests)."""
     if nhwc is None:
-        nhwc = NHWC_WIDE if shape[0] >= NHWC_WIDE_MIN_BATCH else NHWC_NARROW
+        nhwc = NHWC_PIPELINED if shape[0] >= NHWC_PIPELINE_MIN_BATCH else NHWC_PLAIN
     if max_block is None:
         max_block = nhwc.max_block if channels_last else MAX_BLOCK
     if max_block < 16 or max_block & (max_block - 1):
@@ -1179,9 +1181,9 @@ __all__ = [
     "BACKENDS",
     "FLOAT32_NOISE",
     "KERNEL_DTYPES",
-    "NHWC_NARROW",
-    "NHWC_WIDE",
-    "NHWC_WIDE_MIN_BATCH",
+    "NHWC_PIPELINED",
+    "NHWC_PIPELINE_MIN_BATCH",
+    "NHWC_PLAIN",
     "SINGLE_PASS_MAX",
     "Act",
     "Backend",

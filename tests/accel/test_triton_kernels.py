@@ -402,36 +402,35 @@ def test_channels_last_tiles_touch_at_most_block_g_groups(channels: int, groups:
 
 
 def test_channels_last_tiling_follows_the_batch() -> None:
-    """Wide pipelined tiles from batch ``NHWC_WIDE_MIN_BATCH`` (measured faster at batch 16), the narrow
-    unpipelined ones below (measured faster at batch 1-2); either can be forced."""
-    for batch, tiles in ((1, K.NHWC_NARROW), (2, K.NHWC_NARROW), (8, K.NHWC_WIDE), (16, K.NHWC_WIDE)):
+    """Pipelined row loops from batch ``NHWC_PIPELINE_MIN_BATCH`` (measured faster at batch 16), plain
+    ones below (measured faster at batch 1-2), 32 x 64 tiles either way; a tiling can be forced."""
+    for batch, tiles in ((1, K.NHWC_PLAIN), (2, K.NHWC_PLAIN), (8, K.NHWC_PIPELINED), (16, K.NHWC_PIPELINED)):
         plan = K.plan_group_norm((batch, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132)
         assert plan.block_c == tiles.cols and plan.block_s * plan.block_c == tiles.max_block, batch
         assert plan.stages == tiles.stages and plan.num_warps == K._warps(tiles.max_block), batch
-    forced = K.plan_group_norm(
-        (2, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132, nhwc=K.NHWC_WIDE
-    )
-    assert forced.block_c == 64 and forced.stages == 3
+    wide = K.NhwcTiles(max_block=4096, cols=64, stages=3)
+    forced = K.plan_group_norm((2, 320, 64, 64), 32, channels_last=True, target_programs=4 * 132, nhwc=wide)
+    assert forced.block_c == 64 and forced.block_s == 64 and forced.num_warps == 8 and forced.stages == 3
 
 
 @pytest.mark.parametrize(
-    ("channels", "groups", "block_c"),
-    [(320, 32, 64), (640, 32, 64), (960, 32, 64), (1280, 32, 64), (1920, 32, 64), (2560, 32, 128),
-     (128, 32, 64), (256, 32, 64), (512, 32, 64), (96, 32, 32), (40, 4, 32), (12, 4, 16), (80, 2, 64),
-     (4096, 1, 4096)],
+    ("channels", "groups", "cols32", "cols64"),
+    [(320, 32, 32, 64), (640, 32, 32, 64), (1280, 32, 64, 64), (1920, 32, 64, 64), (2560, 32, 128, 128),
+     (128, 32, 32, 64), (512, 32, 32, 64), (96, 32, 32, 32), (40, 4, 32, 32), (12, 4, 16, 16),
+     (80, 2, 64, 64), (4096, 1, 4096, 4096)],
 )  # fmt: skip
-def test_channels_last_tiles_are_64_columns_of_4096_elements(
-    channels: int, groups: int, block_c: int
-) -> None:
-    """The measured channels_last tile: 64 columns (wider for wider groups; 32 or the group where 64 would
-    pad C by more than 1/8) x enough rows for 4096 elements, 8 warps; the contiguous plan keeps 2048."""
-    shape = (16, channels, 64, 64)
-    plan = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132)
-    assert plan.block_c == block_c
-    floor = max(K._pow2(channels // groups), min(32, K._pow2(channels)))  # the group, or 64 bytes of fp16
-    assert -(-channels // block_c) * block_c - channels <= channels // 8 or block_c == floor
-    assert plan.block_s * plan.block_c == max(K.NHWC_WIDE.max_block, block_c) and plan.num_warps == 8
-    assert plan.stages == K.NHWC_WIDE.stages
+def test_channels_last_column_tiles(channels: int, groups: int, cols32: int, cols64: int) -> None:
+    """The column tile: the tiling's width (wider for wider groups; narrowed towards 32 or the group where
+    it would pad C by more than 1/8); the rows fill the tiling's elements; the contiguous plan keeps
+    2048."""
+    cg = channels // groups
+    assert K._nhwc_block_c(channels, cg, 32) == cols32
+    assert K._nhwc_block_c(channels, cg, 64) == cols64
+    for tiles in (K.NHWC_PLAIN, K.NHWC_PIPELINED):
+        shape = (16 if tiles is K.NHWC_PIPELINED else 2, channels, 64, 64)
+        plan = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132)
+        assert plan.block_c == cols32
+        assert plan.block_s * plan.block_c == max(tiles.max_block, cols32)
     assert K.plan_group_norm(shape, groups, channels_last=False, target_programs=4 * 132).block <= K.MAX_BLOCK
     small = K.plan_group_norm(shape, groups, channels_last=True, target_programs=4 * 132, max_block=1024)
     assert small.block_s * small.block_c == max(1024, small.block_c)
