@@ -113,6 +113,15 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
     from ldm_sdk.samplers.ddim import sample as ddim_sample
 
     e.eager_call_unet = e.call_unet  # type: ignore[attr-defined]  # FLOPs: a graph replay dispatches no ops
+    # FLOPs counted before the fast path changes the model: FlopCounterMode does not see the Triton GEMMs,
+    # the in-place accumulating ones, the prepacked oneDNN ops nor the K/V projections the CPU cache skips;
+    # the FLOP row keeps the eager definition of a step (the same work as diffusers')
+    x2, dtype = inputs(arch, args, 2), DTYPES[args.dtype]
+    ctx2 = torch.cat([x2["uncond"], x2["cond"][:1]]).to(dtype)
+    t2 = torch.tensor([999.0, 500.0], device=args.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        e.call_unet(x2["noise"].to(dtype), t2, ctx2)
+    e.eager_flops = fc.get_total_flops()  # type: ignore[attr-defined]
     if torch.device(args.device).type == "cuda":
         from ldm_sdk.accel.prepare import prepare_cuda_inference
 
@@ -148,14 +157,6 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
                 "channels_last; the VAE decode replayed from a CUDA graph too"
             )
         return
-    # FLOPs counted before: FlopCounterMode does not see the prepacked oneDNN ops, nor the K/V projections
-    # the cache skips; the FLOP row keeps the eager definition of a step (the same work as diffusers')
-    x2, dtype = inputs(arch, args, 2), DTYPES[args.dtype]
-    ctx2 = torch.cat([x2["uncond"], x2["cond"][:1]]).to(dtype)
-    t2 = torch.tensor([999.0, 500.0], device=args.device)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        e.call_unet(x2["noise"].to(dtype), t2, ctx2)
-    e.eager_flops = fc.get_total_flops()  # type: ignore[attr-defined]
     done = configure_cpu_inference(
         e.unet,
         e.vae,
