@@ -20,7 +20,9 @@ first call pre-compiles the fused kernels in parallel
 runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, capture and replay);
 ``first_image`` is the sum from ``prepare`` to ``first_decode`` (two steps more than one image).
 ``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
-``precompiled_*`` the variants the recording passes found.
+``precompiled_*`` the variants the recording passes found, ``precompile_s_*`` the seconds their parallel
+compilation took. ``--no-dual-gemm`` adds a cold run with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``)
+switched off.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def child(variant: str) -> dict[str, Any]:
     if variant == "unfused":
         phase("prepare", lambda: [m.to(memory_format=torch.channels_last) for m in (unet, vae)])
     else:
+        if variant == "fused_no_dual_gemm":  # GEGLU as cuBLAS + the gating kernel everywhere
+            from ldm_sdk.accel.fusion import FusedGEGLU
+
+            FusedGEGLU.one_gemm = False
         from ldm_sdk.accel.prepare import prepare_cuda_inference
 
         phase("prepare", lambda: [prepare_cuda_inference(m) for m in (unet, vae)])
@@ -88,6 +94,7 @@ def child(variant: str) -> dict[str, Any]:
         # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
         phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
         res["precompiled_unet"] = den.captured.stats.precompiled
+        res["precompile_s_unet"] = den.captured.stats.precompile_s
         latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
         z = (latents / arch.scale_factor).to(dtype)
 
@@ -95,6 +102,7 @@ def child(variant: str) -> dict[str, Any]:
         decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
         image = phase("first_decode", lambda: decoder(z, z.new_zeros(1), Conditioning()))
         res["precompiled_decoder"] = decoder.stats.precompiled
+        res["precompile_s_decoder"] = decoder.stats.precompile_s
     res["finite"] = bool(torch.isfinite(image).all())
     parts = ("prepare", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)
@@ -123,6 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-dual-gemm", action="store_true", help="also a cold run with the GEGLU dual GEMM switched off"
+    )
     args = p.parse_args(argv)
     if args.child:
         res = child(args.child)
@@ -135,7 +146,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["fused_cold"] = run_child("fused", cache)
     out["fused_warm_cache"] = run_child("fused", cache)
     out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
-    for name in ("fused_cold", "fused_warm_cache", "unfused"):
+    if args.no_dual_gemm:
+        out["fused_no_dual_gemm_cold"] = run_child(
+            "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")
+        )
+    for name in [k for k in out if k not in ("device", "torch")]:
         row = out[name]
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "error"}
         print(name, json.dumps(shown), row.get("error", ""), flush=True)

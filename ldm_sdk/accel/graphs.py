@@ -134,13 +134,15 @@ class _Capture:
 @dataclass
 class CaptureStats:
     """Counters of a :class:`CapturedModel`: captures, (graph or emulated) replays, plain calls, evictions,
-    and the fused-kernel variants compiled in parallel before captures (:mod:`ldm_sdk.accel.precompile`)."""
+    and the fused-kernel variants compiled in parallel before captures (:mod:`ldm_sdk.accel.precompile`)
+    with the seconds that took."""
 
     captures: int = 0
     replays: int = 0
     passthrough: int = 0
     evictions: int = 0
     precompiled: int = 0
+    precompile_s: float = 0.0  # wall time of those compilations
 
 
 class CapturedModel:
@@ -363,7 +365,9 @@ class CapturedModel:
             from ldm_sdk.accel.precompile import precompile_kernels
 
             # the fused kernels this call shape needs, compiled in parallel before the warm-up reaches them
-            self.stats.precompiled += precompile_kernels(self.modules, call).variants
+            report = precompile_kernels(self.modules, call)
+            self.stats.precompiled += report.variants
+            self.stats.precompile_s += report.compile_s
             capture.graph, capture.out = self._capture_graph(call, x.device, signature)
             capture.replay = capture.graph.replay
         self._captures[signature] = capture

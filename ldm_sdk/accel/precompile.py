@@ -124,6 +124,9 @@ def precompile_kernels(
             m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
     record_s = time.perf_counter() - start
     unique = list({_variant(launch): launch for launch in recorder.launches}.values())
+    # kernels with matrix products (tl.dot: software pipelines, wgmma) compile several times longer than
+    # the elementwise / reduction ones: start them first, so they do not finish alone at the end
+    unique.sort(key=lambda launch: "tl.dot" not in getattr(launch.kernel, "src", ""))
     workers = min(threads or default_threads(), max(1, len(unique)))
     start = time.perf_counter()
     if unique:
