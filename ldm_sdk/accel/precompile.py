@@ -10,8 +10,11 @@ Triton launches (:class:`~ldm_sdk.accel.triton_kernels.KernelRecorder`) instead 
 library ops (convolutions, GEMMs, attention) still run, on outputs the skipped kernels left unwritten, and
 the result is thrown away -- then compiles the distinct recorded variants on a thread pool through Triton's
 own ``warmup`` (compile without launching), which fills the same in-process and on-disk caches a launch
-would. Triton's compiler spends most of its time outside the GIL (MLIR / LLVM passes, ``ptxas``), so the
-threads overlap. The real first call then finds every kernel compiled.
+would, and loads each binary with its launcher (Triton builds a small C launcher per kernel signature at a
+kernel's first launch: left there, those builds ran one after another inside the first call, 1.8 s of
+the SD-1.5 UNet's on an H100). Triton's compiler spends most of its time outside the GIL (MLIR / LLVM
+passes, ``ptxas``, the launcher's C compiler), so the threads overlap. The real first call then finds every
+kernel ready: cold first image 9.3 -> 4.7 s (``bench/cold_start.py``, H100).
 
 :class:`~ldm_sdk.accel.graphs.CapturedModel` does this before it captures a new call shape; the task runner
 does it before the first decode of a latent size. Models without fused modules (CPU, float32) are left
@@ -92,7 +95,12 @@ def _compile(launch: Launch) -> None:
     device = _device(launch)
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # Triton compiles for (and caches under) the thread's current device
-    launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    # load the binary and build its launcher here too, off the critical path: left to the first launch, it
+    # happens there one kernel after another (Triton compiles a launcher per kernel signature)
+    init = getattr(compiled, "_init_handles", None)
+    if callable(init):
+        init()
 
 
 def default_threads() -> int:
