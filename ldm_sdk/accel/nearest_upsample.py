@@ -33,10 +33,10 @@ from ldm_sdk.accel.triton_kernels import (
     Backend,
     KernelRecorder,
     _check_kernel_input,
-    _pow2,
     _use_triton,
     _warps,
     launch,
+    pixel_channel_tiles,
     tl,
     triton,
 )
@@ -93,8 +93,7 @@ def nearest_upsample2x_triton(
     pixels = n * h * w
     if pixels == 0 or c == 0:
         return y
-    block_c = min(_pow2(c), 128, tile)
-    block_p = max(1, min(tile // block_c, _pow2(pixels)))
+    block_p, block_c = pixel_channel_tiles(pixels, c, tile)
     launch(
         _nearest2x_nhwc_kernel,
         (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c)),

@@ -32,10 +32,10 @@ from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
     KernelRecorder,
-    _pow2,
     _use_triton,
     _warps,
     launch,
+    pixel_channel_tiles,
     tl,
     triton,
 )
@@ -104,8 +104,7 @@ def _interleave_triton(full: Tensor, c_out: int, h: int, w: int, recorder: Kerne
     pixels = n * 4 * h * w
     if pixels == 0 or c_out == 0:
         return out
-    block_c = min(_pow2(c_out), 128)
-    block_p = max(1, min(INTERLEAVE_TILE // block_c, _pow2(pixels)))
+    block_p, block_c = pixel_channel_tiles(pixels, c_out, INTERLEAVE_TILE)
     launch(
         _interleave_phases_kernel,
         (triton.cdiv(pixels, block_p), triton.cdiv(c_out, block_c)),

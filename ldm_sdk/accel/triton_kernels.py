@@ -563,6 +563,13 @@ def _shift_rows(shift: Tensor) -> tuple[Tensor, int]:
     return shift, shift.stride(0) if shift.shape[0] > 1 else 0
 
 
+def pixel_channel_tiles(pixels: int, channels: int, tile: int) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)`` of a copy-like kernel over the pixel rows of a channels_last map: at most 128
+    channels (256 bytes of fp16) and ``tile`` elements per program."""
+    block_c = min(_pow2(channels), 128, tile)
+    return max(1, min(tile // block_c, _pow2(pixels))), block_c
+
+
 def _target_programs(x: Tensor) -> int:
     if x.is_cuda:
         return PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -1202,6 +1209,7 @@ __all__ = [
     "group_norm_act_triton",
     "launch",
     "output_ulp",
+    "pixel_channel_tiles",
     "plan_group_norm",
     "triton_available",
 ]
