@@ -2,12 +2,17 @@
 
 - :mod:`ldm_sdk.accel.graphs`: :class:`CapturedModel` replays the (guidance-batched) network call as a CUDA
   graph, which removes the per-kernel launch cost that bounds the eager UNet step on a fast GPU;
-  :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged.
+  :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged;
+  :mod:`ldm_sdk.accel.guided_step` replays a whole guided denoiser call (batching, network, guidance,
+  eps / x0) as one graph, the tasks' path with guidance.
 - :mod:`ldm_sdk.accel.fusion`: :func:`fuse_model` switches a model's GroupNorm (+ the SiLU after it) and
   GEGLU modules, in place, to the fused Triton kernels of :mod:`ldm_sdk.accel.triton_kernels` (float32
   torch references off CUDA); :mod:`ldm_sdk.accel.block_fusion`: :func:`fuse_blocks` folds conv biases,
   the timestep embedding and residual adds of the residual / transformer blocks into the norms
-  (:mod:`ldm_sdk.accel.residual_kernels`); :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
+  (:mod:`ldm_sdk.accel.residual_kernels`; one embedding GEMM per UNet call,
+  :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`; upsampling
+  kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`);
+  :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
   half-precision CUDA models.
 - :mod:`ldm_sdk.accel.cpu`: :func:`configure_cpu_inference` (bf16 weights where the CPU computes bf16
