@@ -34,9 +34,7 @@ from ldm_sdk.accel.triton_kernels import (
     KernelRecorder,
     _check_kernel_input,
     _use_triton,
-    _warps,
-    launch,
-    pixel_channel_tiles,
+    launch_over_pixels,
     tl,
     triton,
 )
@@ -93,21 +91,7 @@ def nearest_upsample2x_triton(
     pixels = n * h * w
     if pixels == 0 or c == 0:
         return y
-    block_p, block_c = pixel_channel_tiles(pixels, c, tile)
-    launch(
-        _nearest2x_nhwc_kernel,
-        (triton.cdiv(pixels, block_p), triton.cdiv(c, block_c)),
-        recorder,
-        x,
-        y,
-        pixels,
-        h,
-        w,
-        c,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=_warps(block_p * block_c),
-    )
+    launch_over_pixels(_nearest2x_nhwc_kernel, recorder, pixels, c, tile, x, y, pixels, h, w, c)
     return y
 
 

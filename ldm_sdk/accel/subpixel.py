@@ -33,9 +33,7 @@ from ldm_sdk.accel.triton_kernels import (
     Backend,
     KernelRecorder,
     _use_triton,
-    _warps,
-    launch,
-    pixel_channel_tiles,
+    launch_over_pixels,
     tl,
     triton,
 )
@@ -104,20 +102,8 @@ def _interleave_triton(full: Tensor, c_out: int, h: int, w: int, recorder: Kerne
     pixels = n * 4 * h * w
     if pixels == 0 or c_out == 0:
         return out
-    block_p, block_c = pixel_channel_tiles(pixels, c_out, INTERLEAVE_TILE)
-    launch(
-        _interleave_phases_kernel,
-        (triton.cdiv(pixels, block_p), triton.cdiv(c_out, block_c)),
-        recorder,
-        full,
-        out,
-        pixels,
-        h,
-        w,
-        c_out,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=_warps(block_p * block_c),
+    launch_over_pixels(
+        _interleave_phases_kernel, recorder, pixels, c_out, INTERLEAVE_TILE, full, out, pixels, h, w, c_out
     )
     return out
 

@@ -563,11 +563,18 @@ def _shift_rows(shift: Tensor) -> tuple[Tensor, int]:
     return shift, shift.stride(0) if shift.shape[0] > 1 else 0
 
 
-def pixel_channel_tiles(pixels: int, channels: int, tile: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_C)`` of a copy-like kernel over the pixel rows of a channels_last map: at most 128
-    channels (256 bytes of fp16) and ``tile`` elements per program."""
+def launch_over_pixels(
+    kernel: Any, recorder: KernelRecorder | None, pixels: int, channels: int, tile: int, *args: Any
+) -> None:
+    """Launch a copy-like ``kernel(*args, BLOCK_P=, BLOCK_C=)`` over the ``pixels`` rows of ``channels``
+    values of a channels_last map: a 2-D grid of tiles with at most 128 channels (256 bytes of fp16) and
+    ``tile`` elements each."""
     block_c = min(_pow2(channels), 128, tile)
-    return max(1, min(tile // block_c, _pow2(pixels))), block_c
+    block_p = max(1, min(tile // block_c, _pow2(pixels)))
+    grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
+    launch(
+        kernel, grid, recorder, *args, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_warps(block_p * block_c)
+    )
 
 
 def _target_programs(x: Tensor) -> int:
@@ -1208,8 +1215,8 @@ __all__ = [
     "group_norm_act_reference",
     "group_norm_act_triton",
     "launch",
+    "launch_over_pixels",
     "output_ulp",
-    "pixel_channel_tiles",
     "plan_group_norm",
     "triton_available",
 ]
