@@ -231,7 +231,13 @@ class FusedTransformerBlock(BasicTransformerBlock):
     """``BasicTransformerBlock`` whose first LayerNorm is the row kernel, whose residual adds after the two
     attentions are fused with the next LayerNorm (:func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`),
     and whose feed-forward output projection accumulates into the residual stream in place (its bias
-    carried into that stream by the preceding fused add), so the feed-forward's residual add is no kernel."""
+    carried into that stream by the preceding fused add), so the feed-forward's residual add is no kernel.
+
+    The attentions' output projections run without their bias, which the fused add after each adds (as
+    ``input_bias``): cuBLAS's bias epilogue picked kernels up to 1.7x slower than the plain GEMM at the
+    SD-1.5 shapes (H100, ``bench/results/op_roofline_h100.json``: ``(B 4096, 320) x (320, 320)`` 57 vs 34 us
+    at B = 16). :meth:`forward_biased` takes an input whose producer left its bias off the same way (the
+    spatial transformer's ``proj_in``)."""
 
     unfused_class: ClassVar[type[nn.Module]] = BasicTransformerBlock
     fusion_backend: Backend
@@ -240,19 +246,46 @@ class FusedTransformerBlock(BasicTransformerBlock):
     def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
         if self.training:
             return BasicTransformerBlock._forward(self, x, context)
+        return self.forward_biased(x, None, context)
+
+    def forward_biased(self, x: Tensor, x_bias: Tensor | None, context: Tensor | None = None) -> Tensor:
+        """The block's output for the input ``x + x_bias`` (``x_bias``: C values or None), inference only:
+        the bias is added inside the first two fused kernels, never as a pass of its own."""
+        if self.training:
+            raise RuntimeError("forward_biased is the inference path; in training call the block itself")
         backend, rec = _backend(self), self.kernel_recorder
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
-        h = layer_norm(x, n1.weight, n1.bias, n1.eps, backend=backend, recorder=rec)
-        a = self.attn1(h, context=context if self.disable_self_attn else None)
-        x, h = add_layer_norm(a, x, n2.weight, n2.bias, n2.eps, backend=backend, recorder=rec)
-        a = self.attn2(h, context=context)
+        h = layer_norm(x, n1.weight, n1.bias, n1.eps, input_bias=x_bias, backend=backend, recorder=rec)
+        a, a_bias = _attend_unbiased(self.attn1, h, context if self.disable_self_attn else None)
+        x, h = add_layer_norm(
+            a,
+            x,
+            n2.weight,
+            n2.bias,
+            n2.eps,
+            input_bias=a_bias,
+            residual_bias=x_bias,
+            backend=backend,
+            recorder=rec,
+        )
+        a, a_bias = _attend_unbiased(self.attn2, h, context)
         ff_in, ff_out = _feed_forward_parts(self.ff)
         if ff_out is None:
-            x, h = add_layer_norm(a, x, n3.weight, n3.bias, n3.eps, backend=backend, recorder=rec)
+            x, h = add_layer_norm(
+                a, x, n3.weight, n3.bias, n3.eps, input_bias=a_bias, backend=backend, recorder=rec
+            )
             return self.ff(h) + x
         # x: a new tensor from add_layer_norm holding x + ff_out.bias; the output GEMM adds into it
         x, h = add_layer_norm(
-            a, x, n3.weight, n3.bias, n3.eps, carry_bias=ff_out.bias, backend=backend, recorder=rec
+            a,
+            x,
+            n3.weight,
+            n3.bias,
+            n3.eps,
+            carry_bias=ff_out.bias,
+            input_bias=a_bias,
+            backend=backend,
+            recorder=rec,
         )
         g = ff_in(h)
         rows, weight = x.view(-1, x.shape[-1]), ff_out.weight.t()
@@ -262,6 +295,18 @@ class FusedTransformerBlock(BasicTransformerBlock):
             )  # autograd: no in-place
         rows.addmm_(g.reshape(-1, g.shape[-1]), weight)
         return x
+
+
+def _attend_unbiased(attn: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(attn(x, context) - b, b)`` with ``b`` the output projection's bias, for a
+    :class:`FusedCrossAttention` whose ``to_out`` is (Linear with a bias, Dropout) in eval mode; else
+    ``(attn(x, context), None)``."""
+    if isinstance(attn, FusedCrossAttention) and not attn.training:
+        out = attn.to_out
+        proj = out[0] if len(out) == 2 and type(out[1]) is nn.Dropout else None
+        if type(proj) is nn.Linear and proj.bias is not None:
+            return F.linear(attn.attention(*attn.project(x, context)), proj.weight), proj.bias
+    return attn(x, context=context), None
 
 
 def _feed_forward_parts(ff: nn.Module) -> tuple[nn.Module, nn.Linear | None]:
@@ -332,10 +377,14 @@ def _prepare_attention(module: CrossAttention) -> None:
 
 class FusedSpatialTransformer(SpatialTransformer):
     """``SpatialTransformer`` (1 x 1-conv projections) whose projections run as GEMMs over the pixel rows
-    of a channels_last map, bias in the GEMM epilogue, no layout copy; other inputs take the original path."""
+    of a channels_last map, no layout copy; other inputs take the original path. The projections' biases are
+    not in the GEMMs (cuBLAS's bias epilogue was the slower kernel, see :class:`FusedTransformerBlock`):
+    ``proj_in``'s is added by the first block's fused kernels when that block is a
+    :class:`FusedTransformerBlock` (else by the GEMM), ``proj_out``'s by the residual add's kernel."""
 
     unfused_class: ClassVar[type[nn.Module]] = SpatialTransformer
     fusion_backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
     def forward(self, x: Tensor, context: Tensor | list[Tensor] | None = None) -> Tensor:
         if self.training or not _is_channels_last(x):
@@ -346,12 +395,17 @@ class FusedSpatialTransformer(SpatialTransformer):
         b, c, h, w = x.shape
         proj_in, proj_out = cast(nn.Conv2d, self.proj_in), cast(nn.Conv2d, self.proj_out)
         rows = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: NHWC memory
-        t = F.linear(rows, proj_in.weight.flatten(1), proj_in.bias)
+        first = self.transformer_blocks[0]
+        fold_in = isinstance(first, FusedTransformerBlock) and not first.training
+        t = F.linear(rows, proj_in.weight.flatten(1), None if fold_in else proj_in.bias)
         for i, block in enumerate(self.transformer_blocks):
-            t = block(t, context=contexts[i if len(contexts) > 1 else 0])
-        out = F.linear(t, proj_out.weight.flatten(1), proj_out.bias)
-        out = out + x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        return out.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
+            ctx = contexts[i if len(contexts) > 1 else 0]
+            if fold_in and i == 0:
+                t = cast(FusedTransformerBlock, block).forward_biased(t, proj_in.bias, ctx)
+            else:
+                t = block(t, context=ctx)
+        out = F.linear(t, proj_out.weight.flatten(1)).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        return bias_residual_add(out, proj_out.bias, x, backend=_backend(self), recorder=self.kernel_recorder)
 
 
 def _is_channels_last(x: Tensor) -> bool:

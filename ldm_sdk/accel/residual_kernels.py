@@ -7,9 +7,13 @@ What
   writes ``s`` and ``n`` once (eager: an add kernel, then a LayerNorm kernel that reads ``s`` back).
   ``carry_bias`` adds a bias to the returned ``s`` only: the bias of the feed-forward output projection,
   whose bias-free GEMM then accumulates into ``s`` in place (``s.addmm_(h, W.t())``), so the feed-forward's
-  residual add needs no kernel of its own.
+  residual add needs no kernel of its own. ``input_bias`` / ``residual_bias`` add biases to ``y`` / the
+  residual before the sum: the biases of the layers that produced them, run as bias-free GEMMs (cuBLAS's
+  bias epilogue picked kernels up to 1.7x slower than the plain GEMM at the SD-1.5 transformer's
+  ``(B 4096, 320) x (320, 320)`` shape on an H100, ``bench/results/op_roofline_h100.json``).
 * :func:`layer_norm` -- the same kernel without a residual: a LayerNorm over the last dim (a transformer
-  block's first norm), one read and one write, the row's statistics in float32 registers.
+  block's first norm), one read and one write, the row's statistics in float32 registers; ``input_bias``
+  normalises ``x + input_bias`` (rounded once to ``x.dtype``, as a biased GEMM would have stored it).
 * :func:`bias_residual_add` -- ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)``
   whose bias add was split off (or never fused, e.g. the time-embedding add of a ResBlock) and a skip
   connection, in one elementwise kernel instead of two broadcast / add kernels.
@@ -121,18 +125,23 @@ def _check_add_layer_norm(
     bias: Tensor | None,
     eps: float,
     carry_bias: Tensor | None = None,
+    input_bias: Tensor | None = None,
+    residual_bias: Tensor | None = None,
 ) -> None:
-    """``residual=None``: a plain LayerNorm of ``y`` (then ``carry_bias`` must be None too)."""
+    """``residual=None``: a plain LayerNorm of ``y`` (then ``carry_bias`` and ``residual_bias`` must be None
+    too)."""
     if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 1:
         raise ValueError(f"y must be a floating-point tensor (..., C), got {_describe(y)}")
     if residual is not None:
         _check_residual(y, residual, "")
-    elif carry_bias is not None:
-        raise ValueError("carry_bias is added to the residual sum: it needs a residual")
+    elif carry_bias is not None or residual_bias is not None:
+        raise ValueError("carry_bias and residual_bias are added to the residual sum: they need a residual")
     channels = y.shape[-1]
     _check_vector("weight", weight, channels)
     _check_vector("bias", bias, channels)
     _check_vector("carry_bias", carry_bias, channels)
+    _check_vector("input_bias", input_bias, channels)
+    _check_vector("residual_bias", residual_bias, channels)
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
@@ -172,15 +181,21 @@ def add_layer_norm_reference(
     eps: float,
     *,
     carry_bias: Tensor | None = None,
+    input_bias: Tensor | None = None,
+    residual_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(s, n)``: ``s = y + residual`` computed in float32 (float64 for float64 inputs) and cast to
     ``y.dtype`` once, ``n = F.layer_norm(s)`` over the last dim computed in float32 from the rounded ``s`` and
     cast once; both contiguous. For float32 inputs this is exactly eager ``s = y + residual;
     F.layer_norm(s, (C,), weight, bias, eps)`` (the same torch calls in the same order). ``carry_bias``:
-    the returned ``s`` is ``y + residual + carry_bias`` (one rounding); ``n`` is unchanged."""
-    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
+    the returned ``s`` is ``y + residual + carry_bias`` (one rounding); ``n`` is unchanged.
+    ``input_bias`` / ``residual_bias``: the sum is ``(y + input_bias) + (residual + residual_bias)``, in
+    float32, before the one rounding (``s`` and ``n`` both see them)."""
+    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias, input_bias, residual_bias)
     ct = _compute_dtype(y.dtype)
-    total = y.to(ct) + residual.to(ct)
+    yt = y.to(ct) if input_bias is None else y.to(ct) + input_bias.to(ct)
+    rt = residual.to(ct) if residual_bias is None else residual.to(ct) + residual_bias.to(ct)
+    total = yt + rt
     s = total.to(y.dtype)
     n = _layer_norm_float(s, weight, bias, eps).to(y.dtype)
     if carry_bias is not None:
@@ -188,10 +203,16 @@ def add_layer_norm_reference(
     return s.contiguous(), n.contiguous()
 
 
-def layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def layer_norm_reference(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, input_bias: Tensor | None = None
+) -> Tensor:
     """``F.layer_norm`` over the last dim computed in float32 (float64 for float64 inputs), cast to
-    ``x.dtype`` once, contiguous; exactly eager ``F.layer_norm`` for float32."""
-    _check_add_layer_norm(x, None, weight, bias, eps)
+    ``x.dtype`` once, contiguous; exactly eager ``F.layer_norm`` for float32. ``input_bias``: the row
+    normalised is ``x + input_bias`` computed in float32 and rounded to ``x.dtype`` first."""
+    _check_add_layer_norm(x, None, weight, bias, eps, input_bias=input_bias)
+    if input_bias is not None:
+        ct = _compute_dtype(x.dtype)
+        x = (x.to(ct) + input_bias.to(ct)).to(x.dtype)
     return _layer_norm_float(x, weight, bias, eps).to(x.dtype).contiguous()
 
 
@@ -233,19 +254,24 @@ def add_layer_norm(
     eps: float,
     *,
     carry_bias: Tensor | None = None,
+    input_bias: Tensor | None = None,
+    residual_bias: Tensor | None = None,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + LayerNorm: ``(s, n)`` with ``s = y + residual`` and ``n = layer_norm(s)`` over
     the last dim (see the module doc); ``backend`` picks Triton or the reference. ``carry_bias`` (C values)
     is added to the returned ``s`` only -- the bias of a layer whose bias-free output is then accumulated
-    into ``s`` in place (``s.addmm_(h, W.t())``: the transformer's feed-forward output projection)."""
-    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
-    if _use_triton(backend, "add_layer_norm", y, residual, weight, bias, carry_bias) and (
+    into ``s`` in place (``s.addmm_(h, W.t())``: the transformer's feed-forward output projection).
+    ``input_bias`` / ``residual_bias`` (C values each) are added to ``y`` / ``residual`` before the sum: the
+    biases of the bias-free GEMMs that produced them."""
+    biases = {"carry_bias": carry_bias, "input_bias": input_bias, "residual_bias": residual_bias}
+    _check_add_layer_norm(y, residual, weight, bias, eps, **biases)
+    if _use_triton(backend, "add_layer_norm", y, residual, weight, bias, *biases.values()) and (
         backend == "triton" or _ln_fits(y)
     ):
-        return add_layer_norm_triton(y, residual, weight, bias, eps, carry_bias=carry_bias, recorder=recorder)
-    return add_layer_norm_reference(y, residual, weight, bias, eps, carry_bias=carry_bias)
+        return add_layer_norm_triton(y, residual, weight, bias, eps, **biases, recorder=recorder)
+    return add_layer_norm_reference(y, residual, weight, bias, eps, **biases)
 
 
 def layer_norm(
@@ -254,15 +280,18 @@ def layer_norm(
     bias: Tensor | None,
     eps: float,
     *,
+    input_bias: Tensor | None = None,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """LayerNorm over the last dim through :func:`add_layer_norm`'s kernel without a residual (one read,
-    one write; float32 statistics over the row in registers); ``backend`` picks Triton or the reference."""
-    _check_add_layer_norm(x, None, weight, bias, eps)
-    if _use_triton(backend, "layer_norm", x, weight, bias) and (backend == "triton" or _ln_fits(x)):
-        return _layer_norm_rows(x, None, weight, bias, eps, None, MAX_BLOCK, recorder)[1]
-    return layer_norm_reference(x, weight, bias, eps)
+    one write; float32 statistics over the row in registers); ``backend`` picks Triton or the reference.
+    ``input_bias``: normalise ``x + input_bias`` (rounded once to ``x.dtype``; ``x`` is not changed)."""
+    _check_add_layer_norm(x, None, weight, bias, eps, input_bias=input_bias)
+    use = _use_triton(backend, "layer_norm", x, weight, bias, input_bias)
+    if use and (backend == "triton" or _ln_fits(x)):
+        return _layer_norm_rows(x, None, weight, bias, eps, None, MAX_BLOCK, recorder, input_bias)[1]
+    return layer_norm_reference(x, weight, bias, eps, input_bias=input_bias)
 
 
 def bias_residual_add(
@@ -292,14 +321,18 @@ def add_layer_norm_triton(
     eps: float,
     *,
     carry_bias: Tensor | None = None,
+    input_bias: Tensor | None = None,
+    residual_bias: Tensor | None = None,
     max_block: int = MAX_BLOCK,
     recorder: KernelRecorder | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`add_layer_norm` through the Triton kernel. ``max_block`` (a power of two) caps the rows x
     columns of a program's tile (smaller values give more, partial, row blocks in tests); a row is always
     one tile, so a program holds at least one row whatever ``max_block`` is."""
-    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias)
-    return _layer_norm_rows(y, residual, weight, bias, eps, carry_bias, max_block, recorder)
+    _check_add_layer_norm(y, residual, weight, bias, eps, carry_bias, input_bias, residual_bias)
+    return _layer_norm_rows(
+        y, residual, weight, bias, eps, carry_bias, max_block, recorder, input_bias, residual_bias
+    )
 
 
 def layer_norm_triton(
@@ -308,12 +341,13 @@ def layer_norm_triton(
     bias: Tensor | None,
     eps: float,
     *,
+    input_bias: Tensor | None = None,
     max_block: int = MAX_BLOCK,
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """:func:`layer_norm` through the Triton kernel (``max_block`` as in :func:`add_layer_norm_triton`)."""
-    _check_add_layer_norm(x, None, weight, bias, eps)
-    return _layer_norm_rows(x, None, weight, bias, eps, None, max_block, recorder)[1]
+    _check_add_layer_norm(x, None, weight, bias, eps, input_bias=input_bias)
+    return _layer_norm_rows(x, None, weight, bias, eps, None, max_block, recorder, input_bias)[1]
 
 
 def _layer_norm_rows(
@@ -325,6 +359,8 @@ def _layer_norm_rows(
     carry_bias: Tensor | None,
     max_block: int,
     recorder: KernelRecorder | None,
+    input_bias: Tensor | None = None,
+    residual_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The launch behind both kernel calls: ``(s, n)``; without a residual ``s`` is ``y`` (not written)."""
     channels = y.shape[-1]
@@ -337,7 +373,9 @@ def _layer_norm_rows(
     if max_block < 1 or max_block & (max_block - 1):
         raise ValueError(f"max_block must be a power of two, got {max_block}")
     _check_kernel_input(y, what)
-    _check_devices(y, weight=weight, bias=bias, carry_bias=carry_bias)
+    _check_devices(
+        y, weight=weight, bias=bias, carry_bias=carry_bias, input_bias=input_bias, residual_bias=residual_bias
+    )
     y = y.contiguous()
     if residual is not None:
         residual = residual.contiguous()
@@ -354,6 +392,8 @@ def _layer_norm_rows(
     w = weight.contiguous() if weight is not None else y
     b = bias.contiguous() if bias is not None else y
     cb = carry_bias.contiguous() if carry_bias is not None else y
+    yb = input_bias.contiguous() if input_bias is not None else y
+    rb = residual_bias.contiguous() if residual_bias is not None else y
     launch(
         _add_layer_norm_kernel,
         (triton.cdiv(rows, block_r),),
@@ -363,6 +403,8 @@ def _layer_norm_rows(
         w,
         b,
         cb,
+        yb,
+        rb,
         s,
         n,
         rows,
@@ -370,6 +412,8 @@ def _layer_norm_rows(
         float(eps),
         HAS_RESIDUAL=residual is not None,
         HAS_CARRY=carry_bias is not None,
+        HAS_YB=input_bias is not None,
+        HAS_RB=residual_bias is not None,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         BLOCK_R=block_r,
@@ -454,6 +498,8 @@ if triton is not None:
         w_ptr,
         b_ptr,
         cb_ptr,
+        yb_ptr,
+        rb_ptr,
         s_ptr,
         n_ptr,
         ROWS,
@@ -461,6 +507,8 @@ if triton is not None:
         eps,
         HAS_RESIDUAL: tl.constexpr,
         HAS_CARRY: tl.constexpr,
+        HAS_YB: tl.constexpr,
+        HAS_RB: tl.constexpr,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -470,15 +518,21 @@ if triton is not None:
         dtype and stored (``HAS_CARRY``: ``y + r + cb[c]`` is stored instead, rounded once, while the norm
         still reads the rounded ``y + r``); then the LayerNorm of the rounded row (mean, then the variance
         of the centred row), stored. Without a residual the row normalised is ``y`` itself and no ``s`` is
-        written."""
+        written. ``HAS_YB`` / ``HAS_RB``: ``yb[c]`` / ``rb[c]`` are added to ``y`` / ``r`` in float32 first
+        (without a residual, ``y + yb`` is rounded to the output dtype before it is normalised)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         valid = (rows < ROWS)[:, None] & col_ok[None, :]
         idx = rows[:, None] * C + cols[None, :]
         y = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        if HAS_YB:
+            y = y + tl.load(yb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_RESIDUAL:
-            total = y + tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RB:
+                r = r + tl.load(rb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            total = y + r
             s = total.to(s_ptr.dtype.element_ty)
             if HAS_CARRY:
                 carried = total + tl.load(cb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -486,6 +540,8 @@ if triton is not None:
             else:
                 tl.store(s_ptr + idx, s, mask=valid)
             x = s.to(tl.float32)  # the rounded residual stream; padding lanes are 0
+        elif HAS_YB:
+            x = y.to(n_ptr.dtype.element_ty).to(tl.float32)  # as a biased GEMM would have stored it
         else:
             x = y
         mean = tl.sum(x, axis=1) / C

@@ -67,6 +67,11 @@ class CrossAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Scaled dot-product attention over the heads of projected ``q, k, v``, then ``to_out``."""
+        return self.to_out(self.attention(q, k, v))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product attention over the heads of projected ``q, k, v``, heads merged back:
+        ``(B, N, heads * dim_head)``, the input of ``to_out``."""
         b, n, _ = q.shape
         m = k.shape[1]
         # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
@@ -74,8 +79,7 @@ class CrossAttention(nn.Module):
         k = k.view(b, m, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(b, m, self.heads, self.dim_head).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
-        return self.to_out(out)
+        return out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
 
 
 class GEGLU(nn.Module):

@@ -138,6 +138,30 @@ def test_layer_norm_and_carry_bias_references_match_float64(dtype: torch.dtype) 
     assert_within_ulps(n, layer_norm_truth(sum_truth(y, r).to(dtype), w, b, 1e-5), f"carried n {dtype}")
 
 
+def biased_sum_truth(y: Tensor, r: Tensor, yb: Tensor, rb: Tensor) -> Tensor:
+    """``(y + yb) + (r + rb)`` in float64, the bias vectors broadcast over the rows."""
+    return (y.double() + yb.double()) + (r.double() + rb.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_input_and_residual_bias_references_match_float64(dtype: torch.dtype) -> None:
+    y, r, w, b = make_ln_inputs((3, 5, 40), dtype)
+    g = torch.Generator().manual_seed(3)
+    yb, rb = ((0.4 * torch.randn(40, generator=g)).to(dtype) for _ in range(2))
+    s, n = R.add_layer_norm_reference(y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb)
+    truth = biased_sum_truth(y, r, yb, rb)
+    assert_within_ulps(s, truth, f"biased s {dtype}")
+    assert_within_ulps(n, layer_norm_truth(s, w, b, 1e-5), f"biased n {dtype}")
+    # with a carried bias too: s gets it, n does not
+    s2, n2 = R.add_layer_norm_reference(y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb, carry_bias=b)
+    assert_within_ulps(s2, truth + b.double(), f"biased + carried s {dtype}")
+    assert torch.equal(n2, n)
+    # layer_norm of x + input_bias: the biased row rounded once, then normalised
+    n = R.layer_norm_reference(y, w, b, 1e-5, input_bias=yb)
+    biased = (y.double() + yb.double()).to(dtype)
+    assert_within_ulps(n, layer_norm_truth(biased, w, b, 1e-5), f"layer_norm input_bias {dtype}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_add_layer_norm_reference_matches_float64(dtype: torch.dtype, affine: bool) -> None:
@@ -396,6 +420,25 @@ def interpreter_checks() -> list[str]:
                 n, layer_norm_truth(sum_truth(y, r).to(dtype), w, b, 1e-5), f"carried n{shape}"
             )
             done.append(f"add_layer_norm{shape} {dtype} carry_bias")
+            g = torch.Generator().manual_seed(5)
+            yb, rb = ((0.4 * torch.randn(shape[-1], generator=g)).to(dtype) for _ in range(2))
+            for carried in (None, carry):
+                s, n = R.add_layer_norm_triton(
+                    y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb, carry_bias=carried, max_block=max_block
+                )
+                ref_s, _ = R.add_layer_norm_reference(
+                    y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb, carry_bias=carried
+                )
+                assert torch.equal(s, ref_s), f"biased s{shape} carry={carried is not None}"
+                truth = biased_sum_truth(y, r, yb, rb) + (0 if carried is None else carried.double())
+                assert_within_ulps(s, truth, f"biased s{shape}")
+                # the norm reads the rounded biased sum (without a carried bias)
+                stream = ref_s if carried is None else biased_sum_truth(y, r, yb, rb).to(dtype)
+                assert_within_ulps(n, layer_norm_truth(stream, w, b, 1e-5), f"biased n{shape}")
+            n = R.layer_norm_triton(y, w, b, 1e-5, input_bias=yb, max_block=max_block)
+            biased = (y.double() + yb.double()).to(dtype)
+            assert_within_ulps(n, layer_norm_truth(biased, w, b, 1e-5), f"layer_norm input_bias{shape}")
+            done.append(f"add_layer_norm{shape} {dtype} input/residual bias")
 
         br_cases = [
             # shape, dtype, y channels_last, residual channels_last, bias, residual, block
@@ -433,7 +476,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_residual_kernels_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 26, done
+    assert len(done) == 28, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -489,6 +532,20 @@ class TestKernelsOnCuda:
                 report = compare_ulps(n, ref_n)
                 if not report.ok():
                     failures.append(f"carry {shape} {dtype} n: {report}")
+                yb, rb = 0.5 * b, -0.25 * w
+                s, n = R.add_layer_norm_triton(
+                    y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb, carry_bias=b
+                )
+                ref_s, ref_n = R.add_layer_norm_reference(
+                    y, r, w, b, 1e-5, input_bias=yb, residual_bias=rb, carry_bias=b
+                )
+                if not torch.equal(s, ref_s):
+                    failures.append(f"biased {shape} {dtype}: s differs from the reference")
+                if not (report := compare_ulps(n, ref_n)).ok():
+                    failures.append(f"biased {shape} {dtype} n: {report}")
+                n = R.layer_norm_triton(y, w, b, 1e-5, input_bias=yb)
+                if not (report := compare_ulps(n, R.layer_norm_reference(y, w, b, 1e-5, input_bias=yb))).ok():
+                    failures.append(f"layer_norm input_bias {shape} {dtype}: {report}")
         assert not failures, "\n".join(failures)
 
     def test_add_layer_norm_float32_and_wide_rows(self) -> None:
