@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel.prepare import prepare_cuda_inference
 from ldm_sdk.benchmarks import common as C
 
@@ -54,14 +55,17 @@ def _meta(a: Any) -> Any:
 
 
 class Recorder(TorchDispatchMode):
-    """Counts each recorded op by (op, argument metadata)."""
+    """Counts each recorded op by (op, argument metadata), and every other aten op by name (the torch ops
+    the fast path still launches besides its Triton kernels, which the dispatcher does not see)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: Counter[tuple[Any, Any, Any]] = Counter()
+        self.others: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        self.others[str(func)] += func not in RECORDED
         if func in RECORDED:
             self.calls[(func, _meta(args), _meta(tuple(sorted(kwargs.items()))))] += 1
         return func(*args, **kwargs)
@@ -266,7 +270,31 @@ def probe(record: Callable[[], Any], repeat: int, iters: int) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: -r["total_us"])
-    return {"ops": rows, "ms_by_kind": {k: round(v / 1e3, 3) for k, v in totals.items()}}
+    others = {k: v for k, v in rec.others.most_common() if v}
+    return {
+        "ops": rows,
+        "ms_by_kind": {k: round(v / 1e3, 3) for k, v in totals.items()},
+        "other_aten_ops": others,
+    }
+
+
+def kernel_profile(fn: Callable[[], Any]) -> dict[str, Any]:
+    """GPU time per call by kernel category and the top kernels of a CUDA-graph replay of ``fn``."""
+    from profile_unet import PROFILED_CALLS, categories, profile_calls
+
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        prof = profile_calls(g.replay)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110)
+    return {"by_category": categories(prof, calls=PROFILED_CALLS), "top_kernels": table}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -317,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         z = torch.randn(1, 4, 64, 64, generator=gen, device=device).half()
         print("--- vae decode", flush=True)
         res["decode_b1"] = probe(lambda: vae.decode(z), args.repeat, args.iters)
+        res["decode_b1"]["profile"] = kernel_profile(lambda: vae.decode(z))
+        print(res["decode_b1"]["profile"]["top_kernels"], flush=True)
         with torch.inference_mode():
             res["decode_b1"]["decode_ms"] = round(graph_us(lambda: vae.decode(z), 1, 50) / 1e3, 4)
         print(json.dumps(res["decode_b1"]["ms_by_kind"]), "decode", res["decode_b1"]["decode_ms"], flush=True)

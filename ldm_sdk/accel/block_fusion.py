@@ -24,7 +24,8 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
   residual add after ``attn1`` / ``attn2`` and the following LayerNorm are one
   :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`; the feed-forward's output GEMM accumulates into
   the residual stream in place (``x.addmm_(g, W.t())``, beta 1 in the GEMM), its bias having been added to
-  that stream by the fused add before it;
+  that stream by the fused add before it; the attention output projections run without their bias, which
+  the fused add after them adds (cuBLAS's bias epilogue was the slower kernel at these shapes);
 * ``CrossAttention`` -> :class:`FusedCrossAttention`: the q / k / v projections of self-attention (k / v of
   cross-attention) run as one GEMM over weights moved back to back into one storage;
 * the first stage's ``Upsample`` with its 3x3 conv -> the sub-pixel form of :mod:`ldm_sdk.accel.subpixel`:
@@ -32,8 +33,15 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
 * the UNet's ``Upsample`` -> :class:`~ldm_sdk.accel.nearest_upsample.FusedUNetUpsample`: the nearest 2x
   upsampling of a channels_last map as one Triton copy kernel, then the same conv;
 * ``SpatialTransformer`` with 1 x 1-conv projections -> :class:`FusedSpatialTransformer`: on a channels_last
-  map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as GEMMs whose
-  bias add is the GEMM's epilogue (cuBLASLt), with no layout copy.
+  map the pixels already lie as ``(B * H * W, C)`` rows, so ``proj_in`` / ``proj_out`` run as bias-free
+  GEMMs with no layout copy; ``proj_in``'s bias goes into the first block's fused kernels, ``proj_out``'s
+  into the residual add's kernel;
+* the first stage's ``AttnBlock`` -> :class:`~ldm_sdk.accel.vae_attention.FusedAttnBlock`: one q / k / v
+  GEMM, the 512-wide single-head attention as cuBLAS GEMMs + softmax (no fused kernel takes that head dim),
+  ``proj_out``'s bias and the residual in one kernel;
+* plain 3x3 ``nn.Conv2d`` with at most 8 output channels (the UNet's and the decoder's ``conv_out``) ->
+  :class:`~ldm_sdk.accel.thin_conv.FusedThinConv2d`: one GEMM to every tap's partial output and a Triton
+  9-tap sum (cuDNN is slow for thin outputs).
 
 A block is fused only where its norms are already :class:`~ldm_sdk.accel.fusion.FusedGroupNorm` with the
 SiLU absorbed (run :func:`~ldm_sdk.accel.fusion.fuse_model` first; :func:`~ldm_sdk.accel.fusion.
@@ -61,8 +69,10 @@ from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusa
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
+from ldm_sdk.accel.thin_conv import FusedThinConv2d, thin_conv_fusable
 from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projection
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
+from ldm_sdk.accel.vae_attention import FusedAttnBlock, attn_block_fusable, prepare_attn_block
 from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm_sdk.models.autoencoder import ResnetBlock
@@ -432,7 +442,11 @@ _FUSED = {
     CrossAttention: (FusedCrossAttention, _attention_fusable),
     autoencoder.Upsample: (FusedFirstStageUpsample, first_stage_upsample_fusable),
     unet.Upsample: (FusedUNetUpsample, unet_upsample_fusable),
+    autoencoder.AttnBlock: (FusedAttnBlock, attn_block_fusable),
+    nn.Conv2d: (FusedThinConv2d, thin_conv_fusable),
 }
+#: fused classes whose why-not reasons are not reported (most convolutions are not thin: that is no news)
+_QUIET_SKIPS = (FusedThinConv2d,)
 
 
 @dataclass(frozen=True)
@@ -480,10 +494,13 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
         fused_cls, why_not = entry
         reason = why_not(block)  # type: ignore[operator]
         if reason is not None:
-            skipped.append(f"{name or type(block).__name__}: {reason}")
+            if fused_cls not in _QUIET_SKIPS:
+                skipped.append(f"{name or type(block).__name__}: {reason}")
             continue
         if fused_cls is FusedCrossAttention:
             _prepare_attention(cast(CrossAttention, block))
+        elif fused_cls is FusedAttnBlock:
+            prepare_attn_block(cast(autoencoder.AttnBlock, block))
         block.__class__ = fused_cls
         block.fusion_backend = backend
         key = fused_cls.__name__.removeprefix("Fused")

@@ -37,6 +37,8 @@ from ldm_sdk.accel.block_fusion import (
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
+from ldm_sdk.accel.thin_conv import FusedThinConv2d
+from ldm_sdk.accel.vae_attention import FusedAttnBlock
 from ldm_sdk.benchmarks.common import randomize_ as bench_randomize_
 from ldm_sdk.benchmarks.common import true_float32
 from ldm_sdk.checkpoints.bundle import ModelBundle
@@ -58,6 +60,8 @@ FUSED_CLASSES = (
     FusedSpatialTransformer,
     FusedFirstStageUpsample,
     FusedUNetUpsample,
+    FusedAttnBlock,
+    FusedThinConv2d,
 )
 
 
@@ -135,10 +139,15 @@ def test_report_counts_and_reasons() -> None:
     spatial = count(bundle, SpatialTransformer)
     vae_up = sum(type(m) is autoencoder.Upsample and m.with_conv for m in bundle.modules())
     unet_up = count(bundle, unet_module.Upsample)
-    assert vae_up > 0 and unet_up > 0
+    vae_attn = count(bundle, autoencoder.AttnBlock)
+    # 3x3 convolutions with at most 8 outputs: the UNet's conv_out, the encoder's and the decoder's
+    thin = sum(
+        type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.out_channels <= 8 for m in bundle.modules()
+    )
+    assert vae_up > 0 and unet_up > 0 and vae_attn == 2 and thin == 3
     not_yet = fuse_blocks(bundle)
     # residual blocks need their norms fused first; the other blocks do not
-    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up
+    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up + vae_attn + thin
     assert not_yet.fused["UNetUpsample"] == unet_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
@@ -153,6 +162,8 @@ def test_report_counts_and_reasons() -> None:
         "CrossAttention": 2 * transformers,
         "FirstStageUpsample": vae_up,
         "UNetUpsample": unet_up,
+        "AttnBlock": vae_attn,
+        "ThinConv2d": thin,
     }, report
     assert report.shared_embedding == unet_blocks
     assert report.skipped == () and "fused blocks" in str(report)
