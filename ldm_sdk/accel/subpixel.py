@@ -12,7 +12,10 @@ The kl-f8 decoder does three such convolutions, up to 512 x 512 x 256: its decod
 to 6.69 / 6.66 ms (H100, fp16, graph-replayed, two runs each, ``bench/probe_backends.py --no-subpixel``).
 Only the first stage's ``Upsample`` is switched: the combined kernels are formed on every call (so they can
 never be stale, also inside a CUDA graph), which costs more than it saves for the UNet's 1280-channel
-convolutions on 8-32 pixel maps (the SD-1.5 step went from 6.53 to 8.16 ms when they were included).
+convolutions on 8-32 pixel maps (the SD-1.5 step went from 6.53 to 8.16 ms when they were included). On
+the Triton path one kernel forms them, in the convolution's channels_last layout (the torch form took about
+40 small launches per convolution), and the interleave adds the bias (cuDNN adds a convolution's bias in a
+pass of its own over the output: 0.33 ms of the 512 px decode on an H100, ``bench/op_roofline.py``).
 
 Numerics: exact in real arithmetic. The combined kernels are formed in float32 from the weights on every
 call (so they are never stale) and rounded once to the weights' dtype; the convolutions accumulate in
@@ -32,7 +35,10 @@ from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
     KernelRecorder,
+    _pow2,
     _use_triton,
+    _warps,
+    launch,
     launch_over_pixels,
     tl,
     triton,
@@ -41,6 +47,8 @@ from ldm_sdk.models import autoencoder
 
 INTERLEAVE_TILE = 4096
 """Elements per program of the phase interleave."""
+PHASE_BLOCK = 256
+"""Input channels per program of the phase-kernel kernel."""
 
 
 def _combine(w: Tensor, dim: int) -> Tensor:
@@ -73,16 +81,20 @@ def upsample_conv(
     or four strided copies (anything else, ``"reference"``)."""
     n, _, h, w = x.shape
     c_out = weight.shape[0]
-    kernels = phase_kernels(weight).to(weight.dtype).reshape(4 * c_out, weight.shape[1], 2, 2)  # phase 2a + b
-    full = F.conv2d(x, kernels, bias.repeat(4) if bias is not None else None, padding=1)  # (h + 1) x (w + 1)
-    fits = _channels_last(x) and full.dtype in KERNEL_DTYPES
+    fits = _channels_last(x) and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
     if backend == "triton" and not fits:
         raise ValueError(
-            "the Triton sub-pixel interleave takes channels_last fp16 / bf16 / fp32 maps, got "
-            f"{'channels_last' if _channels_last(x) else 'another layout'} {full.dtype}; use backend='auto'"
+            "the Triton sub-pixel kernels take channels_last fp16 / bf16 / fp32 maps with weights of the "
+            f"map's dtype, got a {'channels_last' if _channels_last(x) else 'non-channels_last'} "
+            f"{x.dtype} map and {weight.dtype} weights; use backend='auto'"
         )
-    if fits and _use_triton(backend, "subpixel interleave", full):
-        return _interleave_triton(full.contiguous(memory_format=torch.channels_last), c_out, h, w, recorder)
+    if fits and _use_triton(backend, "subpixel", x, weight, bias):
+        kernels = _phase_kernels_triton(weight, recorder)
+        full = F.conv2d(x, kernels, None, padding=1)  # the bias is added by the interleave
+        full = full.contiguous(memory_format=torch.channels_last)
+        return _interleave_triton(full, bias, c_out, h, w, recorder)
+    kernels = phase_kernels(weight).to(weight.dtype).reshape(4 * c_out, weight.shape[1], 2, 2)  # phase 2a + b
+    full = F.conv2d(x, kernels, bias.repeat(4) if bias is not None else None, padding=1)  # (h + 1) x (w + 1)
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     out = torch.empty((n, c_out, 2 * h, 2 * w), device=x.device, dtype=full.dtype, memory_format=fmt)
     for a in (0, 1):
@@ -92,9 +104,39 @@ def upsample_conv(
     return out
 
 
-def _interleave_triton(full: Tensor, c_out: int, h: int, w: int, recorder: KernelRecorder | None) -> Tensor:
+def _phase_kernels_triton(weight: Tensor, recorder: KernelRecorder | None) -> Tensor:
+    """:func:`phase_kernels` as the ``(4 C_out, C_in, 2, 2)`` convolution weight (phase ``2a + b`` major) in
+    ``weight``'s dtype and channels_last strides, by one Triton kernel: the same float32 sums in the same
+    order, rounded once (bit-identical to ``phase_kernels(weight).to(weight.dtype)``). The torch form took
+    about 40 small launches per convolution (unbind, adds, stacks, casts, the layout copy)."""
+    c_out, c_in = weight.shape[0], weight.shape[1]
+    out = torch.empty(
+        (4 * c_out, c_in, 2, 2), device=weight.device, dtype=weight.dtype, memory_format=torch.channels_last
+    )
+    if out.numel() == 0:
+        return out
+    block = min(_pow2(c_in), PHASE_BLOCK)
+    launch(
+        _phase_kernels_kernel,
+        (c_out, triton.cdiv(c_in, block)),
+        recorder,
+        weight,
+        out,
+        c_out,
+        c_in,
+        *weight.stride(),
+        BLOCK=block,
+        num_warps=_warps(block * 4),
+    )
+    return out
+
+
+def _interleave_triton(
+    full: Tensor, bias: Tensor | None, c_out: int, h: int, w: int, recorder: KernelRecorder | None
+) -> Tensor:
     """The big map from the phases' channels_last ``(N, 4 C, h + 1, w + 1)`` output in one pass: output
-    pixel ``(2i + a, 2j + b)`` takes channels ``[(2a + b) C, (2a + b + 1) C)`` of pixel ``(i + a, j + b)``."""
+    pixel ``(2i + a, 2j + b)`` takes channels ``[(2a + b) C, (2a + b + 1) C)`` of pixel ``(i + a, j + b)``,
+    plus ``bias[c]`` (added in float32, rounded once)."""
     n = full.shape[0]
     out = torch.empty(
         (n, c_out, 2 * h, 2 * w), device=full.device, dtype=full.dtype, memory_format=torch.channels_last
@@ -103,7 +145,19 @@ def _interleave_triton(full: Tensor, c_out: int, h: int, w: int, recorder: Kerne
     if pixels == 0 or c_out == 0:
         return out
     launch_over_pixels(
-        _interleave_phases_kernel, recorder, pixels, c_out, INTERLEAVE_TILE, full, out, pixels, h, w, c_out
+        _interleave_phases_kernel,
+        recorder,
+        pixels,
+        c_out,
+        INTERLEAVE_TILE,
+        full,
+        bias if bias is not None else full,  # a dummy pointer when absent
+        out,
+        pixels,
+        h,
+        w,
+        c_out,
+        bias is not None,
     )
     return out
 
@@ -151,11 +205,63 @@ def first_stage_upsample_fusable(module: autoencoder.Upsample) -> str | None:
 
 if triton is not None:
 
+    @triton.jit
+    def _store_phase(out_ptr, o, ci, ok, C_IN, k00, k01, k10, k11):
+        """Store the 2x2 kernel of output channel ``o``, input channels ``ci`` (layout ``(O, 2, 2, I)``)."""
+        base = out_ptr + o.to(tl.int64) * (4 * C_IN) + ci
+        ty = out_ptr.dtype.element_ty
+        tl.store(base, k00.to(ty), mask=ok)
+        tl.store(base + C_IN, k01.to(ty), mask=ok)
+        tl.store(base + 2 * C_IN, k10.to(ty), mask=ok)
+        tl.store(base + 3 * C_IN, k11.to(ty), mask=ok)
+
+    @triton.jit
+    def _phase_kernels_kernel(w_ptr, out_ptr, C_OUT, C_IN, S_O, S_I, S_Y, S_X, BLOCK: tl.constexpr):
+        """Output channel ``co`` = program 0, input channels ``[p BLOCK, (p + 1) BLOCK)``: the four phases'
+        2x2 kernels of :func:`phase_kernels`. Rows first (``r0 = W0``, ``r1 = W1 + W2`` for phase row 0;
+        ``r0 = W0 + W1``, ``r1 = W2`` for 1), then columns alike, in float32, as the torch form sums them."""
+        co = tl.program_id(0)
+        ci = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = ci < C_IN
+        base = w_ptr + co.to(tl.int64) * S_O + ci * S_I
+        w00 = tl.load(base, mask=ok).to(tl.float32)
+        w01 = tl.load(base + S_X, mask=ok).to(tl.float32)
+        w02 = tl.load(base + 2 * S_X, mask=ok).to(tl.float32)
+        w10 = tl.load(base + S_Y, mask=ok).to(tl.float32)
+        w11 = tl.load(base + S_Y + S_X, mask=ok).to(tl.float32)
+        w12 = tl.load(base + S_Y + 2 * S_X, mask=ok).to(tl.float32)
+        w20 = tl.load(base + 2 * S_Y, mask=ok).to(tl.float32)
+        w21 = tl.load(base + 2 * S_Y + S_X, mask=ok).to(tl.float32)
+        w22 = tl.load(base + 2 * S_Y + 2 * S_X, mask=ok).to(tl.float32)
+        # row sums per column j: phase row a = 0 -> (r0, r1) = (W0, W1 + W2); a = 1 -> (W0 + W1, W2)
+        a0r1c0, a0r1c1, a0r1c2 = w10 + w20, w11 + w21, w12 + w22
+        a1r0c0, a1r0c1, a1r0c2 = w00 + w10, w01 + w11, w02 + w12
+        # phase (a, b) = (0, 0): columns (c0, c1 + c2)
+        _store_phase(out_ptr, co, ci, ok, C_IN, w00, w01 + w02, a0r1c0, a0r1c1 + a0r1c2)
+        # (0, 1): columns (c0 + c1, c2)
+        _store_phase(out_ptr, C_OUT + co, ci, ok, C_IN, w00 + w01, w02, a0r1c0 + a0r1c1, a0r1c2)
+        # (1, 0)
+        _store_phase(out_ptr, 2 * C_OUT + co, ci, ok, C_IN, a1r0c0, a1r0c1 + a1r0c2, w20, w21 + w22)
+        # (1, 1)
+        _store_phase(out_ptr, 3 * C_OUT + co, ci, ok, C_IN, a1r0c0 + a1r0c1, a1r0c2, w20 + w21, w22)
+
     @triton.jit(do_not_specialize=["P"])
-    def _interleave_phases_kernel(src_ptr, out_ptr, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _interleave_phases_kernel(
+        src_ptr,
+        bias_ptr,
+        out_ptr,
+        P,
+        H,
+        W,
+        C,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """Output pixels ``[p BLOCK_P, (p + 1) BLOCK_P)`` of the channels_last ``(N, 2H, 2W, C)`` map,
         channels ``[q BLOCK_C, (q + 1) BLOCK_C)``: pixel ``(n, 2i + a, 2j + b)`` copies channels
-        ``(2a + b) C + c`` of source pixel ``(n, i + a, j + b)`` of ``(N, H + 1, W + 1, 4C)``."""
+        ``(2a + b) C + c`` of source pixel ``(n, i + a, j + b)`` of ``(N, H + 1, W + 1, 4C)``, plus
+        ``bias[c]`` with ``HAS_BIAS`` (in float32, rounded once)."""
         pix = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (pix < P)[:, None] & (cols < C)[None, :]
@@ -167,6 +273,9 @@ if triton is not None:
         src_pix = (n * (H + 1) + y // 2 + a) * (W + 1) + x // 2 + b
         src = src_pix[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + cols[None, :]
         v = tl.load(src_ptr + src, mask=valid)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) + b[None, :]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + pix[:, None] * C + cols[None, :], v, mask=valid)
 
 

@@ -63,21 +63,43 @@ def test_fused_module_and_its_fallback() -> None:
 
 
 def interpreter_checks() -> list[str]:
-    """Run in a subprocess with TRITON_INTERPRET=1: the Triton interleave against the strided copies (the
-    same convolution output, so bit for bit), NaN-filled fresh buffers, odd sizes, partial tiles."""
+    """Run in a subprocess with TRITON_INTERPRET=1, NaN-filled fresh buffers, odd sizes, partial tiles (fp16
+    and float32: the interpreter converts float32 to bf16 toward zero; bf16 is checked on the GPU): the
+    Triton phase kernels bit for bit against :func:`phase_kernels` rounded once (channels_last and NCHW
+    weights, more input channels than one program takes), and the whole Triton path against the strided
+    copies of the same bias-free convolution output plus the bias added in float32 and rounded once (what
+    the interleave computes), bit for bit."""
+    from ldm_sdk.accel.subpixel import PHASE_BLOCK, _phase_kernels_triton
     from ldm_sdk.testing.interpreter import unwritten_memory_is_nan
 
     done = []
     with unwritten_memory_is_nan(), torch.no_grad():
-        for shape, c_out, dtype in (((2, 8, 5, 7), 6, torch.float16), ((1, 3, 1, 2), 200, torch.float32)):
+        for c_out, c_in, dtype, cl in (
+            (3, 5, torch.float16, True),
+            (2, PHASE_BLOCK + 3, torch.float32, False),
+        ):
+            w = torch.randn(c_out, c_in, 3, 3, generator=torch.Generator().manual_seed(c_in)).to(dtype)
+            if cl:
+                w = w.contiguous(memory_format=torch.channels_last)
+            k = _phase_kernels_triton(w, None)
+            assert k.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(k, phase_kernels(w).to(dtype).reshape(4 * c_out, c_in, 2, 2)), (c_out, c_in)
+            done.append(f"phase kernels {c_out}x{c_in} {dtype}")
+        for shape, c_out, dtype, with_bias in (
+            ((2, 8, 5, 7), 6, torch.float16, True),
+            ((1, 3, 1, 2), 200, torch.float32, True),
+            ((1, 4, 3, 3), 5, torch.float16, False),
+        ):
             g = torch.Generator().manual_seed(sum(shape))
             x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
             w = torch.randn(c_out, shape[1], 3, 3, generator=g).to(dtype)
-            b = torch.randn(c_out, generator=g).to(dtype)
+            b = torch.randn(c_out, generator=g).to(dtype) if with_bias else None
             out = upsample_conv(x, w, b, backend="triton")
-            ref = upsample_conv(x, w, b, backend="reference")
+            ref = upsample_conv(x, w, None, backend="reference")
+            if b is not None:
+                ref = (ref.float() + b.float().view(1, -1, 1, 1)).to(dtype)
             assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref), shape
-            done.append(f"{shape} -> {c_out} {dtype}")
+            done.append(f"{shape} -> {c_out} {dtype} bias={with_bias}")
     return done
 
 
@@ -87,13 +109,50 @@ def test_interleave_kernel_in_the_interpreter() -> None:
 
     if not triton_available():
         pytest.skip("triton is not installed")
-    assert len(run_interpreted(__file__, "--interpreter-checks")) == 2
+    assert len(run_interpreted(__file__, "--interpreter-checks")) == 5
 
 
 def test_triton_backend_refuses_other_layouts() -> None:
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="channels_last"):
         upsample_conv(x, torch.randn(2, 2, 3, 3), None, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_path_on_cuda_at_the_decoder_shapes(dtype: torch.dtype) -> None:
+    """kl-f8 decoder upsamplings at 512 px: the Triton phase kernels bit for bit against the torch form, the
+    whole path bit for bit against the same bias-free convolution plus the bias rounded once, and within a
+    few half-precision ulps of float64 upsample + conv; replayed under a CUDA graph."""
+    from ldm_sdk.accel.subpixel import _phase_kernels_triton
+
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for c, hw in ((512, 64), (512, 128), (256, 256)):
+            x = torch.randn(1, c, hw, hw, generator=g, device="cuda").to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(c, c, 3, 3, generator=g, device="cuda") / (3 * c**0.5)).to(dtype)
+            w = w.contiguous(memory_format=torch.channels_last)
+            b = (0.2 * torch.randn(c, generator=g, device="cuda")).to(dtype)
+            k = _phase_kernels_triton(w, None)
+            assert torch.equal(k, phase_kernels(w).to(dtype).reshape(4 * c, c, 2, 2))
+            out = upsample_conv(x, w, b, backend="triton")
+            same_conv = upsample_conv(x, w, None, backend="reference")
+            assert torch.equal(out, (same_conv.float() + b.float().view(1, -1, 1, 1)).to(dtype))
+            truth = plain(x.double(), w.double(), b.double())
+            err = ((out.double() - truth).abs().max() / truth.abs().max()).item()
+            assert err < 8 * torch.finfo(dtype).eps, (c, hw, err)
+            static_x = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            upsample_conv(static_x, w, b)  # warm-up outside the capture
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                static_out = upsample_conv(static_x, w, b)
+            static_x.copy_(torch.randn_like(x))
+            graph.replay()
+            assert torch.equal(static_out, upsample_conv(static_x, w, b))
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
