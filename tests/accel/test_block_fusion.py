@@ -347,6 +347,7 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
             "SpatialTransformer": 16,
             "CrossAttention": 32,
             "UNetUpsample": 3,
+            "ThinConv2d": 1,  # conv_out
         }
         assert report.blocks.shared_embedding == 22
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
