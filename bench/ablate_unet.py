@@ -91,8 +91,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--batches", default="2,16", help="UNet batch sizes (comma list)")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument(
+        "--gemm-conv-max-rows",
+        type=int,
+        default=None,
+        help="override ldm_sdk.accel.small_conv.GEMM_CONV_MAX_ROWS (0: every 3x3 conv on cuDNN)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.gemm_conv_max_rows is not None:
+        from ldm_sdk.accel import small_conv
+
+        small_conv.GEMM_CONV_MAX_ROWS = args.gemm_conv_max_rows
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "batches": batches,
+        "gemm_conv_max_rows": args.gemm_conv_max_rows,
         "variants": {},
     }
     gen = torch.Generator(device).manual_seed(1)

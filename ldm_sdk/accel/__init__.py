@@ -12,7 +12,8 @@
   (:mod:`ldm_sdk.accel.residual_kernels`; one embedding GEMM per UNet call,
   :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`; upsampling
   kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`; thin-output convolutions,
-  :mod:`ldm_sdk.accel.thin_conv`; the first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`);
+  :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`; the
+  first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`);
   :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
   half-precision CUDA models.
