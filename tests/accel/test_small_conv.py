@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm_sdk.accel import small_conv as S
-from ldm_sdk.accel.triton_kernels import KernelRecorder, compare_ulps, triton_available
+from ldm_sdk.accel.triton_kernels import KernelRecorder, triton_available
 from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
 
 CL = torch.channels_last
@@ -224,17 +224,12 @@ SD_SHAPES = [((2, 1280, 8, 8), 1280), ((2, 2560, 8, 8), 1280), ((16, 1280, 8, 8)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_sd15_shapes_on_cuda(dtype: torch.dtype) -> None:
     """The UNet's lowest-level convs: the auto path takes the kernel, im2col bit for bit, the conv within a
-    few half-precision ulps of max|ref| of float64 F.conv2d under torch's default cuBLAS settings, and
-    within one ulp + float32 noise elementwise with cuBLAS's half-precision split-K reductions turned off
-    (then the GEMM accumulates in float32 only); and the dispatch rule."""
+    few half-precision ulps of max|ref| of float64 F.conv2d (the bound of a GEMM whose rounding errors scale
+    with its terms, not with each output: cuBLAS's split-K GEMMs put outputs that cancel to near zero up to
+    ~180 of their own ulps off, measured on an H100 even with torch's reduced-precision reduction flags
+    off, so no per-element ulp bound is claimed); and the dispatch rule."""
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    matmul = torch.backends.cuda.matmul
-    flag = (
-        "allow_fp16_reduced_precision_reduction"
-        if dtype == torch.float16
-        else "allow_bf16_reduced_precision_reduction"
-    )
     with torch.no_grad():
         for shape, c_out in SD_SHAPES:
             x = random_map(shape, dtype, "cuda")
@@ -248,13 +243,6 @@ def test_sd15_shapes_on_cuda(dtype: torch.dtype) -> None:
             ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
             err = float((out.double() - ref).abs().max() / ref.abs().max())
             assert err < 4 * torch.finfo(dtype).eps, (shape, dtype, err)
-            before = getattr(matmul, flag)
-            setattr(matmul, flag, False)
-            try:
-                report = compare_ulps(S.gemm_conv3x3(x, w, b), ref)
-            finally:
-                setattr(matmul, flag, before)
-            assert report.within_bound, (shape, dtype, str(report))
             rows = shape[0] * shape[2] * shape[3]
             assert S.gemm_conv_pays(x, w) == (rows <= S.GEMM_CONV_MAX_ROWS), shape
             assert not S.gemm_conv_pays(x, w.contiguous())  # a non-channels_last weight is copied
