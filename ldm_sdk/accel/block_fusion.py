@@ -17,7 +17,7 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
       s = addmm(conv1.bias + emb.bias, silu(emb), emb.weight^T)   # the embedding GEMM takes the bias
           # (one GEMM for all of a UNet's blocks: ldm_sdk.accel.time_embedding)
       h = silu(norm2(h + s))                          # one fused GroupNorm with a per-(n, c) shift
-      out = conv2(h) + [conv2.bias (+ skip.bias)] + skip(x)  # one bias + residual kernel
+      out = (conv2(h) + conv2.bias) + (skip(x) + skip.bias)   # one bias + residual kernel
 
 * first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding);
 * ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: ``norm1`` is the LayerNorm row kernel; the
@@ -123,12 +123,13 @@ def _norm_shift(
     )
 
 
-def _skip(skip: nn.Module | None, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(residual without its bias, the bias to add): a skip conv's bias joins ``bias``."""
+def _skip(skip: nn.Module | None, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(residual without its bias, that bias): a skip conv runs bias-free, its bias is added by the
+    bias + residual kernel (no separate add of the two bias vectors)."""
     if skip is None or isinstance(skip, nn.Identity):
-        return x, bias
+        return x, None
     conv = cast(nn.Conv2d, skip)
-    return _conv_no_bias(conv, x), bias + cast(Tensor, conv.bias)
+    return _conv_no_bias(conv, x), conv.bias
 
 
 def _backend(module: nn.Module) -> Backend:
@@ -168,8 +169,10 @@ class FusedResBlock(ResBlock):
             shift = torch.addmm(bias, F.silu(emb), proj.weight.t())
         h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
         h = _conv_no_bias(conv2, h, self.kernel_recorder)  # out_layers[2] is a dropout: identity in eval
-        residual, bias = _skip(self.skip_connection, x, cast(Tensor, conv2.bias))
-        return bias_residual_add(h, bias, residual, backend=backend, recorder=self.kernel_recorder)
+        residual, skip_bias = _skip(self.skip_connection, x)
+        return bias_residual_add(
+            h, conv2.bias, residual, residual_bias=skip_bias, backend=backend, recorder=self.kernel_recorder
+        )
 
 
 def _resblock_fusable(block: ResBlock) -> str | None:
@@ -222,8 +225,11 @@ class FusedResnetBlock(ResnetBlock):
         skip: nn.Module | None = None
         if self.in_channels != self.out_channels:
             skip = self.conv_shortcut if self.use_conv_shortcut else self.nin_shortcut
-        residual, bias = _skip(skip, x, cast(Tensor, self.conv2.bias))
-        return bias_residual_add(h, bias, residual, backend=backend, recorder=self.kernel_recorder)
+        residual, skip_bias = _skip(skip, x)
+        rec = self.kernel_recorder
+        return bias_residual_add(
+            h, self.conv2.bias, residual, residual_bias=skip_bias, backend=backend, recorder=rec
+        )
 
 
 def _resnet_fusable(block: ResnetBlock) -> str | None:

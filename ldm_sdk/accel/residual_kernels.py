@@ -146,12 +146,17 @@ def _check_add_layer_norm(
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
 
-def _check_bias_residual(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> None:
+def _check_bias_residual(
+    y: Tensor, bias: Tensor | None, residual: Tensor | None, residual_bias: Tensor | None = None
+) -> None:
     if not isinstance(y, Tensor) or not y.is_floating_point() or y.dim() < 2:
         raise ValueError(f"y must be a floating-point tensor (N, C, *spatial), got {_describe(y)}")
     _check_vector("bias", bias, y.shape[1])
+    _check_vector("residual_bias", residual_bias, y.shape[1])
     if residual is not None:
         _check_residual(y, residual, "None or ")
+    elif residual_bias is not None:
+        raise ValueError("residual_bias is added to the residual: it needs a residual")
 
 
 def _check_residual(y: Tensor, residual: object, alternatives: str) -> None:
@@ -223,17 +228,22 @@ def _layer_norm_float(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     return F.layer_norm(x.to(ct), (x.shape[-1],), w, b, eps)
 
 
-def bias_residual_add_reference(y: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+def bias_residual_add_reference(
+    y: Tensor, bias: Tensor | None, residual: Tensor | None, *, residual_bias: Tensor | None = None
+) -> Tensor:
     """``(y + bias.view(1, C, 1, ...)) + residual`` computed in float32 (float64 for float64 ``y``), cast to
     ``y.dtype`` once, in ``y``'s memory format (channels_last kept, anything else contiguous). For float32
-    this is exactly eager ``residual + (y + bias.view(1, C, 1, ...))``."""
-    _check_bias_residual(y, bias, residual)
+    this is exactly eager ``residual + (y + bias.view(1, C, 1, ...))``. ``residual_bias``: the residual is
+    ``residual + residual_bias.view(1, C, 1, ...)`` (the bias of a bias-free skip convolution)."""
+    _check_bias_residual(y, bias, residual, residual_bias)
     ct = _compute_dtype(y.dtype)
+    shape = (1, -1, *([1] * (y.dim() - 2)))
     out = y.to(ct)
     if bias is not None:
-        out = out + bias.to(ct).view(1, -1, *([1] * (y.dim() - 2)))
+        out = out + bias.to(ct).view(shape)
     if residual is not None:
-        out = out + residual.to(ct)
+        r = residual.to(ct)
+        out = out + (r if residual_bias is None else r + residual_bias.to(ct).view(shape))
     return out.to(y.dtype).contiguous(memory_format=_memory_format(y))
 
 
@@ -299,17 +309,19 @@ def bias_residual_add(
     bias: Tensor | None,
     residual: Tensor | None,
     *,
+    residual_bias: Tensor | None = None,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """Fused ``y + bias[c] + residual`` for a convolution output ``y`` ``(N, C, *spatial)`` (see the module
-    doc); ``backend`` picks Triton or the reference."""
-    _check_bias_residual(y, bias, residual)
-    if _use_triton(backend, "bias_residual_add", y, bias, residual) and (
+    doc); ``backend`` picks Triton or the reference. ``residual_bias`` (C values) is added to the residual:
+    the bias of the skip convolution that produced it without one."""
+    _check_bias_residual(y, bias, residual, residual_bias)
+    if _use_triton(backend, "bias_residual_add", y, bias, residual, residual_bias) and (
         backend == "triton" or _bias_residual_fits(y)
     ):
-        return bias_residual_add_triton(y, bias, residual, recorder=recorder)
-    return bias_residual_add_reference(y, bias, residual)
+        return bias_residual_add_triton(y, bias, residual, residual_bias=residual_bias, recorder=recorder)
+    return bias_residual_add_reference(y, bias, residual, residual_bias=residual_bias)
 
 
 # -- torch-facing kernel calls -----------------------------------------------------------------------------
@@ -435,13 +447,14 @@ def bias_residual_add_triton(
     bias: Tensor | None,
     residual: Tensor | None,
     *,
+    residual_bias: Tensor | None = None,
     block: int | None = None,
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """:func:`bias_residual_add` through the Triton kernel. ``block`` (a power of two >= 16) overrides the
     elements per program (default 2048 for 16-bit dtypes, 1024 for float32; tests use small blocks to
     exercise both the one-channel-per-program and the per-element channel paths)."""
-    _check_bias_residual(y, bias, residual)
+    _check_bias_residual(y, bias, residual, residual_bias)
     if not _bias_residual_fits(y):
         raise ValueError(
             f"the Triton bias_residual_add kernel takes C and a spatial size below {MAX_INDEX} (32-bit "
@@ -452,7 +465,7 @@ def bias_residual_add_triton(
     if block < 16 or block > MAX_BLOCK or block & (block - 1):
         raise ValueError(f"block must be a power of two in [16, {MAX_BLOCK}], got {block}")
     _check_kernel_input(y, "bias_residual_add")
-    _check_devices(y, bias=bias)
+    _check_devices(y, bias=bias, residual_bias=residual_bias)
     channels_last = _memory_format(y) == torch.channels_last
     if not channels_last and not y.is_contiguous():
         y = y.contiguous()
@@ -475,12 +488,14 @@ def bias_residual_add_triton(
         y,
         bias.contiguous() if bias is not None else y,  # a dummy pointer when absent
         residual if residual is not None else y,
+        residual_bias.contiguous() if residual_bias is not None else y,
         out,
         numel,
         channels,
         inner,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
+        HAS_RBIAS=residual_bias is not None,
         BIAS_PER_BLOCK=inner % block == 0,
         BLOCK=block,
         num_warps=_warps(block),
@@ -560,36 +575,47 @@ if triton is not None:
         y_ptr,
         b_ptr,
         r_ptr,
+        rb_ptr,
         out_ptr,
         NUMEL,
         C,
         INNER,
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
+        HAS_RBIAS: tl.constexpr,
         BIAS_PER_BLOCK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Elements ``[p BLOCK, (p + 1) BLOCK)`` in memory order: ``out = (y + bias[c]) + r`` in float32,
-        rounded once; ``c = (offset // INNER) % C``. ``BIAS_PER_BLOCK`` (``INNER`` a multiple of ``BLOCK``):
-        the block lies in one channel, one bias load. Otherwise the channel is computed per element in int32
-        from the block's 64-bit base (``base = q INNER + r0``; ``c = (q % C + (r0 + i) // INNER) % C``)."""
+        """Elements ``[p BLOCK, (p + 1) BLOCK)`` in memory order: ``out = (y + bias[c]) + r`` in float32
+        (``HAS_RBIAS``: ``(y + bias[c]) + (r + rb[c])``), rounded once; ``c = (offset // INNER) % C``.
+        ``BIAS_PER_BLOCK`` (``INNER`` a multiple of ``BLOCK``): the block lies in one channel, one bias load.
+        Otherwise the channel is computed per element in int32 from the block's 64-bit base
+        (``base = q INNER + r0``; ``c = (q % C + (r0 + i) // INNER) % C``)."""
         base = tl.program_id(0).to(tl.int64) * BLOCK
         lane = tl.arange(0, BLOCK)
         offs = base + lane
         valid = offs < NUMEL
         v = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            if BIAS_PER_BLOCK:
-                v = v + tl.load(b_ptr + (base // INNER) % C).to(tl.float32)
-            else:
-                q = base // INNER
-                c0 = (q % C).to(tl.int32)
-                r0 = (base - q * INNER).to(tl.int32)
-                c = (c0 + (r0 + lane) // INNER) % C
-                v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
+            v = v + _per_channel(b_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK)
         if HAS_RESIDUAL:
-            v = v + tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RBIAS:
+                r = r + _per_channel(rb_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK)
+            v = v + r
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _per_channel(p_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK: tl.constexpr):
+        """The float32 values ``p[c]`` of the block's elements (one load when the block lies in one channel;
+        see :func:`_bias_residual_add_kernel` for the channel arithmetic)."""
+        if BIAS_PER_BLOCK:
+            return tl.load(p_ptr + (base // INNER) % C).to(tl.float32)
+        q = base // INNER
+        c0 = (q % C).to(tl.int32)
+        r0 = (base - q * INNER).to(tl.int32)
+        c = (c0 + (r0 + lane) // INNER) % C
+        return tl.load(p_ptr + c, mask=valid, other=0.0).to(tl.float32)
 
 
 __all__ = [

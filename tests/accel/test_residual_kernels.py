@@ -187,6 +187,11 @@ def test_bias_residual_add_reference_matches_float64(dtype: torch.dtype, channel
     for bias, res in ((b3, None), (None, r3), (None, None)):
         out = R.bias_residual_add_reference(y3, bias, res)
         assert_within_ulps(out, bias_residual_truth(y3, bias, res), f"3-D {dtype}")
+    # a skip convolution's bias on the residual: (y + b) + (r + rb)
+    rb = (0.3 * torch.randn(6, generator=torch.Generator().manual_seed(4))).to(dtype)
+    out = R.bias_residual_add_reference(y, b, r, residual_bias=rb)
+    truth = bias_residual_truth(y, b, r) + rb.double().view(1, -1, 1, 1)
+    assert_within_ulps(out, truth, f"residual_bias {dtype}")
 
 
 def test_references_are_bit_identical_to_eager_float32() -> None:
@@ -314,6 +319,10 @@ def test_triton_functions_refuse_float64_and_bad_blocks() -> None:
         (lambda y: R.add_layer_norm(y, y, torch.ones(6), None, 1e-5), "weight must be None or a 1-D"),
         (lambda y: R.add_layer_norm(y, y, None, torch.ones(2, 4), 1e-5), "bias must be None or a 1-D"),
         (lambda y: R.add_layer_norm(y, y, None, None, -1.0), "eps must be a float >= 0"),
+        (lambda y: R.bias_residual_add(y, None, None, residual_bias=torch.ones(6)), "it needs a residual"),
+        (lambda y: R.bias_residual_add(y, None, y, residual_bias=torch.ones(5)), "residual_bias must"),
+        (lambda y: R.layer_norm(y, None, None, 1e-5, input_bias=torch.ones(3)), "input_bias must be None"),
+        (lambda y: R.add_layer_norm(y, None, None, None, 1e-5, residual_bias=y), "need a residual"),
         (lambda y: R.add_layer_norm(y, y, None, None, 1e-5, carry_bias=y), "carry_bias must be None or"),
         (lambda y: R.layer_norm(y, torch.ones(3), None, 1e-5), "weight must be None or a 1-D"),
         (lambda y: R.layer_norm(y.long(), None, None, 1e-5), "floating-point tensor"),
@@ -464,6 +473,17 @@ def interpreter_checks() -> list[str]:
             y, b, r = make_conv_inputs(shape, torch.bfloat16, seed=len(done))
             _check_bias_residual_kernel(y, b, r, f"bias_residual_add{shape}", block)
             done.append(f"bias_residual_add{shape}")
+        for shape, cl, block in (
+            ((2, 6, 5, 7), True, 16),
+            ((2, 6, 4, 8), False, 16),
+            ((2, 6, 5, 7), False, 16),
+        ):
+            y, b, r = make_conv_inputs(shape, torch.float16, channels_last=cl, seed=len(done))
+            rb = (0.3 * torch.randn(shape[1], generator=torch.Generator().manual_seed(6))).to(torch.float16)
+            out = R.bias_residual_add_triton(y, b, r, residual_bias=rb, block=block)
+            ref = R.bias_residual_add_reference(y, b, r, residual_bias=rb)
+            assert torch.equal(out, ref), f"residual_bias{shape} cl={cl}"
+            done.append(f"bias_residual_add{shape} cl={cl} residual_bias")
         y, b, r = make_conv_inputs((2, 6, 5, 7), torch.float16)
         strided_bias = torch.stack([b, -b], dim=1)[:, 0]  # a view with stride 2
         assert strided_bias.stride() == (2,)
@@ -476,7 +496,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_residual_kernels_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 28, done
+    assert len(done) == 31, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -588,6 +608,12 @@ class TestKernelsOnCuda:
                     report = compare_ulps(out, ref)
                     if not report.ok() or not torch.equal(out, ref):
                         failures.append(f"{what} vs the float32 reference: {report}")
+                    if has_r:
+                        out = R.bias_residual_add_triton(y, bias, res, residual_bias=0.5 * b)
+                        if not torch.equal(
+                            out, R.bias_residual_add_reference(y, bias, res, residual_bias=0.5 * b)
+                        ):
+                            failures.append(f"{what} residual_bias: differs from the float32 reference")
         assert not failures, "\n".join(failures)
 
     def test_kernels_replay_in_a_cuda_graph(self) -> None:
