@@ -100,8 +100,8 @@ def flops(kind: str, func: Any, args: tuple, out: Any) -> float:
     return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
 
 
-def graph_us(fn: Callable[[], Any], repeat: int, iters: int) -> float:
-    """Microseconds per call: a CUDA graph of ``repeat`` calls, replayed ``iters`` times (median)."""
+def captured(fn: Callable[[], Any], repeat: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``repeat`` back-to-back calls of ``fn``, after three warm-up calls on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -112,6 +112,12 @@ def graph_us(fn: Callable[[], Any], repeat: int, iters: int) -> float:
     with torch.cuda.graph(g):
         for _ in range(repeat):
             fn()
+    return g
+
+
+def graph_us(fn: Callable[[], Any], repeat: int, iters: int) -> float:
+    """Microseconds per call: a CUDA graph of ``repeat`` calls, replayed ``iters`` times (median)."""
+    g = captured(fn, repeat)
     t = C.median(C.time_calls(g.replay, torch.device("cuda"), warmup=3, iters=iters))
     del g
     return t / repeat * 1e6
@@ -283,16 +289,7 @@ def kernel_profile(fn: Callable[[], Any]) -> dict[str, Any]:
     from profile_unet import PROFILED_CALLS, categories, profile_calls
 
     with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        prof = profile_calls(g.replay)
+        prof = profile_calls(captured(fn).replay)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110)
     return {"by_category": categories(prof, calls=PROFILED_CALLS), "top_kernels": table}
 

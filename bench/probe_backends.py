@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from op_roofline import captured
 from profile_unet import categories, profile_calls
 
 from ldm_sdk.benchmarks import common as C
@@ -78,16 +79,7 @@ def probe_sdpa(dtype: torch.dtype) -> dict[str, dict[str, float | str]]:
 
 
 def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return captured(fn).replay
 
 
 def probe_cudnn(dtype: torch.dtype, norms_only: bool = False, no_subpixel: bool = False) -> dict[str, Any]:

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
@@ -101,8 +102,7 @@ def _conv_no_bias(conv: nn.Conv2d, x: Tensor, recorder: KernelRecorder | None = 
     """``conv`` without its bias; a 3x3 convolution on a tiny map as im2col + one GEMM where that measured
     faster than cuDNN (:func:`~ldm_sdk.accel.small_conv.gemm_conv_pays`: the UNet's 8 x 8 level at image
     batch 1)."""
-    plain = conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-    if plain and gemm_conv_pays(x, conv.weight):
+    if plain_conv(conv, 3) and gemm_conv_pays(x, conv.weight):
         return gemm_conv3x3(x, conv.weight, None, recorder=recorder)
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 

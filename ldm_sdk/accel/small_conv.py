@@ -79,9 +79,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm_sdk.accel.conv_checks import check_conv3x3, check_map, kernel_input_problem, nhwc
 from ldm_sdk.accel.triton_kernels import (
     BACKENDS,
-    KERNEL_DTYPES,
     Backend,
     KernelRecorder,
     _check_kernel_input,
@@ -106,47 +106,9 @@ TILE = 4096
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _nhwc(x: Tensor) -> bool:
-    """Whether ``x``'s memory holds contiguous (N, H, W, C) pixel rows."""
-    return x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _check_map(x: Tensor, what: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{what} takes a floating-point (N, C, H, W) tensor, got {got}")
-
-
-def _check_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """``x`` a floating (N, C_in, H, W) tensor, ``weight`` (C_out, C_in, 3, 3), ``bias`` None or (C_out,), all
-    on ``x``'s device."""
-    _check_map(x, "gemm_conv3x3")
-    if not isinstance(weight, Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(
-            f"weight must be a (C_out, C_in, 3, 3) tensor with C_in = {x.shape[1]} (x's channels), got {got}"
-        )
-    c_out = weight.shape[0]
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c_out,)):
-        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"bias must be None or a 1-D tensor of {c_out} values (C_out), got {got}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: it must be on x's device")
-
-
 def _kernel_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     """None when the im2col + GEMM path can take these inputs, else what it takes instead."""
-    if not _nhwc(x):
-        return "a channels_last x (x.contiguous(memory_format=torch.channels_last)), got another layout"
-    if x.dtype not in KERNEL_DTYPES:
-        valid = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
-        return f"x of dtype {valid}, got {x.dtype}"
-    if weight.dtype != x.dtype:
-        return f"a weight of x's dtype ({x.dtype}), got {weight.dtype}"
-    if bias is not None and bias.dtype != x.dtype:
-        return f"a bias of x's dtype ({x.dtype}), got {bias.dtype}"
-    return None
+    return kernel_input_problem(x, weight, bias)
 
 
 # -- the pieces ----------------------------------------------------------------------------------------------
@@ -161,10 +123,10 @@ def im2col3x3(x: Tensor, *, tile: int = TILE, recorder: KernelRecorder | None = 
     hits (the map is 0.3-5 MB). ``tile`` (a power of two >= 16) caps the elements per program; tests use
     small tiles for partial row and channel tiles. ``recorder``: record the launch instead of making it
     (:mod:`ldm_sdk.accel.precompile`; the output is then left unwritten)."""
-    _check_map(x, "im2col3x3")
+    check_map(x, "im2col3x3")
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two >= 16, got {tile}")
-    if not _nhwc(x):
+    if not nhwc(x):
         raise ValueError(
             "im2col3x3 takes a channels_last x (x.contiguous(memory_format=torch.channels_last)), got "
             f"strides {x.stride()} for shape {tuple(x.shape)}"
@@ -218,7 +180,7 @@ def gemm_conv3x3_triton(
     """:func:`gemm_conv3x3` through :func:`im2col3x3` and one ``torch.mm`` / ``torch.addmm``, for a
     channels_last ``x`` with a weight (and bias) of its dtype; the output is a channels_last
     ``(N, C_out, H, W)`` view of the ``(N H W, C_out)`` GEMM output."""
-    _check_conv_args(x, weight, bias)
+    check_conv3x3(x, weight, bias, "gemm_conv3x3")
     why_not = _kernel_fits(x, weight, bias)
     if why_not is not None:
         raise ValueError(f"the im2col + GEMM conv path takes {why_not}; use backend='auto'")
@@ -243,7 +205,7 @@ def gemm_conv3x3(
     for channels_last CUDA inputs with a weight (and bias) of ``x``'s dtype and no autograd (``"auto"``;
     ``"triton"`` forces it), else ``F.conv2d`` (``"reference"`` always). Whether the GEMM path is the faster
     one is :func:`gemm_conv_pays`'s question, not this function's."""
-    _check_conv_args(x, weight, bias)
+    check_conv3x3(x, weight, bias, "gemm_conv3x3")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "triton":
@@ -266,7 +228,7 @@ def _gemm_conv_rejection(x: Tensor, weight: Tensor) -> str | None:
         return f"weight {tuple(weight.shape)} is not a 3x3 kernel over x's {x.shape[1]} channels"
     if x.dtype not in _HALF_DTYPES or weight.dtype != x.dtype:
         return f"dtypes x {x.dtype}, weight {weight.dtype}: the GEMM path pays for fp16 / bf16 pairs"
-    if not _nhwc(x) or not _nhwc(weight):
+    if not nhwc(x) or not nhwc(weight):
         return "x and weight must both be channels_last (a non-channels_last weight is copied every call)"
     rows = x.shape[0] * x.shape[2] * x.shape[3]
     if rows > GEMM_CONV_MAX_ROWS:

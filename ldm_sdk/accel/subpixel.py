@@ -25,12 +25,13 @@ float32 as before. The output differs from the upsample-then-convolve path by fl
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
@@ -168,17 +169,7 @@ def _channels_last(x: Tensor) -> bool:
 
 def _conv3x3(conv: nn.Module | None) -> bool:
     """A plain 3x3, stride-1, padding-1, zero-padded, ungrouped, undilated ``nn.Conv2d``."""
-    if type(conv) is not nn.Conv2d:
-        return False
-    c = cast(nn.Conv2d, conv)
-    return (
-        c.kernel_size == (3, 3)
-        and c.stride == (1, 1)
-        and c.padding == (1, 1)
-        and c.dilation == (1, 1)
-        and c.groups == 1
-        and c.padding_mode == "zeros"
-    )
+    return plain_conv(conv, 3)
 
 
 class FusedFirstStageUpsample(autoencoder.Upsample):

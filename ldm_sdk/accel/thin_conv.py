@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_sdk.accel.conv_checks import check_conv3x3, kernel_input_problem, plain_conv
 from ldm_sdk.accel.triton_kernels import (
     BACKENDS,
     KERNEL_DTYPES,
@@ -76,30 +77,6 @@ MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 """Whether ``torch.mm`` takes ``out_dtype`` (torch >= 2.8: float32 output of fp16 / bf16 inputs on CUDA)."""
 
 
-def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """``x`` a floating (N, C_in, H, W) tensor, ``weight`` (C_out, C_in, 3, 3), ``bias`` None or (C_out,)."""
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"thin_conv3x3 takes a floating-point (N, C_in, H, W) tensor, got {got}")
-    if not isinstance(weight, Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(
-            f"weight must be a (C_out, C_in, 3, 3) tensor with C_in = {x.shape[1]} (x's channels), got {got}"
-        )
-    c_out = weight.shape[0]
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c_out,)):
-        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"bias must be None or a 1-D tensor of {c_out} values (C_out), got {got}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: it must be on x's device")
-
-
-def _nhwc(x: Tensor) -> bool:
-    """Whether ``x``'s memory holds (N, H, W, C) rows, contiguous (what the GEMM reads as pixel rows)."""
-    return x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _memory_format(x: Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -123,22 +100,16 @@ def thin_conv3x3_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     inputs and rounded once to ``x.dtype``, in ``x``'s memory format: the fallback of ``backend="auto"``.
     On CUDA its float32 convolution follows torch's cuDNN TF32 setting (on by default), so the GPU tests
     take float64 ``F.conv2d`` as their oracle."""
-    _check_args(x, weight, bias)
+    check_conv3x3(x, weight, bias, "thin_conv3x3")
     ct = torch.promote_types(x.dtype, torch.float32)
     out = F.conv2d(x.to(ct), weight.to(ct), bias.to(ct) if bias is not None else None, padding=1)
     return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def _kernel_fits(x: Tensor, weight: Tensor) -> str | None:
-    """None when the GEMM + tap-sum path can take these inputs, else why not."""
-    if not _nhwc(x):
-        return "channels_last input (x.contiguous(memory_format=torch.channels_last)), got another layout"
-    if x.dtype not in KERNEL_DTYPES:
-        valid = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
-        return f"x of dtype {valid}, got {x.dtype}"
-    if weight.dtype != x.dtype:
-        return f"a weight of x's dtype ({x.dtype}), got {weight.dtype}"
-    return None
+    """None when the GEMM + tap-sum path can take these inputs, else why not (the bias may have any
+    floating dtype: the kernel adds it in float32)."""
+    return kernel_input_problem(x, weight)
 
 
 def thin_conv3x3(
@@ -153,7 +124,7 @@ def thin_conv3x3(
     ``x``'s memory format: the tap GEMM + Triton tap sum (see the module doc) for channels_last CUDA inputs
     (``"auto"``; ``"triton"`` forces it), else :func:`thin_conv3x3_reference`. ``recorder``: record the
     Triton launch instead of making it (:mod:`ldm_sdk.accel.precompile`)."""
-    _check_args(x, weight, bias)
+    check_conv3x3(x, weight, bias, "thin_conv3x3")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "triton":
@@ -205,7 +176,7 @@ def thin_conv3x3_triton(
     """:func:`thin_conv3x3` through the tap GEMM and the Triton tap sum, for a channels_last ``x`` and a
     weight of ``x``'s dtype; returns a channels_last tensor. ``tile`` (a power of two >= 16) caps the
     elements per program; tests use small tiles to get many programs and partial tiles."""
-    _check_args(x, weight, bias)
+    check_conv3x3(x, weight, bias, "thin_conv3x3")
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of two >= 16, got {tile}")
     _check_kernel_input(x, "thin_conv3x3")
@@ -248,17 +219,11 @@ def thin_conv_fusable(conv: nn.Module) -> str | None:
     """None when ``conv`` is a thin plain 3x3 convolution :class:`FusedThinConv2d` takes: type exactly
     ``nn.Conv2d``, 3x3, stride 1, padding 1, dilation 1, groups 1, zero padding, at most
     :data:`THIN_MAX_OUT` output channels; else a short reason."""
-    if type(conv) is not nn.Conv2d:
-        return "not a plain nn.Conv2d"
-    conv = cast(nn.Conv2d, conv)
-    if conv.out_channels > THIN_MAX_OUT:
-        return f"{conv.out_channels} output channels (thin: <= {THIN_MAX_OUT})"
-    if conv.kernel_size != (3, 3):
-        return f"kernel {conv.kernel_size}, not 3x3"
-    if conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1):
-        return "not stride 1, padding 1, dilation 1"
-    if conv.groups != 1 or conv.padding_mode != "zeros":
-        return "grouped or not zero-padded"
+    if not plain_conv(conv, 3):
+        return "not a plain 3x3 stride-1 padding-1 nn.Conv2d"
+    out_channels = cast(nn.Conv2d, conv).out_channels
+    if out_channels > THIN_MAX_OUT:
+        return f"{out_channels} output channels (thin: <= {THIN_MAX_OUT})"
     return None
 
 

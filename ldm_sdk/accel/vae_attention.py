@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.residual_kernels import bias_residual_add
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.triton_kernels import Backend, KernelRecorder
@@ -78,18 +79,8 @@ def _projections(block: autoencoder.AttnBlock) -> tuple[nn.Conv2d, nn.Conv2d, nn
 def _plain_1x1(conv: nn.Module, channels: int) -> bool:
     """A 1x1 ``nn.Conv2d`` from ``channels`` to ``channels`` with a bias, stride 1, no padding, one group:
     a GEMM over the pixel rows."""
-    if type(conv) is not nn.Conv2d:
-        return False
     c = cast(nn.Conv2d, conv)
-    return (
-        c.kernel_size == (1, 1)
-        and c.stride == (1, 1)
-        and c.padding == (0, 0)
-        and c.groups == 1
-        and c.in_channels == channels
-        and c.out_channels == channels
-        and c.bias is not None
-    )
+    return plain_conv(conv, 1) and c.in_channels == c.out_channels == channels and c.bias is not None
 
 
 def attn_block_fusable(block: autoencoder.AttnBlock) -> str | None:

@@ -107,13 +107,13 @@ def _call(backend: str = "auto", **changes: object):
 @pytest.mark.parametrize(
     ("call", "words"),
     [
-        (_call(x=torch.zeros(2, 3, 4)), r"\(N, C_in, H, W\)"),
+        (_call(x=torch.zeros(2, 3, 4)), r"\(N, C, H, W\)"),
         (_call(x=torch.zeros(1, 2, 3, 3, dtype=torch.int32)), "floating-point"),
         (_call(weight=torch.zeros(4, 3, 3, 3)), r"\(C_out, C_in, 3, 3\) tensor with C_in = 2"),
         (_call(weight=torch.zeros(4, 2, 1, 1)), r"\(C_out, C_in, 3, 3\)"),
         (_call(bias=torch.zeros(3)), "None or a 1-D tensor of 4 values"),
         (_call("cuda"), "valid: auto, triton, reference"),
-        (_call("triton", x=torch.zeros(1, 2, 3, 3, dtype=torch.float16)), "channels_last input"),
+        (_call("triton", x=torch.zeros(1, 2, 3, 3, dtype=torch.float16)), "a channels_last x"),
         (_call("triton", weight=torch.zeros(4, 2, 3, 3)), "weight of x's dtype"),
         (
             _call(
