@@ -597,25 +597,30 @@ if triton is not None:
         valid = offs < NUMEL
         v = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            v = v + _per_channel(b_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK)
+            if BIAS_PER_BLOCK:
+                v = v + tl.load(b_ptr + (base // INNER) % C).to(tl.float32)
+            else:
+                c = _channels(base, lane, C, INNER)
+                v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             if HAS_RBIAS:
-                r = r + _per_channel(rb_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK)
+                if BIAS_PER_BLOCK:
+                    r = r + tl.load(rb_ptr + (base // INNER) % C).to(tl.float32)
+                else:
+                    c = _channels(base, lane, C, INNER)
+                    r = r + tl.load(rb_ptr + c, mask=valid, other=0.0).to(tl.float32)
             v = v + r
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _per_channel(p_ptr, base, lane, valid, C, INNER, BIAS_PER_BLOCK: tl.constexpr):
-        """The float32 values ``p[c]`` of the block's elements (one load when the block lies in one channel;
-        see :func:`_bias_residual_add_kernel` for the channel arithmetic)."""
-        if BIAS_PER_BLOCK:
-            return tl.load(p_ptr + (base // INNER) % C).to(tl.float32)
+    def _channels(base, lane, C, INNER):
+        """The channel of each of the block's elements, in int32 from the block's 64-bit base (see
+        :func:`_bias_residual_add_kernel`)."""
         q = base // INNER
         c0 = (q % C).to(tl.int32)
         r0 = (base - q * INNER).to(tl.int32)
-        c = (c0 + (r0 + lane) // INNER) % C
-        return tl.load(p_ptr + c, mask=valid, other=0.0).to(tl.float32)
+        return (c0 + (r0 + lane) // INNER) % C
 
 
 __all__ = [
