@@ -187,8 +187,13 @@ def test_ctrl_c_cancels_the_job_and_writes_nothing(files: dict[str, Path], tmp_p
     import time
 
     argv = [sys.executable, "-m", "ldm_sdk", "sample", "--model", str(files["uncond"]), "--sampler", "ddpm"]
+    # SIGINT as in an interactive terminal: a test runner started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and so would the child (Python installs no handler then)
     proc = subprocess.Popen(
-        [*argv, "--batch", "4", "-o", str(tmp_path / "x.png")], stderr=subprocess.PIPE, text=True
+        [*argv, "--batch", "4", "-o", str(tmp_path / "x.png")],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(6)  # start-up, model load and a few of the 4000 steps
     assert proc.poll() is None, "the run ended before it could be interrupted"
