@@ -588,7 +588,7 @@ if triton is not None:
     ):
         """Elements ``[p BLOCK, (p + 1) BLOCK)`` in memory order: ``out = (y + bias[c]) + r`` in float32
         (``HAS_RBIAS``: ``(y + bias[c]) + (r + rb[c])``), rounded once; ``c = (offset // INNER) % C``.
-        ``BIAS_PER_BLOCK`` (``INNER`` a multiple of ``BLOCK``): the block lies in one channel, one bias load.
+        ``BIAS_PER_BLOCK`` (``INNER`` a multiple of ``BLOCK``): the block lies in one channel (one address).
         Otherwise the channel is computed per element in int32 from the block's 64-bit base
         (``base = q INNER + r0``; ``c = (q % C + (r0 + i) // INNER) % C``)."""
         base = tl.program_id(0).to(tl.int64) * BLOCK
@@ -596,31 +596,30 @@ if triton is not None:
         offs = base + lane
         valid = offs < NUMEL
         v = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS or HAS_RBIAS:
+            c = _channels(base, lane, C, INNER, BIAS_PER_BLOCK)
         if HAS_BIAS:
-            if BIAS_PER_BLOCK:
-                v = v + tl.load(b_ptr + (base // INNER) % C).to(tl.float32)
-            else:
-                c = _channels(base, lane, C, INNER)
-                v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
+            v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             if HAS_RBIAS:
-                if BIAS_PER_BLOCK:
-                    r = r + tl.load(rb_ptr + (base // INNER) % C).to(tl.float32)
-                else:
-                    c = _channels(base, lane, C, INNER)
-                    r = r + tl.load(rb_ptr + c, mask=valid, other=0.0).to(tl.float32)
+                r = r + tl.load(rb_ptr + c, mask=valid, other=0.0).to(tl.float32)
             v = v + r
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _channels(base, lane, C, INNER):
-        """The channel of each of the block's elements, in int32 from the block's 64-bit base (see
-        :func:`_bias_residual_add_kernel`)."""
-        q = base // INNER
-        c0 = (q % C).to(tl.int32)
-        r0 = (base - q * INNER).to(tl.int32)
-        return (c0 + (r0 + lane) // INNER) % C
+    def _channels(base, lane, C, INNER, BIAS_PER_BLOCK: tl.constexpr):
+        """The channel of each of the block's elements (int32): with ``BIAS_PER_BLOCK`` the block's one
+        channel for every lane (no per-element division; the loads of it are one address), else computed
+        per element from the block's 64-bit base (see :func:`_bias_residual_add_kernel`)."""
+        if BIAS_PER_BLOCK:
+            c = ((base // INNER) % C).to(tl.int32) + lane * 0
+        else:
+            q = base // INNER
+            c0 = (q % C).to(tl.int32)
+            r0 = (base - q * INNER).to(tl.int32)
+            c = (c0 + (r0 + lane) // INNER) % C
+        return c
 
 
 __all__ = [
