@@ -89,8 +89,9 @@ def _silu_norm(module: nn.Module | None) -> FusedGroupNorm | None:
     return None
 
 
-def _plain_conv(module: nn.Module | None) -> bool:
-    """A zero-padded ``nn.Conv2d`` with a bias: what the fused forwards can call without its bias."""
+def _biased_conv(module: nn.Module | None) -> bool:
+    """A zero-padded ``nn.Conv2d`` with a bias (any window or stride): what the fused forwards can call
+    without its bias."""
     return (
         type(module) is nn.Conv2d
         and cast(nn.Conv2d, module).padding_mode == "zeros"
@@ -183,11 +184,11 @@ def _resblock_fusable(block: ResBlock) -> str | None:
         return "its norms are not fused with their SiLU (run fuse_model first)"
     if not isinstance(block.in_layers[1], nn.Identity) or not isinstance(block.out_layers[1], nn.Identity):
         return "a SiLU module is still in place after a fused norm"
-    if not (_plain_conv(block.in_layers[-1]) and _plain_conv(block.out_layers[-1])):
+    if not (_biased_conv(block.in_layers[-1]) and _biased_conv(block.out_layers[-1])):
         return "its convolutions are not plain zero-padded nn.Conv2d with a bias"
     if not isinstance(block.out_layers[2], nn.Dropout):
         return "out_layers[2] is not a dropout"
-    if not (isinstance(block.skip_connection, nn.Identity) or _plain_conv(block.skip_connection)):
+    if not (isinstance(block.skip_connection, nn.Identity) or _biased_conv(block.skip_connection)):
         return "the skip connection is neither an identity nor a plain conv"
     if not (isinstance(block.emb_layers[0], nn.SiLU) and type(block.emb_layers[1]) is nn.Linear):
         return "emb_layers is not SiLU + Linear"
@@ -240,7 +241,7 @@ def _resnet_fusable(block: ResnetBlock) -> str | None:
     convs = [block.conv1, block.conv2]
     if block.in_channels != block.out_channels:
         convs.append(block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut)
-    if not all(_plain_conv(c) for c in convs):
+    if not all(_biased_conv(c) for c in convs):
         return "its convolutions are not plain zero-padded nn.Conv2d with a bias"
     if not isinstance(block.dropout, nn.Dropout):
         return "dropout is not an nn.Dropout"
@@ -441,7 +442,7 @@ def _spatial_fusable(module: SpatialTransformer) -> str | None:
         return "use_linear: the projections already are GEMMs"
     for name in ("proj_in", "proj_out"):
         conv = getattr(module, name)
-        if not _plain_conv(conv) or conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+        if not (plain_conv(conv, 1) and conv.bias is not None):
             return f"{name} is not a plain 1x1 nn.Conv2d with a bias"
     return None
 
