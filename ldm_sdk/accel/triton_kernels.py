@@ -564,17 +564,22 @@ def _shift_rows(shift: Tensor) -> tuple[Tensor, int]:
 
 
 def launch_over_pixels(
-    kernel: Any, recorder: KernelRecorder | None, pixels: int, channels: int, tile: int, *args: Any
+    kernel: Any,
+    recorder: KernelRecorder | None,
+    pixels: int,
+    channels: int,
+    tile: int,
+    *args: Any,
+    **constexprs: Any,
 ) -> None:
-    """Launch a copy-like ``kernel(*args, BLOCK_P=, BLOCK_C=)`` over the ``pixels`` rows of ``channels``
-    values of a channels_last map: a 2-D grid of tiles with at most 128 channels (256 bytes of fp16) and
-    ``tile`` elements each."""
+    """Launch a copy-like ``kernel(*args, **constexprs, BLOCK_P=, BLOCK_C=)`` over the ``pixels`` rows of
+    ``channels`` values of a channels_last map: a 2-D grid of tiles with at most 128 channels (256 bytes of
+    fp16) and ``tile`` elements each."""
     block_c = min(_pow2(channels), 128, tile)
     block_p = max(1, min(tile // block_c, _pow2(pixels)))
     grid = (triton.cdiv(pixels, block_p), triton.cdiv(channels, block_c))
-    launch(
-        kernel, grid, recorder, *args, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_warps(block_p * block_c)
-    )
+    warps = _warps(block_p * block_c)
+    launch(kernel, grid, recorder, *args, **constexprs, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
 
 
 def _target_programs(x: Tensor) -> int:

@@ -484,6 +484,33 @@ def interpreter_checks() -> list[str]:
             ref = R.bias_residual_add_reference(y, b, r, residual_bias=rb)
             assert torch.equal(out, ref), f"residual_bias{shape} cl={cl}"
             done.append(f"bias_residual_add{shape} cl={cl} residual_bias")
+        # channels_last without a block: the pixel-rows kernel; small tiles give partial row / column tiles
+        tile = R.ROWS_TILE
+        try:
+            R.ROWS_TILE = 64
+            rows_cases = [
+                # shape, dtype, residual channels_last, bias, residual, residual bias
+                ((2, 6, 5, 7), torch.float16, True, True, True, True),  # 8 x 8 tiles, last rows partial
+                ((3, 200, 3, 5), torch.bfloat16, True, True, True, False),  # 64 columns: 4 tiles, last partial
+                ((3, 10, 3, 5), torch.float32, False, True, True, True),  # NCHW residual copied
+                ((2, 6, 5, 7), torch.float16, True, False, True, True),  # no bias
+                ((2, 6, 5, 7), torch.bfloat16, True, True, False, False),  # no residual
+            ]
+            for shape, dtype, rcl, has_b, has_r, has_rb in rows_cases:
+                y, b, r = make_conv_inputs(
+                    shape, dtype, channels_last=True, residual_channels_last=rcl, seed=len(done)
+                )
+                bias, res = (b if has_b else None), (r if has_r else None)
+                what = f"bias_residual_add rows{shape} {dtype} residual cl={rcl} bias={has_b} res={has_r}"
+                _check_bias_residual_kernel(y, bias, res, what)
+                if has_rb:
+                    rb = (0.3 * torch.randn(shape[1], generator=torch.Generator().manual_seed(7))).to(dtype)
+                    out = R.bias_residual_add_triton(y, bias, res, residual_bias=rb)
+                    ref = R.bias_residual_add_reference(y, bias, res, residual_bias=rb)
+                    assert torch.equal(out, ref), f"{what} residual_bias"
+                done.append(what)
+        finally:
+            R.ROWS_TILE = tile
         y, b, r = make_conv_inputs((2, 6, 5, 7), torch.float16)
         strided_bias = torch.stack([b, -b], dim=1)[:, 0]  # a view with stride 2
         assert strided_bias.stride() == (2,)
@@ -496,7 +523,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_residual_kernels_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 31, done
+    assert len(done) == 36, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
