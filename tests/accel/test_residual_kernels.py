@@ -491,7 +491,7 @@ def interpreter_checks() -> list[str]:
             rows_cases = [
                 # shape, dtype, residual channels_last, bias, residual, residual bias
                 ((2, 6, 5, 7), torch.float16, True, True, True, True),  # 8 x 8 tiles, last rows partial
-                ((3, 200, 3, 5), torch.bfloat16, True, True, True, False),  # 64 columns: 4 tiles, last partial
+                ((3, 200, 3, 5), torch.bfloat16, True, True, True, False),  # 4 column tiles, last partial
                 ((3, 10, 3, 5), torch.float32, False, True, True, True),  # NCHW residual copied
                 ((2, 6, 5, 7), torch.float16, True, False, True, True),  # no bias
                 ((2, 6, 5, 7), torch.bfloat16, True, True, False, False),  # no residual
