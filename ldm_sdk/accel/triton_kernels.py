@@ -122,7 +122,6 @@ MAX_BLOCK = 2048  # elements per tile (fp16: 16 per thread at 4 warps)
 MAX_SPLIT = 1024  # chunks per group in the statistics pass (merged by one vector load)
 MAX_CHUNK = 2**24  # elements per chunk: counts stay exact in float32
 PROGRAMS_PER_SM = 4
-BIG_MAP_BYTES = 2**24  # maps from this size may aim for more programs (NhwcTiles.big_programs_per_sm)
 SINGLE_PASS_MAX = 16384  # padded group tile (positions x channels) one program normalises in registers
 
 
@@ -432,25 +431,22 @@ def _chunking(units: int, tile: int, parallel: int, target: int, max_split: int,
 class NhwcTiles:
     """The channels_last two-pass kernels' tiling: at most ``max_block`` elements per tile, ``cols``
     columns aimed for (narrowed by :func:`_nhwc_block_c`), ``stages`` loads in flight in the row loops;
-    ``stats_warps`` the statistics kernel's warps (0: as many as the apply kernel, 512 elements each);
-    ``big_programs_per_sm`` the programs per SM aimed for on maps of at least :data:`BIG_MAP_BYTES` (0:
-    :data:`PROGRAMS_PER_SM`)."""
+    ``stats_warps`` / ``apply_warps`` the two kernels' warps (0: 512 elements of the tile each)."""
 
     max_block: int
     cols: int
     stages: int
     stats_warps: int = 0
-    big_programs_per_sm: int = 0
+    apply_warps: int = 0
 
 
-NHWC_PLAIN = NhwcTiles(max_block=2048, cols=32, stages=1, stats_warps=2, big_programs_per_sm=8)
-"""Batches below :data:`NHWC_PIPELINE_MIN_BATCH`: 64 x 32 tiles, plain row loops; the statistics kernel on
-2 warps (32 elements per thread and load: its row loop waits on each load, so more bytes per load is more
-bytes in flight), the apply kernel on 4; 8 programs per SM on maps of 16 MiB or more. H100, fp16, GPU time
-per call of the two kernels (``bench/tune_group_norm.py --split``, ``bench/results/gn_split_h100.json``):
-the kl-f8 decoder's norms at 512 px 1.45 -> 1.22 ms per decode (statistics 44.6 -> 31.0 us at
-1 x 128 x 512 x 512, where a read-only torch sum takes 27.1); SD-1.5 at batch 2, 2 x 320 x 64 x 64 11.8 ->
-10.0 us."""
+NHWC_PLAIN = NhwcTiles(max_block=4096, cols=32, stages=1, stats_warps=4, apply_warps=4)
+"""Batches below :data:`NHWC_PIPELINE_MIN_BATCH`: 128 x 32 tiles on 4 warps in both kernels, plain row
+loops: 32 elements per thread and load (a row loop waits on each load, so more bytes per load are more
+bytes in flight). H100, fp16, against 64 x 32 tiles on 4 warps: the two kernels' GPU time over the kl-f8
+decoder's norms of one 512 px decode 1452 -> 1242 us (``bench/gn_kernel_split.py``,
+``bench/results/gn_split_h100.json``, configurations ``c32_b2048_w4_sm4`` / ``c32_b4096_w4_sm4``); graph
+replay, same machine: the decode 5.44 -> 5.24 ms, the SD-1.5 step at batch 2 5.887 -> 5.853 ms."""
 NHWC_PIPELINED = NhwcTiles(max_block=2048, cols=32, stages=3)
 """From batch :data:`NHWC_PIPELINE_MIN_BATCH`: the same tiles, 3 loads in flight in the row loops. H100,
 fp16, sum over the norms of one SD-1.5 UNet step (``bench/gn_variants.py``,
@@ -498,9 +494,9 @@ def plan_group_norm(
     nhwc: NhwcTiles | None = None,
 ) -> GroupNormPlan:
     """The launch plan for an ``(N, C, *spatial)`` input (see the module doc). ``target_programs``: the
-    parallelism to aim for (the kernels use 4 x the SM count, or the tiling's ``big_programs_per_sm`` on
-    big maps); ``nhwc``: the channels_last tiling (default: :data:`NHWC_PIPELINED` from batch
-    :data:`NHWC_PIPELINE_MIN_BATCH`, else :data:`NHWC_PLAIN`);
+    parallelism to aim for (the kernels use 4 x the SM count); ``nhwc``: the channels_last tiling
+    (default: :data:`NHWC_PIPELINED` from batch :data:`NHWC_PIPELINE_MIN_BATCH`, else
+    :data:`NHWC_PLAIN`);
     ``max_block``: the largest tile (a power of two; default ``MAX_BLOCK``, channels_last the tiling's;
     smaller values exercise the chunk loops in tests)."""
     if nhwc is None:
@@ -521,7 +517,8 @@ def plan_group_norm(
         block_s = max(1, min(max_block // block_c, _pow2(s)))
         stats = _chunking(s, block_s, n * tiles, target_programs, MAX_SPLIT // parts, min(cg, block_c))
         warps = _warps(block_s * block_c)
-        stats_warps = min(warps, nhwc.stats_warps) if nhwc.stats_warps else warps
+        stats_warps = nhwc.stats_warps or warps
+        apply_warps = nhwc.apply_warps or warps
         return GroupNormPlan(
             True,
             n,
@@ -535,7 +532,7 @@ def plan_group_norm(
             stats,
             0,
             stats_warps,
-            warps,
+            apply_warps,
             block_g,
             parts,
             nhwc.stages,
@@ -596,21 +593,10 @@ def launch_over_pixels(
     launch(kernel, grid, recorder, *args, **constexprs, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
 
 
-def _target_programs(x: Tensor, per_sm: int = PROGRAMS_PER_SM) -> int:
+def _target_programs(x: Tensor) -> int:
     if x.is_cuda:
-        return per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return per_sm  # the interpreter runs programs one after another
-
-
-def _group_norm_programs(x: Tensor, nhwc: NhwcTiles | None) -> int:
-    """Programs the GroupNorm kernels aim for: the tiling's ``big_programs_per_sm`` per SM on channels_last
-    maps of at least :data:`BIG_MAP_BYTES`, else :data:`PROGRAMS_PER_SM`."""
-    if _memory_format(x) != torch.channels_last:
-        return _target_programs(x)
-    if nhwc is None:
-        nhwc = NHWC_PIPELINED if x.shape[0] >= NHWC_PIPELINE_MIN_BATCH else NHWC_PLAIN
-    big = x.numel() * x.element_size() >= BIG_MAP_BYTES and nhwc.big_programs_per_sm
-    return _target_programs(x, nhwc.big_programs_per_sm if big else PROGRAMS_PER_SM)
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return PROGRAMS_PER_SM  # the interpreter runs programs one after another
 
 
 # -- torch-facing kernel calls -----------------------------------------------------------------------------
@@ -632,9 +618,8 @@ def group_norm_act_triton(
     """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, fp16 / bf16 /
     fp32) is read in its dtype and added to ``x`` in float32 by both passes.
     ``target_programs`` / ``max_block`` / ``nhwc`` tune the launch plan (:func:`plan_group_norm`; defaults:
-    4 x the SM count or the tiling's ``big_programs_per_sm`` on big maps, 2048 / channels_last the
-    tiling's, the tiling by batch); the result does not depend on them beyond float32 rounding of the
-    statistics.
+    4 x the SM count, 2048 / channels_last the tiling's, the tiling by batch); the result does not depend on
+    them beyond float32 rounding of the statistics.
     ``single_pass``: one program per (sample, group) holding the whole group in registers (one launch, a
     two-pass mean / variance over the registers) instead of the statistics + apply kernels; ``None``
     picks it when the group's padded tile has at most ``SINGLE_PASS_MAX`` elements (the small maps of a
@@ -656,7 +641,7 @@ def group_norm_act_triton(
         tuple(x.shape),
         num_groups,
         channels_last=channels_last,
-        target_programs=target_programs or _group_norm_programs(x, nhwc),
+        target_programs=target_programs or _target_programs(x),
         max_block=max_block,
         nhwc=nhwc,
     )
