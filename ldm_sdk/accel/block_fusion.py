@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
+from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
@@ -204,13 +205,15 @@ class FusedResnetBlock(ResnetBlock):
     unfused_class: ClassVar[type[nn.Module]] = ResnetBlock
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    norm_handoff: NormHandoff | None = None  # shared with the decoder's norms (link_decoder)
+    feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics (link_decoder)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         norm1, norm2 = _silu_norm(self.norm1), _silu_norm(self.norm2)
         if self.training or norm1 is None or norm2 is None:
             return ResnetBlock.forward(self, x, temb)
         backend = _backend(self)
-        h = _conv_no_bias(self.conv1, norm1(x), self.kernel_recorder)
+        h = _conv_no_bias(self.conv1, norm1(x), self.kernel_recorder)  # norm1 takes x's offered statistics
         conv1_bias = cast(Tensor, self.conv1.bias)
         if temb is not None:
             if not hasattr(self, "temb_proj"):
@@ -228,8 +231,15 @@ class FusedResnetBlock(ResnetBlock):
             skip = self.conv_shortcut if self.use_conv_shortcut else self.nin_shortcut
         residual, skip_bias = _skip(skip, x)
         rec = self.kernel_recorder
-        return bias_residual_add(
-            h, self.conv2.bias, residual, residual_bias=skip_bias, backend=backend, recorder=rec
+        handoff = self.norm_handoff if self.feeds_norm else None
+        return residual_add_for_norm(
+            h,
+            self.conv2.bias,
+            residual,
+            residual_bias=skip_bias,
+            handoff=handoff,
+            backend=backend,
+            recorder=rec,
         )
 
 
@@ -520,6 +530,9 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
         block.fusion_backend = backend
         key = fused_cls.__name__.removeprefix("Fused")
         fused[key] = fused.get(key, 0) + 1
+    for net in module.modules():
+        if isinstance(net, autoencoder.Decoder):
+            link_decoder(net)
     shared = 0
     for net in module.modules():
         if isinstance(net, UNetModel):
@@ -529,6 +542,58 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
     return BlockFusionReport(
         backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped), shared_embedding=shared
     )
+
+
+def decoder_sequence(decoder: autoencoder.Decoder) -> list[nn.Module]:
+    """The modules ``decoder`` runs between ``conv_in`` and ``conv_out``, in the order its forward runs
+    them: the mid block's, then per level (top down) its blocks (each followed by its attention, if any) and
+    its upsampling, then ``norm_out`` (unless ``give_pre_end``)."""
+    mid = decoder.mid
+    seq: list[nn.Module] = [mid.block_1, mid.attn_1, mid.block_2]
+    for i_level in reversed(range(decoder.num_resolutions)):
+        level = decoder.up[i_level]
+        for i_block, block in enumerate(level.block):
+            seq.append(block)
+            if len(level.attn) > 0:
+                seq.append(level.attn[i_block])
+        if i_level != 0:
+            seq.append(level.upsample)
+    if not decoder.give_pre_end:
+        seq.append(decoder.norm_out)
+    return seq
+
+
+def _takes_norm_stats(module: nn.Module) -> FusedGroupNorm | None:
+    """The fused norm that reads ``module``'s input first, when ``module`` takes offered statistics."""
+    if isinstance(module, FusedGroupNorm):
+        return module
+    if isinstance(module, FusedResnetBlock):
+        return _silu_norm(module.norm1)
+    if isinstance(module, FusedAttnBlock) and isinstance(module.norm, FusedGroupNorm):
+        return module.norm
+    return None
+
+
+def link_decoder(decoder: autoencoder.Decoder) -> int:
+    """Give ``decoder``'s fused residual / attention blocks and norms one
+    :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` and mark the blocks whose output its next module
+    normalises first (:mod:`ldm_sdk.accel.norm_handoff`); returns how many blocks offer statistics (0
+    where the norms differ in their group count). Run by :func:`fuse_blocks`; idempotent."""
+    seq = decoder_sequence(decoder)
+    norms = [norm for norm in map(_takes_norm_stats, seq) if norm is not None]
+    if not norms or len({norm.num_groups for norm in norms}) != 1:
+        return 0
+    handoff = NormHandoff(norms[0].num_groups)
+    producers = 0
+    for module, nxt in zip(seq, [*seq[1:], None], strict=True):
+        norm = _takes_norm_stats(module)
+        if norm is not None:
+            norm.norm_handoff = handoff
+        if isinstance(module, FusedResnetBlock | FusedAttnBlock):
+            module.norm_handoff = handoff
+            module.feeds_norm = nxt is not None and _takes_norm_stats(nxt) is not None
+            producers += module.feeds_norm
+    return producers
 
 
 def unfuse_blocks(module: nn.Module) -> int:

@@ -52,6 +52,7 @@ from typing import cast
 from torch import Tensor, nn
 
 from ldm_sdk.accel.geglu_gemm import geglu_linear, geglu_linear_pays
+from ldm_sdk.accel.norm_handoff import NormHandoff, taken_stats
 from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, KernelRecorder, geglu, group_norm_act
 from ldm_sdk.models.attention import GEGLU
 from ldm_sdk.models.autoencoder import Decoder, Encoder, ResnetBlock
@@ -74,6 +75,7 @@ class FusedGroupNorm(nn.GroupNorm):
     backend: Backend
     source: type[nn.GroupNorm]
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    norm_handoff: NormHandoff | None = None  # statistics of x from its producer (ldm_sdk.accel.norm_handoff)
 
     def __init__(
         self,
@@ -126,6 +128,7 @@ class FusedGroupNorm(nn.GroupNorm):
             self.num_groups,
             self.eps,
             self.act,
+            stats=taken_stats(self, x, self.num_groups),
             backend=self.backend,
             recorder=self.kernel_recorder,
         )

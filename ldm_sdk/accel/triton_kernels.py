@@ -301,14 +301,19 @@ def group_norm_act(
     act: Act = "none",
     *,
     shift: Tensor | None = None,
+    stats: GroupNormStats | None = None,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
     """Fused GroupNorm + optional SiLU (see the module doc): ``act(group_norm(x + shift[:, :, None, ...]) *
     weight + bias)``, ``shift`` an optional ``(N, C)`` tensor added in float32 before the statistics;
-    ``backend`` picks Triton or the reference."""
+    ``backend`` picks Triton or the reference. ``stats``: ``x``'s statistics partials, produced by the
+    kernel that wrote ``x`` (the Triton path uses them instead of its statistics pass; the reference
+    computes its own)."""
     if _use_triton(backend, "group_norm_act", x, weight, bias, shift):
-        return group_norm_act_triton(x, weight, bias, num_groups, eps, act, shift=shift, recorder=recorder)
+        return group_norm_act_triton(
+            x, weight, bias, num_groups, eps, act, shift=shift, stats=stats, recorder=recorder
+        )
     return group_norm_act_reference(x, weight, bias, num_groups, eps, act, shift=shift)
 
 
@@ -484,6 +489,19 @@ class GroupNormPlan:
         return (self.c // self.groups) * self.s
 
 
+@dataclass(frozen=True, eq=False)
+class GroupNormStats:
+    """The channels_last statistics pass's output for one map: per (sample, group, part, chunk) partial
+    means, M2 sums and counts (float32) under ``plan``. A kernel that writes the map can produce them on the
+    way (:func:`ldm_sdk.accel.norm_handoff.bias_residual_add_with_stats`); :func:`group_norm_act_triton`
+    then skips its own statistics pass (``stats=``)."""
+
+    plan: GroupNormPlan
+    mean: Tensor
+    m2: Tensor
+    count: Tensor
+
+
 def plan_group_norm(
     shape: tuple[int, ...],
     num_groups: int,
@@ -599,6 +617,69 @@ def _target_programs(x: Tensor) -> int:
     return PROGRAMS_PER_SM  # the interpreter runs programs one after another
 
 
+def _nhwc_launch(plan: GroupNormPlan, shift_stride: int) -> tuple[tuple[int, int], tuple, dict[str, int]]:
+    """The channels_last kernels' grid, size arguments and tile constexprs under ``plan``."""
+    grid = (plan.n * math.ceil(plan.c / plan.block_c), plan.stats.split)
+    cg = plan.c // plan.groups
+    sizes = (plan.c, plan.s, cg, plan.groups, plan.stats.chunk, plan.stats.split, shift_stride)
+    tiles = {"BLOCK_S": plan.block_s, "BLOCK_C": plan.block_c, "BLOCK_G": plan.block_g, "PARTS": plan.parts}
+    return grid, sizes, tiles
+
+
+def _nhwc_statistics(
+    x: Tensor,
+    shift: Tensor,
+    shift_stride: int,
+    has_shift: bool,
+    plan: GroupNormPlan,
+    recorder: KernelRecorder | None,
+    add: tuple[Tensor, Tensor, Tensor, Tensor, dict[str, bool]] | None = None,
+) -> GroupNormStats:
+    """Launch the channels_last statistics kernel over ``x`` under ``plan``. With ``add`` = ``(y, bias,
+    residual, residual_bias, flags)`` it first writes ``x = (y + bias) + (residual + residual_bias)``
+    (rounded once) and takes the statistics of what it wrote."""
+    partials = plan.n * plan.groups * plan.parts * plan.stats.split
+    mean = torch.empty(partials, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    count = torch.empty_like(mean)
+    grid, sizes, tiles = _nhwc_launch(plan, shift_stride)
+    y, bias, residual, residual_bias, flags = add if add is not None else (x, x, x, x, {})
+    launch(
+        _gn_stats_nhwc_kernel,
+        grid,
+        recorder,
+        x,
+        shift,
+        y,
+        bias,
+        residual,
+        residual_bias,
+        mean,
+        m2,
+        count,
+        *sizes,
+        **tiles,
+        HAS_SHIFT=has_shift,
+        FUSE_ADD=add is not None,
+        HAS_BIAS=flags.get("bias", False),
+        HAS_RESIDUAL=flags.get("residual", False),
+        HAS_RBIAS=flags.get("residual_bias", False),
+        STAGES=plan.stages,
+        num_warps=plan.num_warps,
+    )
+    return GroupNormStats(plan, mean, m2, count)
+
+
+def _check_stats(stats: GroupNormStats, plan: GroupNormPlan, shift: Tensor | None) -> None:
+    if shift is not None:
+        raise ValueError("stats= holds the statistics of x itself; it cannot be combined with shift=")
+    if stats.plan != plan:
+        raise ValueError(
+            f"stats= was computed under another launch plan ({stats.plan}) than this call's ({plan}): "
+            "produce it for this input's shape, groups and tiling, or pass stats=None"
+        )
+
+
 # -- torch-facing kernel calls -----------------------------------------------------------------------------
 def group_norm_act_triton(
     x: Tensor,
@@ -614,12 +695,15 @@ def group_norm_act_triton(
     recorder: KernelRecorder | None = None,
     single_pass: bool | None = None,
     nhwc: NhwcTiles | None = None,
+    stats: GroupNormStats | None = None,
 ) -> Tensor:
     """:func:`group_norm_act` through the Triton kernels. ``shift`` (optional ``(N, C)``, fp16 / bf16 /
     fp32) is read in its dtype and added to ``x`` in float32 by both passes.
     ``target_programs`` / ``max_block`` / ``nhwc`` tune the launch plan (:func:`plan_group_norm`; defaults:
     4 x the SM count, 2048 / channels_last the tiling's, the tiling by batch); the result does not depend on
     them beyond float32 rounding of the statistics.
+    ``stats``: the statistics partials of ``x`` under the plan this call makes (a channels_last ``x``, no
+    ``shift``); the statistics pass is skipped.
     ``single_pass``: one program per (sample, group) holding the whole group in registers (one launch, a
     two-pass mean / variance over the registers) instead of the statistics + apply kernels; ``None``
     picks it when the group's padded tile has at most ``SINGLE_PASS_MAX`` elements (the small maps of a
@@ -645,6 +729,9 @@ def group_norm_act_triton(
         max_block=max_block,
         nhwc=nhwc,
     )
+    if stats is not None:
+        _check_stats(stats, plan, shift)
+        single_pass = False
     groups_total = plan.n * num_groups
     w = weight.contiguous() if weight is not None else x  # a dummy pointer when absent
     b = bias.contiguous() if bias is not None else x
@@ -691,33 +778,10 @@ def group_norm_act_triton(
     if channels_last:
         # partials per (sample, group, part, chunk), part = the column tile of the group's first channel
         # (0) or the next one (1); count explicit (a part holds any number of the group's channels)
-        partials = groups_total * plan.parts * plan.stats.split
-        mean = torch.empty(partials, device=x.device, dtype=torch.float32)
-        m2 = torch.empty_like(mean)
-        count = torch.empty_like(mean)
-        grid = (plan.n * math.ceil(plan.c / plan.block_c), plan.stats.split)
-        sizes = (plan.c, plan.s, cg, num_groups, plan.stats.chunk, plan.stats.split, shift_stride)
-        tiles = {
-            "BLOCK_S": plan.block_s,
-            "BLOCK_C": plan.block_c,
-            "BLOCK_G": plan.block_g,
-            "PARTS": plan.parts,
-        }
-        launch(
-            _gn_stats_nhwc_kernel,
-            grid,
-            recorder,
-            x,
-            sh,
-            mean,
-            m2,
-            count,
-            *sizes,
-            **tiles,
-            HAS_SHIFT=has_shift,
-            STAGES=plan.stages,
-            num_warps=plan.num_warps,
-        )
+        grid, sizes, tiles = _nhwc_launch(plan, shift_stride)
+        if stats is None:
+            stats = _nhwc_statistics(x, sh, shift_stride, has_shift, plan, recorder)
+        mean, m2, count = stats.mean, stats.m2, stats.count
         launch(
             _gn_apply_nhwc_kernel,
             grid,
@@ -993,10 +1057,47 @@ if triton is not None:
             y = tl.fdiv(y, 1.0 + tl.exp(-y), ieee_rounding=False)
         return y
 
+    @triton.jit
+    def _stats_tile(
+        x_ptr,
+        y_ptr,
+        r_ptr,
+        idx,
+        valid,
+        bias,
+        rbias,
+        FUSE_ADD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        HAS_RBIAS: tl.constexpr,
+    ):
+        """One tile of the statistics pass in float32, invalid lanes 0: ``x`` loaded, or with ``FUSE_ADD``
+        ``(y + bias) + (r + rbias)`` formed in float32, rounded to ``x``'s dtype, stored to ``x`` and taken
+        as rounded (the values a later pass over ``x`` reads)."""
+        if FUSE_ADD:
+            v = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                v = v + bias[None, :]
+            if HAS_RESIDUAL:
+                r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+                if HAS_RBIAS:
+                    r = r + rbias[None, :]
+                v = v + r
+            rounded = v.to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + idx, rounded, mask=valid)
+            x = tl.where(valid, rounded.to(tl.float32), 0.0)
+        else:
+            x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        return x
+
     @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE"])
     def _gn_stats_nhwc_kernel(
         x_ptr,
         shift_ptr,
+        y_ptr,
+        b_ptr,
+        r_ptr,
+        rb_ptr,
         mean_ptr,
         m2_ptr,
         count_ptr,
@@ -1012,6 +1113,10 @@ if triton is not None:
         BLOCK_G: tl.constexpr,
         PARTS: tl.constexpr,
         HAS_SHIFT: tl.constexpr,
+        FUSE_ADD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        HAS_RBIAS: tl.constexpr,
         STAGES: tl.constexpr,
     ):
         """channels_last (N, S, C): program (n tiles + t, k) reduces rows ``[k CHUNK, (k + 1) CHUNK)`` of
@@ -1025,16 +1130,24 @@ if triton is not None:
         columns are merged by Chan's formula, and one partial (mean, M2, count) is written per touched
         group: part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the
         tile it starts in also writes an empty part 1, so every slot is written). The row loop is software
-        pipelined (``STAGES`` loads in flight)."""
+        pipelined (``STAGES`` loads in flight). ``FUSE_ADD``: the tiles are first written as the bias +
+        residual sum of ``y`` / ``r`` (:func:`_stats_tile`), whose statistics are then taken."""
         n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
-        x_chunk = x_ptr + n * S * C + k * CHUNK * C
+        base = n * S * C + k * CHUNK * C
         rows = tl.arange(0, BLOCK_S)
         end = tl.minimum(S - k * CHUNK, CHUNK).to(tl.int32)  # rows of this chunk: >= 1
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        rbias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_RBIAS:
+            rbias = tl.load(rb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         # the first tile: pivot = its column means; its deviations start the sums
         valid = (rows < end)[:, None] & col_ok[None, :]
-        x = tl.load(x_chunk + rows[:, None].to(tl.int64) * C + cols[None, :], mask=valid, other=0.0).to(
-            tl.float32
+        idx = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+        x = _stats_tile(
+            x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, FUSE_ADD, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
         )
         pivot = tl.sum(x, axis=0) / tl.minimum(end, BLOCK_S).to(tl.float32)
         s1 = tl.where(valid, x - pivot[None, :], 0.0)
@@ -1042,8 +1155,10 @@ if triton is not None:
         for i in tl.range(BLOCK_S, end, BLOCK_S, num_stages=STAGES):
             r = i + rows
             valid = (r < end)[:, None] & col_ok[None, :]
-            idx = r[:, None].to(tl.int64) * C + cols[None, :]  # 64-bit: a chunk may span 2**31 elements
-            x = tl.load(x_chunk + idx, mask=valid, other=0.0).to(tl.float32)
+            idx = base + r[:, None].to(tl.int64) * C + cols[None, :]  # 64-bit: a chunk may span 2**31
+            x = _stats_tile(
+                x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, FUSE_ADD, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
+            )
             d = tl.where(valid, x - pivot[None, :], 0.0)
             s1 += d
             s2 += d * d

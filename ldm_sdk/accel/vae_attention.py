@@ -10,13 +10,15 @@ channels_last input::
     h    = norm(x)                                   # the norm module as it is (e.g. a fused GroupNorm)
     rows = h as (B, H*W, C)                          # NHWC memory: a view, no copy
     q, k, v = linear(rows, W_qkv, b_qkv).split(C)    # one GEMM, bias in its epilogue
-    a    = softmax(baddbmm(q, k^T, alpha=C**-0.5)) v # C > 256; else scaled_dot_product_attention
+    a    = softmax_(baddbmm(q, k^T, alpha=C**-0.5)) v # C > 256 (softmax in place); else SDPA
     out  = bias_residual_add(linear(a, W_proj) as channels_last (B, C, H, W), proj_out.bias, x)
 
 Why: the kl-f8 decoder's mid block attends over 64 x 64 = 4096 tokens with one head of width C = 512.
 ``F.scaled_dot_product_attention`` has no flash or cuDNN kernel for a head dim above 256, so it runs
 torch's memory-efficient kernel: 331 us on an H100 in fp16, where the same attention as ``baddbmm`` (fp16
-scores, the scale in the GEMM) + ``softmax`` + ``bmm`` takes 109 us (206 us with float32 scores). The three
+scores, the scale in the GEMM) + ``softmax`` + ``bmm`` takes 109 us (206 us with float32 scores); the
+softmax, 56 us of it in torch, is a Triton row kernel written over the scores
+(:mod:`ldm_sdk.accel.row_softmax`). The three
 q / k / v 1x1 convolutions take 11.8 us each; one GEMM over the NHWC pixel rows does all three in about
 6-8 us. (``bench/results/op_roofline_h100.json``, key ``decode_b1``, from ``bench/op_roofline.py``.) The
 whole block at that shape (fp16, channels_last, fused GroupNorm, CUDA-graph replay) went from 395 to
@@ -26,7 +28,9 @@ Numerics: for C > 256 the scores are formed in the model dtype: the GEMM accumul
 scales it by ``C**-0.5`` (``alpha``) and rounds once to fp16 / bf16; the softmax accumulates in float32
 and rounds its output once. That is what the original CompVis ``AttnBlock`` computes when run in half
 precision (``torch.bmm(q, k)`` in the model dtype, then the scale, then the softmax) -- with one rounding
-fewer, and with the scale applied before the rounding, so no overflow of unscaled scores in fp16. Against
+fewer, and with the scale applied before the rounding, so no overflow of unscaled scores in fp16. The
+softmax kernel's probabilities are within one output ulp (plus float32 noise) of a float64 softmax of the
+rounded scores. Against
 a float32 evaluation the half-precision scores add about one fp16 rounding of the logits (relative 2**-11
 of the logit size) to the probabilities; ``tests/accel/test_vae_attention.py`` bounds the whole block's
 fp16 error against float32 and against the unfused fp16 block's. ``proj_out``'s bias and the residual are
@@ -52,7 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.conv_checks import plain_conv
-from ldm_sdk.accel.residual_kernels import bias_residual_add
+from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
+from ldm_sdk.accel.row_softmax import softmax_
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.triton_kernels import Backend, KernelRecorder
 from ldm_sdk.models import autoencoder
@@ -137,6 +142,8 @@ class FusedAttnBlock(autoencoder.AttnBlock):
     unfused_class: ClassVar[type[nn.Module]] = autoencoder.AttnBlock
     fusion_backend: Backend = "auto"
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    norm_handoff: NormHandoff | None = None  # shared with the decoder's norms (block_fusion.link_decoder)
+    feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics
 
     def forward(self, x: Tensor) -> Tensor:
         if (
@@ -151,13 +158,19 @@ class FusedAttnBlock(autoencoder.AttnBlock):
         rows = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # a view when h is channels_last
         q, k, v = self._qkv(rows)
         if c > MAX_SDPA_HEAD_DIM:
-            attn = gemm_attention(q, k, v)
+            attn = gemm_attention(q, k, v, backend=self.fusion_backend, recorder=self.kernel_recorder)
         else:
             attn = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         y = F.linear(attn, self.proj_out.weight.flatten(1))
         y = y.view(b, height, width, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W)
-        return bias_residual_add(
-            y, self.proj_out.bias, x, backend=self.fusion_backend, recorder=self.kernel_recorder
+        handoff = self.norm_handoff if self.feeds_norm else None
+        return residual_add_for_norm(
+            y,
+            self.proj_out.bias,
+            x,
+            handoff=handoff,
+            backend=self.fusion_backend,
+            recorder=self.kernel_recorder,
         )
 
     def _qkv(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,10 +186,20 @@ class FusedAttnBlock(autoencoder.AttnBlock):
         return q, k, v
 
 
-def gemm_attention(q: Tensor, k: Tensor, v: Tensor, *, budget_bytes: int | None = None) -> Tensor:
+def gemm_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    budget_bytes: int | None = None,
+    backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
+) -> Tensor:
     """``softmax(q k^T / sqrt(C)) v`` for ``(B, L, C)`` ``q`` / ``k`` / ``v`` (any row strides, unit column
     stride) as ``baddbmm`` with the scale as ``alpha`` (scores in the input dtype, accumulated in float32
-    and rounded once), ``softmax`` over the last dim and ``bmm``; returns a contiguous ``(B, L, C)``. The
+    and rounded once), the softmax over the last dim written over the scores
+    (:func:`~ldm_sdk.accel.row_softmax.softmax_`: the Triton row kernel on CUDA, ``torch.softmax``
+    elsewhere; ``backend`` picks) and ``bmm``; returns a contiguous ``(B, L, C)``. The
     queries run in chunks so that one chunk's scores and probabilities together take at most
     ``budget_bytes`` (default :data:`SCORE_BUDGET_BYTES`, read at call time; at least one query row per
     chunk), a multiple of :data:`CHUNK_ROW_MULTIPLE` rows where the budget allows."""
@@ -207,7 +230,7 @@ def gemm_attention(q: Tensor, k: Tensor, v: Tensor, *, budget_bytes: int | None 
         q_chunk = q[:, start : start + chunk]
         scores = torch.empty((batch, q_chunk.shape[1], length), device=q.device, dtype=q.dtype)
         scores = torch.baddbmm(scores, q_chunk, key_t, beta=0.0, alpha=scale)  # beta 0: input ignored
-        outputs.append(torch.bmm(torch.softmax(scores, dim=-1), v))
+        outputs.append(torch.bmm(softmax_(scores, backend=backend, recorder=recorder), v))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 

@@ -294,7 +294,7 @@ def test_other_inputs_take_the_original_forward(monkeypatch: pytest.MonkeyPatch)
     def forbidden(*args: object, **kwargs: object) -> Tensor:
         raise AssertionError("the fused path ran")
 
-    monkeypatch.setattr(vae_attention, "bias_residual_add", forbidden)
+    monkeypatch.setattr(vae_attention, "residual_add_for_norm", forbidden)
     x = image((1, 32, 4, 4), torch.float32)
     with torch.no_grad():
         nchw = x.contiguous()
