@@ -13,7 +13,9 @@
   :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`; upsampling
   kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`; thin-output convolutions,
   :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`; the
-  first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`);
+  first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`, with its softmax,
+  :mod:`ldm_sdk.accel.row_softmax`; the decoder's norm statistics produced by the residual add before them,
+  :mod:`ldm_sdk.accel.norm_handoff`);
   :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
   half-precision CUDA models.

@@ -56,10 +56,13 @@ class NormHandoff:
     def __init__(self, groups: int) -> None:
         self.groups = groups
         self.taken = 0
-        self._offer: tuple[weakref.ref[Tensor], int, GroupNormStats] | None = None
+        self._offer: tuple[weakref.ref[Tensor], int | None, GroupNormStats] | None = None
 
     def offer(self, tensor: Tensor, stats: GroupNormStats) -> None:
-        self._offer = (weakref.ref(tensor), tensor._version, stats)
+        # inference tensors keep no version counter: for them the identity is the check (link_decoder
+        # offers only to the module that runs next, with nothing in between)
+        version = None if tensor.is_inference() else tensor._version
+        self._offer = (weakref.ref(tensor), version, stats)
 
     def take(self, x: Tensor, groups: int) -> GroupNormStats | None:
         """The statistics offered for ``x`` itself, unchanged since, under ``groups``; else None. Either way
@@ -68,7 +71,7 @@ class NormHandoff:
         if offer is None or groups != self.groups:
             return None
         ref, version, stats = offer
-        if ref() is not x or x._version != version:
+        if ref() is not x or (version is not None and x._version != version):
             return None
         self.taken += 1
         return stats

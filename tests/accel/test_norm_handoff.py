@@ -66,6 +66,12 @@ def test_handoff_takes_only_the_offered_unchanged_tensor_once() -> None:
     handoff.offer(x, stats)
     x.add_(1.0)  # changed since the offer
     assert handoff.take(x, 32) is None and handoff.taken == 1
+    with torch.inference_mode():  # no version counter: the identity decides
+        y = torch.zeros(1, 32, 4, 4)
+        handoff.offer(y, stats)
+        assert handoff.take(y.clone(), 32) is None
+        handoff.offer(y, stats)
+        assert handoff.take(y, 32) is stats and handoff.taken == 2
 
 
 def test_link_decoder_marks_the_blocks_that_feed_a_norm() -> None:
