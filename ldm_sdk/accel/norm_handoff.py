@@ -58,6 +58,11 @@ class NormHandoff:
         self.taken = 0
         self._offer: tuple[weakref.ref[Tensor], int | None, GroupNormStats] | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled (a whole fused model saved with ``torch.save``) without the pending offer: a weak
+        reference does not pickle, and an offer is only good within one forward."""
+        return {**self.__dict__, "_offer": None}
+
     def offer(self, tensor: Tensor, stats: GroupNormStats) -> None:
         # inference tensors keep no version counter: for them the identity is the check (link_decoder
         # offers only to the module that runs next, with nothing in between)

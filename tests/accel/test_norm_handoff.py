@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import sys
 
 import pytest
@@ -72,6 +73,15 @@ def test_handoff_takes_only_the_offered_unchanged_tensor_once() -> None:
         assert handoff.take(y.clone(), 32) is None
         handoff.offer(y, stats)
         assert handoff.take(y, 32) is stats and handoff.taken == 2
+
+
+def test_a_handoff_pickles_without_its_offer() -> None:
+    handoff = H.NormHandoff(32)
+    x = torch.zeros(1, 32, 4, 4)
+    handoff.offer(x, fake_stats())
+    copied = pickle.loads(pickle.dumps(handoff))
+    assert copied.groups == 32 and copied.take(x, 32) is None
+    assert handoff.take(x, 32) is not None  # the original keeps its offer
 
 
 def test_link_decoder_marks_the_blocks_that_feed_a_norm() -> None:
