@@ -33,19 +33,18 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from ldm_sdk.accel import triton_kernels
 from ldm_sdk.accel.residual_kernels import bias_residual_add
 from ldm_sdk.accel.triton_kernels import (
-    SINGLE_PASS_MAX,
     Backend,
     GroupNormStats,
     KernelRecorder,
     _check_kernel_input,
     _memory_format,
     _nhwc_statistics,
-    _pow2,
-    _target_programs,
     _use_triton,
-    plan_group_norm,
+    default_plan,
+    single_pass_tile,
 )
 
 
@@ -112,9 +111,7 @@ def bias_residual_add_with_stats(
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
     out = torch.empty_like(y)
-    plan = plan_group_norm(
-        tuple(y.shape), num_groups, channels_last=True, target_programs=_target_programs(y)
-    )
+    plan = default_plan(y, num_groups)
     flags = {
         "bias": bias is not None,
         "residual": residual is not None,
@@ -148,7 +145,9 @@ def residual_add_for_norm(
         and _memory_format(y) == torch.channels_last
         and y.numel() > 0
         and y.shape[1] % handoff.groups == 0
-        and not _single_pass(y, handoff.groups)
+        # a norm that takes its one-launch kernel has no statistics pass to save
+        and single_pass_tile(y.numel() // (y.shape[0] * y.shape[1]), y.shape[1] // handoff.groups)
+        > triton_kernels.SINGLE_PASS_MAX  # read at call time, like the norm's own choice
         and (residual is None or (residual.shape == y.shape and residual.stride() == y.stride()))
     )
     if fits and _use_triton(backend, "bias_residual_add", y, bias, residual, residual_bias):
@@ -165,12 +164,6 @@ def residual_add_for_norm(
     return bias_residual_add(
         y, bias, residual, residual_bias=residual_bias, backend=backend, recorder=recorder
     )
-
-
-def _single_pass(y: Tensor, groups: int) -> bool:
-    """Whether the norm would take its one-launch kernel for ``y`` (no statistics pass to save)."""
-    spatial = y.numel() // (y.shape[0] * y.shape[1])
-    return _pow2(spatial) * _pow2(y.shape[1] // groups) <= SINGLE_PASS_MAX
 
 
 def taken_stats(module: nn.Module, x: Tensor, groups: int) -> GroupNormStats | None:

@@ -617,6 +617,21 @@ def _target_programs(x: Tensor) -> int:
     return PROGRAMS_PER_SM  # the interpreter runs programs one after another
 
 
+def single_pass_tile(spatial: int, group_channels: int) -> int:
+    """The padded group tile (positions x channels, each a power of two) the single-pass kernel would hold
+    in registers; :func:`group_norm_act_triton` takes that kernel by default where it is at most
+    :data:`SINGLE_PASS_MAX`."""
+    return _pow2(spatial) * _pow2(group_channels)
+
+
+def default_plan(x: Tensor, num_groups: int) -> GroupNormPlan:
+    """The launch plan :func:`group_norm_act_triton` makes for ``x`` without tuning arguments."""
+    channels_last = _memory_format(x) == torch.channels_last
+    return plan_group_norm(
+        tuple(x.shape), num_groups, channels_last=channels_last, target_programs=_target_programs(x)
+    )
+
+
 def _nhwc_launch(plan: GroupNormPlan, shift_stride: int) -> tuple[tuple[int, int], tuple, dict[str, int]]:
     """The channels_last kernels' grid, size arguments and tile constexprs under ``plan``."""
     grid = (plan.n * math.ceil(plan.c / plan.block_c), plan.stats.split)
@@ -742,7 +757,7 @@ def group_norm_act_triton(
     cg = plan.c // num_groups
     block_split = max(2, _pow2(plan.stats.split))
     common = {"HAS_W": weight is not None, "HAS_B": bias is not None, "HAS_SHIFT": has_shift, "ACT": act}
-    tile = _pow2(plan.s) * _pow2(cg)
+    tile = single_pass_tile(plan.s, cg)
     if single_pass is None:
         single_pass = tile <= SINGLE_PASS_MAX
     if single_pass:

@@ -163,7 +163,7 @@ def interpreter_checks() -> list[str]:
         done.append("errors")
 
     # the tiny SD-1 decoder (single-pass norms off, so that its small maps take the statistics pass)
-    K.SINGLE_PASS_MAX = H.SINGLE_PASS_MAX = 16
+    K.SINGLE_PASS_MAX = 16
     decoder = fused_decoder("triton")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     z = z.contiguous(memory_format=torch.channels_last)
