@@ -12,6 +12,7 @@ channels_last input::
     q, k, v = linear(rows, W_qkv, b_qkv).split(C)    # one GEMM, bias in its epilogue
     a    = softmax_(baddbmm(q, k^T, alpha=C**-0.5)) v # C > 256 (softmax in place); else SDPA
     out  = bias_residual_add(linear(a, W_proj) as channels_last (B, C, H, W), proj_out.bias, x)
+           # in a decoder: with the next norm's statistics (ldm_sdk.accel.norm_handoff)
 
 Why: the kl-f8 decoder's mid block attends over 64 x 64 = 4096 tokens with one head of width C = 512.
 ``F.scaled_dot_product_attention`` has no flash or cuDNN kernel for a head dim above 256, so it runs
