@@ -575,10 +575,10 @@ def _takes_norm_stats(module: nn.Module) -> FusedGroupNorm | None:
 
 
 def link_decoder(decoder: autoencoder.Decoder) -> int:
-    """Give ``decoder``'s fused residual / attention blocks and norms one
-    :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` and mark the blocks whose output its next module
-    normalises first (:mod:`ldm_sdk.accel.norm_handoff`); returns how many blocks offer statistics (0
-    where the norms differ in their group count). Run by :func:`fuse_blocks`; idempotent."""
+    """Give ``decoder``'s fused residual / attention blocks, sub-pixel upsamplings and norms one
+    :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` and mark the modules whose output its next module
+    normalises first (:mod:`ldm_sdk.accel.norm_handoff`); returns how many offer statistics (0 where the
+    norms differ in their group count). Run by :func:`fuse_blocks`; idempotent."""
     seq = decoder_sequence(decoder)
     norms = [norm for norm in map(_takes_norm_stats, seq) if norm is not None]
     if not norms or len({norm.num_groups for norm in norms}) != 1:
@@ -589,7 +589,7 @@ def link_decoder(decoder: autoencoder.Decoder) -> int:
         norm = _takes_norm_stats(module)
         if norm is not None:
             norm.norm_handoff = handoff
-        if isinstance(module, FusedResnetBlock | FusedAttnBlock):
+        if isinstance(module, FusedResnetBlock | FusedAttnBlock | FusedFirstStageUpsample):
             module.norm_handoff = handoff
             module.feeds_norm = nxt is not None and _takes_norm_stats(nxt) is not None
             producers += module.feeds_norm

@@ -1,32 +1,38 @@
-"""GroupNorm statistics handed from the kernel that writes a map to the norm that reads it next: the
-first-stage decoder's residual adds produce the statistics of the next block's first norm.
+"""GroupNorm statistics handed from the kernel that writes a map to the norm that reads it next: in the
+first-stage decoder, the residual adds and the sub-pixel upsamplings produce the statistics of the next
+block's first norm.
 
-What: in the kl-f8 decoder every residual block ends with ``out = (conv2(h) + bias) + skip``, and the next
-module (a residual block, the mid attention, the output norm) starts with a GroupNorm over ``out``, whose
-statistics pass reads ``out`` again. :func:`bias_residual_add_with_stats` writes ``out`` through the
-GroupNorm's own statistics kernel (``FUSE_ADD``: each tile is summed, rounded, stored, and its statistics
-taken from the rounded values), under the launch plan the norm will make; the norm then skips its
-statistics pass (:func:`~ldm_sdk.accel.triton_kernels.group_norm_act` ``stats=``).
+What: in the kl-f8 decoder every residual block ends with ``out = (conv2(h) + bias) + skip``, and every
+upsampling with an interleave of its sub-pixel phases (:mod:`ldm_sdk.accel.subpixel`); the next module (a
+residual block, the mid attention, the output norm) starts with a GroupNorm over ``out``, whose statistics
+pass reads ``out`` again. :func:`bias_residual_add_with_stats` and the upsampling's interleave write
+``out`` through the GroupNorm's own statistics kernel (a
+:class:`~ldm_sdk.accel.triton_kernels.StatsSource`: each tile is formed, rounded, stored, and its
+statistics taken from the rounded values), under the launch plan the norm will make; the norm then skips
+its statistics pass (:func:`~ldm_sdk.accel.triton_kernels.group_norm_act` ``stats=``).
 
 How the two meet: :class:`NormHandoff` holds at most one offer, ``(tensor, its version, statistics)``.
 A producer offers what it wrote; a consumer takes the statistics only for the very tensor object, unchanged
-since (its version counter), and the offer is used once. :func:`link_decoder` (run by
-:func:`~ldm_sdk.accel.block_fusion.fuse_blocks`) gives a decoder's fused residual blocks, attention blocks
-and output norm one shared handoff, and marks as producers the blocks whose output goes straight into one of
-those norms (not the last block of a level that upsamples). A mismatch -- another tensor, a changed one, a
-norm with another group count -- only costs the fusion: the consumer computes its statistics itself.
+since (its version counter), and the offer is used once. :func:`~ldm_sdk.accel.block_fusion.link_decoder`
+(run by :func:`~ldm_sdk.accel.block_fusion.fuse_blocks`) gives a decoder's fused residual blocks, attention
+blocks, upsamplings and output norm one shared handoff, and marks as producers the modules whose output
+goes straight into one of those norms (every one but the last block of a level that upsamples). A
+mismatch -- another tensor, a changed one, a norm with another group count -- only costs the fusion: the
+consumer computes its statistics itself.
 
-Numerics: the sum is the one :func:`~ldm_sdk.accel.residual_kernels.bias_residual_add` forms (float32,
-rounded once), and the statistics come from the same kernel code, tiles and plan as the norm's own pass
-over the stored values, so the norm's output is the same bits with or without the handoff (tested in the
-Triton interpreter and on the GPU).
+Numerics: the values stored are the ones the plain kernels write (the bias + residual sum of
+:func:`~ldm_sdk.accel.residual_kernels.bias_residual_add`, the interleave plus bias: float32, rounded
+once), and the statistics come from the same kernel code, tiles and plan as the norm's own pass over the
+stored values, so the norm's output is the same bits with or without the handoff (tested in the Triton
+interpreter and on the GPU).
 
-Why: on an H100 the decoder's statistics passes over those maps read about 0.3 GB per 512 px decode; the
-fused pass reads ``y`` and the residual and writes ``out`` either way.
+Why: on an H100 the decoder's statistics passes over those maps read about 0.3 GB per 512 px decode (and
+0.2 GB more after the upsamplings); the fused pass reads its inputs and writes ``out`` either way.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import cast
 
@@ -39,6 +45,7 @@ from ldm_sdk.accel.triton_kernels import (
     Backend,
     GroupNormStats,
     KernelRecorder,
+    StatsSource,
     _check_kernel_input,
     _memory_format,
     _nhwc_statistics,
@@ -111,21 +118,20 @@ def bias_residual_add_with_stats(
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
     out = torch.empty_like(y)
-    plan = default_plan(y, num_groups)
-    flags = {
-        "bias": bias is not None,
-        "residual": residual is not None,
-        "residual_bias": residual_bias is not None,
-    }
-    add = (
-        y,
-        bias.contiguous() if bias is not None else y,
-        residual if residual is not None else y,
-        residual_bias.contiguous() if residual_bias is not None else y,
-        flags,
-    )
-    stats = _nhwc_statistics(out, y, 0, False, plan, recorder, add=add)
+    source = StatsSource(y, bias=bias, residual=residual, residual_bias=residual_bias)
+    stats = _nhwc_statistics(out, y, 0, False, default_plan(y, num_groups), recorder, source=source)
     return out, stats
+
+
+def wants_stats(handoff: NormHandoff | None, shape: tuple[int, ...]) -> bool:
+    """Whether a channels_last map of ``shape`` written for ``handoff``'s norm should come with statistics:
+    its channels split into the handoff's groups, and the norm would run a statistics pass (a norm that
+    takes its one-launch kernel has none to save)."""
+    if handoff is None or len(shape) != 4 or math.prod(shape) == 0 or shape[1] % handoff.groups:
+        return False
+    spatial = shape[2] * shape[3]
+    # SINGLE_PASS_MAX read at call time, like the norm's own choice
+    return single_pass_tile(spatial, shape[1] // handoff.groups) > triton_kernels.SINGLE_PASS_MAX
 
 
 def residual_add_for_norm(
@@ -141,13 +147,8 @@ def residual_add_for_norm(
     """:func:`~ldm_sdk.accel.residual_kernels.bias_residual_add`, offering the result's statistics to
     ``handoff`` where the Triton path runs on a channels_last map (else the plain add, nothing offered)."""
     fits = (
-        handoff is not None
+        wants_stats(handoff, tuple(y.shape))
         and _memory_format(y) == torch.channels_last
-        and y.numel() > 0
-        and y.shape[1] % handoff.groups == 0
-        # a norm that takes its one-launch kernel has no statistics pass to save
-        and single_pass_tile(y.numel() // (y.shape[0] * y.shape[1]), y.shape[1] // handoff.groups)
-        > triton_kernels.SINGLE_PASS_MAX  # read at call time, like the norm's own choice
         and (residual is None or (residual.shape == y.shape and residual.stride() == y.stride()))
     )
     if fits and _use_triton(backend, "bias_residual_add", y, bias, residual, residual_bias):
@@ -177,4 +178,5 @@ __all__ = [
     "bias_residual_add_with_stats",
     "residual_add_for_norm",
     "taken_stats",
+    "wants_stats",
 ]

@@ -25,20 +25,24 @@ float32 as before. The output differs from the upsample-then-convolve path by fl
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.conv_checks import plain_conv
+from ldm_sdk.accel.norm_handoff import NormHandoff, wants_stats
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
     KernelRecorder,
+    StatsSource,
+    _nhwc_statistics,
     _pow2,
     _use_triton,
     _warps,
+    default_plan,
     launch,
     launch_over_pixels,
     tl,
@@ -74,12 +78,15 @@ def upsample_conv(
     *,
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
+    handoff: NormHandoff | None = None,
 ) -> Tensor:
     """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a 3x3
     ``weight``, computed in the sub-pixel form (see the module doc); the output has ``x``'s memory format.
     The four phases' 2x2 kernels run as one convolution with ``4 C_out`` output channels; ``backend`` picks
     how its output is interleaved into the big map: the Triton kernel (channels_last CUDA maps, ``"auto"``)
-    or four strided copies (anything else, ``"reference"``)."""
+    or four strided copies (anything else, ``"reference"``). With ``handoff`` (a GroupNorm reads the output
+    next) the Triton interleave runs as that norm's statistics kernel and offers it the statistics
+    (:mod:`ldm_sdk.accel.norm_handoff`)."""
     n, _, h, w = x.shape
     c_out = weight.shape[0]
     fits = _channels_last(x) and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
@@ -93,6 +100,8 @@ def upsample_conv(
         kernels = _phase_kernels_triton(weight, recorder)
         full = F.conv2d(x, kernels, None, padding=1)  # the bias is added by the interleave
         full = full.contiguous(memory_format=torch.channels_last)
+        if wants_stats(handoff, (n, c_out, 2 * h, 2 * w)):
+            return _interleave_with_stats(full, bias, c_out, h, w, cast(NormHandoff, handoff), recorder)
         return _interleave_triton(full, bias, c_out, h, w, recorder)
     kernels = phase_kernels(weight).to(weight.dtype).reshape(4 * c_out, weight.shape[1], 2, 2)  # phase 2a + b
     full = F.conv2d(x, kernels, bias.repeat(4) if bias is not None else None, padding=1)  # (h + 1) x (w + 1)
@@ -163,6 +172,27 @@ def _interleave_triton(
     return out
 
 
+def _interleave_with_stats(
+    full: Tensor,
+    bias: Tensor | None,
+    c_out: int,
+    h: int,
+    w: int,
+    handoff: NormHandoff,
+    recorder: KernelRecorder | None,
+) -> Tensor:
+    """:func:`_interleave_triton` written by the GroupNorm statistics kernel under the norm's own plan, its
+    statistics offered to ``handoff``: the same output bits, and the norm skips its statistics pass."""
+    n = full.shape[0]
+    out = torch.empty(
+        (n, c_out, 2 * h, 2 * w), device=full.device, dtype=full.dtype, memory_format=torch.channels_last
+    )
+    source = StatsSource(full, bias=bias, phases=(h, w))
+    plan = default_plan(out, handoff.groups)
+    handoff.offer(out, _nhwc_statistics(out, full, 0, False, plan, recorder, source=source))
+    return out
+
+
 def _channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -179,12 +209,19 @@ class FusedFirstStageUpsample(autoencoder.Upsample):
     unfused_class: ClassVar[type[nn.Module]] = autoencoder.Upsample
     fusion_backend: Backend = "auto"
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    norm_handoff: NormHandoff | None = None  # shared with the decoder's norms (block_fusion.link_decoder)
+    feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or x.dim() != 4:
             return autoencoder.Upsample.forward(self, x)
         return upsample_conv(
-            x, self.conv.weight, self.conv.bias, backend=self.fusion_backend, recorder=self.kernel_recorder
+            x,
+            self.conv.weight,
+            self.conv.bias,
+            backend=self.fusion_backend,
+            recorder=self.kernel_recorder,
+            handoff=self.norm_handoff if self.feeds_norm else None,
         )
 
 
@@ -195,6 +232,7 @@ def first_stage_upsample_fusable(module: autoencoder.Upsample) -> str | None:
 
 
 if triton is not None:
+    from ldm_sdk.accel.triton_kernels import phase_source_index
 
     @triton.jit
     def _store_phase(out_ptr, o, ci, ok, C_IN, k00, k01, k10, k11):
@@ -256,13 +294,8 @@ if triton is not None:
         pix = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (pix < P)[:, None] & (cols < C)[None, :]
-        x = pix % (2 * W)
-        y = (pix // (2 * W)) % (2 * H)
-        n = pix // (4 * H * W)
-        a = y % 2
-        b = x % 2
-        src_pix = (n * (H + 1) + y // 2 + a) * (W + 1) + x // 2 + b
-        src = src_pix[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + cols[None, :]
+        per_sample = 4 * H * W
+        src = phase_source_index(pix // per_sample, pix % per_sample, cols, H, W, C)
         v = tl.load(src_ptr + src, mask=valid)
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)

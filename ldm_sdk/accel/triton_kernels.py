@@ -641,6 +641,29 @@ def _nhwc_launch(plan: GroupNormPlan, shift_stride: int) -> tuple[tuple[int, int
     return grid, sizes, tiles
 
 
+@dataclass(frozen=True, eq=False)
+class StatsSource:
+    """What the channels_last statistics kernel writes to ``x`` before it takes ``x``'s statistics, so that
+    the pass producing a map also hands its norm the statistics (:mod:`ldm_sdk.accel.norm_handoff`).
+
+    Without ``phases``: ``x = (y + bias[c]) + (residual + residual_bias[c])`` (``y``, ``residual``: ``x``'s
+    shape and strides; each term optional but ``y``). With ``phases = (H, W)``: ``y`` is the channels_last
+    ``(N, 4C, H + 1, W + 1)`` output of the sub-pixel phase convolution
+    (:func:`ldm_sdk.accel.subpixel.upsample_conv`) and ``x``, ``(N, C, 2H, 2W)``, its interleave plus
+    ``bias[c]`` (``residual`` must be None). Sums in float32, rounded once to ``x``'s dtype."""
+
+    y: Tensor
+    bias: Tensor | None = None
+    residual: Tensor | None = None
+    residual_bias: Tensor | None = None
+    phases: tuple[int, int] | None = None
+
+
+SOURCE_LOAD, SOURCE_ADD, SOURCE_PHASES = 0, 1, 2
+"""The statistics kernel's ``SOURCE``: read ``x``; write it as a bias + residual sum; write it as the
+interleave of sub-pixel phases (:class:`StatsSource`)."""
+
+
 def _nhwc_statistics(
     x: Tensor,
     shift: Tensor,
@@ -648,17 +671,24 @@ def _nhwc_statistics(
     has_shift: bool,
     plan: GroupNormPlan,
     recorder: KernelRecorder | None,
-    add: tuple[Tensor, Tensor, Tensor, Tensor, dict[str, bool]] | None = None,
+    source: StatsSource | None = None,
 ) -> GroupNormStats:
-    """Launch the channels_last statistics kernel over ``x`` under ``plan``. With ``add`` = ``(y, bias,
-    residual, residual_bias, flags)`` it first writes ``x = (y + bias) + (residual + residual_bias)``
-    (rounded once) and takes the statistics of what it wrote."""
+    """Launch the channels_last statistics kernel over ``x`` under ``plan``; with ``source`` it first writes
+    ``x`` from it (:class:`StatsSource`) and takes the statistics of what it wrote."""
     partials = plan.n * plan.groups * plan.parts * plan.stats.split
     mean = torch.empty(partials, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     count = torch.empty_like(mean)
     grid, sizes, tiles = _nhwc_launch(plan, shift_stride)
-    y, bias, residual, residual_bias, flags = add if add is not None else (x, x, x, x, {})
+    mode, phase_h, phase_w = SOURCE_LOAD, 0, 0
+    y, bias, residual, residual_bias = x, x, x, x  # dummy pointers where absent
+    if source is not None:
+        mode = SOURCE_ADD if source.phases is None else SOURCE_PHASES
+        phase_h, phase_w = source.phases or (0, 0)
+        y = source.y
+        bias = source.bias if source.bias is not None else x
+        residual = source.residual if source.residual is not None else x
+        residual_bias = source.residual_bias if source.residual_bias is not None else x
     launch(
         _gn_stats_nhwc_kernel,
         grid,
@@ -673,12 +703,14 @@ def _nhwc_statistics(
         m2,
         count,
         *sizes,
+        phase_h,
+        phase_w,
         **tiles,
         HAS_SHIFT=has_shift,
-        FUSE_ADD=add is not None,
-        HAS_BIAS=flags.get("bias", False),
-        HAS_RESIDUAL=flags.get("residual", False),
-        HAS_RBIAS=flags.get("residual_bias", False),
+        SOURCE=mode,
+        HAS_BIAS=source is not None and source.bias is not None,
+        HAS_RESIDUAL=source is not None and source.residual is not None,
+        HAS_RBIAS=source is not None and source.residual_bias is not None,
         STAGES=plan.stages,
         num_warps=plan.num_warps,
     )
@@ -1073,6 +1105,19 @@ if triton is not None:
         return y
 
     @triton.jit
+    def phase_source_index(n, p, cols, H, W, C):
+        """Where channels ``cols`` of pixel ``p`` of sample ``n`` of the interleaved ``(N, 2H, 2W, C)`` map
+        lie in the channels_last ``(N, H + 1, W + 1, 4C)`` sub-pixel phase map: output pixel
+        ``(2i + a, 2j + b)`` takes channels ``(2a + b) C + c`` of phase pixel ``(i + a, j + b)``
+        (:mod:`ldm_sdk.accel.subpixel`); ``[len(p), len(cols)]`` offsets."""
+        x = p % (2 * W)
+        y = p // (2 * W)
+        a = y % 2
+        b = x % 2
+        src_pix = (n * (H + 1) + y // 2 + a) * (W + 1) + x // 2 + b
+        return src_pix[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + cols[None, :]
+
+    @triton.jit
     def _stats_tile(
         x_ptr,
         y_ptr,
@@ -1081,16 +1126,30 @@ if triton is not None:
         valid,
         bias,
         rbias,
-        FUSE_ADD: tl.constexpr,
+        n,
+        p,
+        cols,
+        C,
+        PH,
+        PW,
+        SOURCE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         HAS_RBIAS: tl.constexpr,
     ):
-        """One tile of the statistics pass in float32, invalid lanes 0: ``x`` loaded, or with ``FUSE_ADD``
-        ``(y + bias) + (r + rbias)`` formed in float32, rounded to ``x``'s dtype, stored to ``x`` and taken
-        as rounded (the values a later pass over ``x`` reads)."""
-        if FUSE_ADD:
-            v = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        """One tile (pixels ``p`` of sample ``n``, channels ``cols``; ``idx`` their offsets in ``x``) of the
+        statistics pass in float32, invalid lanes 0. ``SOURCE`` (:data:`SOURCE_LOAD` ...): ``x`` loaded; or
+        ``(y + bias) + (r + rbias)``, or the sub-pixel phases of ``y`` (a ``(PH + 1, PW + 1)`` map) at
+        ``p`` plus ``bias``, formed in float32, rounded to ``x``'s dtype, stored to ``x`` and taken as
+        rounded (the values a later pass over ``x`` reads)."""
+        if SOURCE == 0:
+            x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        else:
+            if SOURCE == 2:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+                src = phase_source_index(n, p, cols, PH, PW, C)
+            else:
+                src = idx
+            v = tl.load(y_ptr + src, mask=valid, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 v = v + bias[None, :]
             if HAS_RESIDUAL:
@@ -1101,11 +1160,9 @@ if triton is not None:
             rounded = v.to(x_ptr.dtype.element_ty)
             tl.store(x_ptr + idx, rounded, mask=valid)
             x = tl.where(valid, rounded.to(tl.float32), 0.0)
-        else:
-            x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
         return x
 
-    @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE"])
+    @triton.jit(do_not_specialize=["G", "SPLIT", "SHIFT_STRIDE", "PH", "PW"])
     def _gn_stats_nhwc_kernel(
         x_ptr,
         shift_ptr,
@@ -1123,12 +1180,14 @@ if triton is not None:
         CHUNK,
         SPLIT,
         SHIFT_STRIDE,
+        PH,
+        PW,
         BLOCK_S: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_G: tl.constexpr,
         PARTS: tl.constexpr,
         HAS_SHIFT: tl.constexpr,
-        FUSE_ADD: tl.constexpr,
+        SOURCE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         HAS_RBIAS: tl.constexpr,
@@ -1145,8 +1204,9 @@ if triton is not None:
         columns are merged by Chan's formula, and one partial (mean, M2, count) is written per touched
         group: part 0 if the group starts in this tile, else part 1 (``PARTS`` 2: a group that ends in the
         tile it starts in also writes an empty part 1, so every slot is written). The row loop is software
-        pipelined (``STAGES`` loads in flight). ``FUSE_ADD``: the tiles are first written as the bias +
-        residual sum of ``y`` / ``r`` (:func:`_stats_tile`), whose statistics are then taken."""
+        pipelined (``STAGES`` loads in flight). ``SOURCE`` other than :data:`SOURCE_LOAD`: the tiles are
+        first written from ``y`` (a bias + residual sum, or the interleave of sub-pixel phases:
+        :func:`_stats_tile`), whose statistics are then taken."""
         n, c0, cols, col_ok, g, touched, hot = _nhwc_tile(C, CG, G, BLOCK_C, BLOCK_G)
         k = tl.program_id(1).to(tl.int64)
         base = n * S * C + k * CHUNK * C
@@ -1161,9 +1221,11 @@ if triton is not None:
         # the first tile: pivot = its column means; its deviations start the sums
         valid = (rows < end)[:, None] & col_ok[None, :]
         idx = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+        p = k * CHUNK + rows
         x = _stats_tile(
-            x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, FUSE_ADD, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
-        )
+            x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, n, p, cols, C, PH, PW,
+            SOURCE, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS,
+        )  # fmt: skip
         pivot = tl.sum(x, axis=0) / tl.minimum(end, BLOCK_S).to(tl.float32)
         s1 = tl.where(valid, x - pivot[None, :], 0.0)
         s2 = s1 * s1
@@ -1172,8 +1234,9 @@ if triton is not None:
             valid = (r < end)[:, None] & col_ok[None, :]
             idx = base + r[:, None].to(tl.int64) * C + cols[None, :]  # 64-bit: a chunk may span 2**31
             x = _stats_tile(
-                x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, FUSE_ADD, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
-            )
+                x_ptr, y_ptr, r_ptr, idx, valid, bias, rbias, n, k * CHUNK + r, cols, C, PH, PW,
+                SOURCE, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS,
+            )  # fmt: skip
             d = tl.where(valid, x - pivot[None, :], 0.0)
             s1 += d
             s2 += d * d
@@ -1349,9 +1412,11 @@ __all__ = [
     "Backend",
     "Chunking",
     "GroupNormPlan",
+    "GroupNormStats",
     "KernelRecorder",
     "Launch",
     "NhwcTiles",
+    "StatsSource",
     "UlpReport",
     "compare_ulps",
     "geglu",

@@ -7,7 +7,8 @@ norms one handoff; off CUDA the add is the plain one and offers nothing.
 
 Through the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is imported, so
 :func:`test_handoff_in_the_interpreter` runs this file as a script in a subprocess): the fused add +
-statistics kernel writes the same bits as the bias + residual kernel, the norm fed its statistics returns
+statistics kernel writes the same bits as the bias + residual kernel (and the interleave + statistics kernel
+as the sub-pixel interleave), the norm fed its statistics returns
 the same bits as the norm computing its own (several chunks, groups spanning two column tiles, each
 bias / residual variant), mismatched statistics are refused, and the tiny SD-1 decoder with the handoff
 decodes to the same bits as without it, with the handoff used.
@@ -32,6 +33,7 @@ from ldm_sdk.accel import norm_handoff as H
 from ldm_sdk.accel import triton_kernels as K
 from ldm_sdk.accel.block_fusion import FusedResnetBlock, decoder_sequence, link_decoder
 from ldm_sdk.accel.fusion import FusedGroupNorm
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.accel.vae_attention import FusedAttnBlock
 from ldm_sdk.models.autoencoder import Decoder
 from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
@@ -92,13 +94,17 @@ def test_link_decoder_marks_the_blocks_that_feed_a_norm() -> None:
     assert decoder.norm_out.norm_handoff is seq[0].norm_handoff  # type: ignore[union-attr]
     consumers = (FusedResnetBlock, FusedAttnBlock, FusedGroupNorm)
     producers = 0
+    upsamplings = 0
     for module, nxt in zip(seq, [*seq[1:], None], strict=True):
-        if isinstance(module, FusedResnetBlock | FusedAttnBlock):
+        if isinstance(module, FusedResnetBlock | FusedAttnBlock | FusedFirstStageUpsample):
+            assert module.norm_handoff is seq[0].norm_handoff  # type: ignore[union-attr]
             assert module.feeds_norm == isinstance(nxt, consumers), (type(module), type(nxt))
             producers += module.feeds_norm
+            upsamplings += isinstance(module, FusedFirstStageUpsample)
     levels = decoder.num_resolutions
-    # every block but the last of each upsampling level, the mid block's three modules
-    assert producers == link_decoder(decoder) == len(seq) - 1 - (levels - 1) * 2
+    assert upsamplings == levels - 1
+    # every module but norm_out and the last block of each upsampling level
+    assert producers == link_decoder(decoder) == len(seq) - 1 - (levels - 1)
     decoder.norm_out.num_groups = 16  # type: ignore[union-attr]
     assert link_decoder(decoder) == 0  # group counts differ: no handoff
 
@@ -154,6 +160,31 @@ def interpreter_checks() -> list[str]:
             fed = K.group_norm_act_triton(out, w, b, groups, 1e-6, "silu", stats=stats)
             assert torch.equal(fed, own), f"{shape} {dtype} groups {groups}: the norm differs"
             done.append(f"{shape} {dtype} groups {groups} bias {has_b} residual {has_r} rbias {has_rb}")
+        from ldm_sdk.accel import subpixel as P
+
+        # the sub-pixel interleave: (N, 4C, h + 1, w + 1) phases -> (N, C, 2h, 2w), several chunks, a
+        # group spanning two column tiles, with and without a bias
+        for n, c, h, w, groups, dtype, has_b in (
+            (2, 64, 6, 10, 32, torch.float32, True),
+            (1, 96, 5, 4, 32, torch.float16, True),
+            (1, 64, 4, 4, 16, torch.bfloat16, False),
+        ):
+            g = torch.Generator().manual_seed(n + c + h)
+            full = torch.randn(n, 4 * c, h + 1, w + 1, generator=g).to(dtype)
+            full = full.contiguous(memory_format=torch.channels_last)
+            bias = (0.3 * torch.randn(c, generator=g)).to(dtype) if has_b else None
+            handoff = H.NormHandoff(groups)
+            out = P._interleave_with_stats(full, bias, c, h, w, handoff, None)
+            plain = P._interleave_triton(full, bias, c, h, w, None)
+            assert torch.equal(out, plain), f"{(n, c, h, w)} {dtype}: the interleave differs"
+            stats = handoff.take(out, groups)
+            assert stats is not None
+            wt = torch.randn(c).to(dtype)
+            own = K.group_norm_act_triton(out, wt, None, groups, 1e-6, "silu", single_pass=False)
+            fed = K.group_norm_act_triton(out, wt, None, groups, 1e-6, "silu", stats=stats)
+            assert torch.equal(fed, own), f"{(n, c, h, w)} {dtype} groups {groups}: the norm differs"
+        done.append("sub-pixel interleave")
+
         y, r, b, _ = _inputs((1, 64, 8, 8), torch.float32, 0)
         out, stats = H.bias_residual_add_with_stats(y, b, r, num_groups=32)
         with pytest.raises(ValueError, match="cannot be combined with shift"):
@@ -170,7 +201,8 @@ def interpreter_checks() -> list[str]:
     with torch.no_grad():
         linked = decoder(z)
         handoff = decoder.norm_out.norm_handoff  # type: ignore[union-attr]
-        assert handoff is not None and handoff.taken > 0
+        producers = sum(bool(getattr(m, "feeds_norm", False)) for m in decoder.modules())
+        assert handoff is not None and handoff.taken == producers > 0, (handoff.taken, producers)
         plain = copy.deepcopy(decoder)
         for module in plain.modules():
             if hasattr(module, "feeds_norm"):
@@ -183,7 +215,7 @@ def interpreter_checks() -> list[str]:
 @pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
 def test_handoff_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 6, done
+    assert len(done) == 7, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -200,7 +232,8 @@ def test_kl_f8_decoder_same_bits_with_the_handoff() -> None:
     with torch.inference_mode():
         linked = vae.decode(z)
         handoff = decoder.norm_out.norm_handoff  # type: ignore[union-attr]
-        assert handoff is not None and handoff.taken >= 10, handoff and handoff.taken
+        # 12 residual / attention blocks and 3 upsamplings feed a two-pass norm at 512 px
+        assert handoff is not None and handoff.taken == 15, handoff and handoff.taken
         for module in decoder.modules():
             if hasattr(module, "feeds_norm"):
                 module.feeds_norm = False
