@@ -8,7 +8,9 @@ Switches (each variant is the current code with some of them off):
 * ``gn_64x32``: the GroupNorm tiling below batch 8 as 64 x 32 tiles on 4 warps, not 128 x 32 on 4
   (``triton_kernels.NHWC_PLAIN``);
 * ``no_handoff``: the decoder's norms compute their statistics themselves instead of taking them from the
-  residual add before them (``feeds_norm`` off on every producer);
+  residual add before them (``feeds_norm`` off on the residual and attention blocks);
+* ``no_upsample_handoff``: likewise after the sub-pixel upsamplings (``feeds_norm`` off on them; the
+  interleave runs as its plain kernel);
 * ``torch_softmax``: the decoder attention's softmax by torch instead of the Triton row kernel.
 
     python bench/ablate_memory_kernels.py --out bench/results/ablate_memory_kernels_h100.json
@@ -38,16 +40,19 @@ from ldm_sdk.accel import residual_kernels as R
 from ldm_sdk.accel import triton_kernels as K
 from ldm_sdk.accel import vae_attention as V
 from ldm_sdk.accel.prepare import prepare_cuda_inference
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.benchmarks import common as C
 from ldm_sdk.models.autoencoder import Decoder
 
-SWITCHES = ("flat_residual", "gn_64x32", "no_handoff", "torch_softmax")
+SWITCHES = ("flat_residual", "gn_64x32", "no_handoff", "torch_softmax", "no_upsample_handoff")
+SESSION6 = ("no_upsample_handoff",)
 DECODE_VARIANTS = {
     "current": (),
-    "torch_softmax": ("torch_softmax",),
-    "no_handoff": ("no_handoff",),
-    "no_handoff_torch_softmax": ("no_handoff", "torch_softmax"),
-    "gn_64x32": ("gn_64x32", "no_handoff", "torch_softmax"),
+    "session6": SESSION6,
+    "torch_softmax": (*SESSION6, "torch_softmax"),
+    "no_handoff": (*SESSION6, "no_handoff"),
+    "no_handoff_torch_softmax": (*SESSION6, "no_handoff", "torch_softmax"),
+    "gn_64x32": (*SESSION6, "gn_64x32", "no_handoff", "torch_softmax"),
     "session5": SWITCHES,
 }
 UNET_VARIANTS = {"current": (), "gn_64x32": ("gn_64x32",), "session5": ("flat_residual", "gn_64x32")}
@@ -56,9 +61,10 @@ UNET_VARIANTS = {"current": (), "gn_64x32": ("gn_64x32",), "session5": ("flat_re
 @contextmanager
 def switched(off: tuple[str, ...], decoder: Decoder | None) -> Iterator[None]:
     """The current code with the switches in ``off`` turned back (module constants / functions patched and
-    restored; ``no_handoff`` needs the decoder)."""
+    restored; the handoff switches need the decoder)."""
     saved = (R.bias_residual_add_triton, K.NHWC_PLAIN, V.softmax_)
     feeders = [m for m in decoder.modules() if getattr(m, "feeds_norm", False)] if decoder is not None else []
+    upsamplings = [m for m in feeders if isinstance(m, FusedFirstStageUpsample)]
     try:
         if "flat_residual" in off:
             R.bias_residual_add_triton = functools.partial(saved[0], block=2048)  # type: ignore[assignment]
@@ -68,6 +74,10 @@ def switched(off: tuple[str, ...], decoder: Decoder | None) -> Iterator[None]:
             V.softmax_ = lambda s, **_: torch.softmax(s, dim=-1)  # type: ignore[assignment]
         if "no_handoff" in off:
             for m in feeders:
+                if m not in upsamplings:
+                    m.feeds_norm = False
+        if "no_upsample_handoff" in off:
+            for m in upsamplings:
                 m.feeds_norm = False
         yield
     finally:
