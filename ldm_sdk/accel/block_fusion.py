@@ -69,12 +69,13 @@ from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
+from ldm_sdk.accel.short_attention import fits_kernel, short_attention_triton
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.thin_conv import FusedThinConv2d, thin_conv_fusable
 from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projection
-from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, group_norm_act
+from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, _use_triton, group_norm_act
 from ldm_sdk.accel.vae_attention import FusedAttnBlock, attn_block_fusable, prepare_attn_block
 from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
@@ -369,12 +370,23 @@ def _transformer_fusable(block: BasicTransformerBlock) -> str | None:
 
 class FusedCrossAttention(CrossAttention):
     """``CrossAttention`` whose projections from one input run as one GEMM: ``to_q`` / ``to_k`` / ``to_v``
-    for self-attention, ``to_k`` / ``to_v`` for a context. :func:`fuse_blocks` moves their weights into one
+    for self-attention, ``to_k`` / ``to_v`` for a context, and whose attention over a short key sequence is
+    the one-tile Triton kernel (:meth:`attention`). :func:`fuse_blocks` moves their weights into one
     storage, in that order (each Parameter stays itself, now a view of it: state dicts, in-place loading and
     saving are unchanged), so the stacked weight is a view too and no copy is made per call. If the
     Parameters were given new storage since (``module.to(...)``, assignment), the three separate GEMMs run."""
 
     unfused_class: ClassVar[type[nn.Module]] = CrossAttention
+    fusion_backend: Backend
+    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Over at most :data:`~ldm_sdk.accel.short_attention.MAX_KEYS` keys (a prompt's tokens, an 8 x 8
+        map) the one-tile Triton kernel of :mod:`ldm_sdk.accel.short_attention`; else the original."""
+        backend = _backend(self)
+        if not self.training and fits_kernel(q, k, v) and _use_triton(backend, "short_attention", q, k, v):
+            return short_attention_triton(q, k, v, self.heads, self.scale, recorder=self.kernel_recorder)
+        return CrossAttention.attention(self, q, k, v)
 
     def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         inner = self.heads * self.dim_head

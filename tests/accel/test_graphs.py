@@ -301,8 +301,13 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[object]]:
     log: dict[str, list[object]] = {"events": [], "sync_modes": [], "mode_now": [0]}
 
     class FakeGraph:
-        def __init__(self) -> None:
+        def __init__(self, keep_graph: bool = False) -> None:
             log["events"].append("graph")
+            self.keep_graph = keep_graph
+
+        def instantiate(self) -> None:
+            assert self.keep_graph, "instantiate() of a graph captured without keep_graph"
+            log["events"].append("instantiate")
 
         def replay(self) -> None:
             log["events"].append("replay")
@@ -345,12 +350,21 @@ def test_graph_path_warms_up_captures_and_replays(fake_cuda: dict[str, list[obje
         out = model(x, t, cond)  # warm-up x2, capture (its run computes the static output), replay
     assert torch.equal(out, affine(x, t, cond))
     assert seen_modes == [0, "error", 0], "only the last warm-up runs under sync debug mode 'error'"
-    assert fake_cuda["events"] == ["graph", "capture_begin", "capture_end", "replay"]
+    # kept un-instantiated at capture end (its memset nodes rewritten), then instantiated
+    assert fake_cuda["events"] == ["graph", "capture_begin", "capture_end", "instantiate", "replay"]
     with torch.no_grad():
         model(x + 1, t, cond)  # same signature: copy in, replay, no new call of fn
         model(*inputs(3))  # a new signature evicts the old capture (max_graphs=1)
     assert len(seen_modes) == 6
-    assert fake_cuda["events"][4:] == ["replay", "reset", "graph", "capture_begin", "capture_end", "replay"]
+    assert fake_cuda["events"][5:] == [
+        "replay",
+        "reset",
+        "graph",
+        "capture_begin",
+        "capture_end",
+        "instantiate",
+        "replay",
+    ]
     assert model.stats.captures == 2 and model.stats.replays == 3 and model.stats.evictions == 1
 
 
