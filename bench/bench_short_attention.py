@@ -1,7 +1,8 @@
 """The one-tile short-key attention kernel (``ldm_sdk.accel.short_attention``) against
 ``F.scaled_dot_product_attention`` (torch's choice: cuDNN on an H100) at the SD-1.5 UNet's shapes, each
-timed from a CUDA graph of 20 back-to-back calls, and the kernel's tiling (queries per program, warps of the
-wide heads) swept; then the whole UNet step with and without the kernel, graph-replayed, same process.
+timed from a CUDA graph of 20 back-to-back calls, and the kernel's tiling (queries per tile, warps of the
+wide heads, programs per SM) swept; then the whole UNet step with and without the kernel, graph-replayed,
+same process.
 
     python bench/bench_short_attention.py --out bench/results/short_attention_h100.json
 """
@@ -28,7 +29,7 @@ from ldm_sdk.benchmarks import common as C
 
 #: (queries, keys, head dim) of the SD-1.5 UNet's attentions with at most 128 keys (8 heads each)
 SHAPES = ((4096, 77, 40), (1024, 77, 80), (256, 77, 160), (64, 77, 160), (64, 64, 160))
-TILINGS = ((64, 8), (32, 4), (128, 8), (64, 4), (32, 8))  # (BLOCK_M, WIDE_WARPS)
+TILINGS = ((64, 4, 2), (64, 4, 4), (64, 8, 2), (128, 8, 2), (128, 8, 4), (32, 4, 2), (32, 4, 4))
 
 
 def per_shape(batch: int) -> dict[str, Any]:
@@ -41,16 +42,17 @@ def per_shape(batch: int) -> dict[str, Any]:
         sdpa = functools.partial(A.attention_reference, q, k, v, 8, d**-0.5)
         kernel = functools.partial(A.short_attention_triton, q, k, v, 8, d**-0.5)
         row: dict[str, float] = {"sdpa_us": round(graph_us(sdpa, 20, 30), 2)}
-        saved = A.BLOCK_M, A.WIDE_WARPS
-        for bm, warps in TILINGS:
-            A.BLOCK_M, A.WIDE_WARPS = bm, warps
+        saved = dict(A.TILING)
+        block_d = max(16, 1 << (d - 1).bit_length())
+        for bm, warps, per_sm in TILINGS:  # (queries per tile, warps, programs per SM)
+            A.TILING[block_d] = (bm, warps, per_sm)
+            key = f"kernel_m{bm}_w{warps}_p{per_sm}_us"
             try:
-                us = graph_us(kernel, 20, 30)
-                row[f"kernel_m{bm}_w{warps}_us"] = round(us, 2)
+                row[key] = round(graph_us(kernel, 20, 30), 2)
             except Exception as exc:  # a tiling Triton cannot build: say so
-                row[f"kernel_m{bm}_w{warps}_us"] = f"failed: {type(exc).__name__}"  # type: ignore[assignment]
+                row[key] = f"failed: {type(exc).__name__}"  # type: ignore[assignment]
             finally:
-                A.BLOCK_M, A.WIDE_WARPS = saved
+                A.TILING.update(saved)
         out[f"q{n}_k{m}_d{d}"] = row
         print(batch, n, m, d, row, flush=True)
     return out
@@ -61,20 +63,20 @@ def whole_step(batches: list[int], rounds: int) -> dict[str, Any]:
     prepare_cuda_inference(unet)
     g = torch.Generator("cuda").manual_seed(1)
     res: dict[str, Any] = {}
-    fits = A.fits_kernel
+    pays = A.kernel_pays
     for b in batches:
         x = torch.randn(b, 4, 64, 64, generator=g, device="cuda").half()
         x = x.contiguous(memory_format=torch.channels_last)
         t = torch.full((b,), 501.0, device="cuda")
         ctx = torch.randn(b, 77, 768, generator=g, device="cuda").half()
         for _ in range(rounds):
-            for name, patch in (("kernel", fits), ("sdpa", lambda *a: False)):
-                BF.fits_kernel = patch  # type: ignore[assignment]
+            for name, patch in (("kernel", pays), ("sdpa", lambda *a: False)):
+                BF.kernel_pays = patch  # type: ignore[assignment]
                 try:
                     with torch.inference_mode():
                         ms = graph_us(functools.partial(unet, x, t, ctx), 1, 30) / 1e3
                 finally:
-                    BF.fits_kernel = fits  # type: ignore[assignment]
+                    BF.kernel_pays = pays  # type: ignore[assignment]
                 res.setdefault(f"step_b{b}_{name}_ms", []).append(round(ms, 4))
                 print(f"step b{b} {name} {ms:.4f} ms", flush=True)
     return res

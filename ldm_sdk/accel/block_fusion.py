@@ -69,7 +69,7 @@ from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
-from ldm_sdk.accel.short_attention import fits_kernel, short_attention_triton
+from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
@@ -382,9 +382,15 @@ class FusedCrossAttention(CrossAttention):
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Over at most :data:`~ldm_sdk.accel.short_attention.MAX_KEYS` keys (a prompt's tokens, an 8 x 8
-        map) the one-tile Triton kernel of :mod:`ldm_sdk.accel.short_attention`; else the original."""
+        map), where it measured faster, the one-tile Triton kernel of :mod:`ldm_sdk.accel.short_attention`;
+        else the original."""
         backend = _backend(self)
-        if not self.training and fits_kernel(q, k, v) and _use_triton(backend, "short_attention", q, k, v):
+        if (
+            not self.training
+            and fits_kernel(q, k, v)
+            and kernel_pays(q, self.heads)
+            and _use_triton(backend, "short_attention", q, k, v)
+        ):
             return short_attention_triton(q, k, v, self.heads, self.scale, recorder=self.kernel_recorder)
         return CrossAttention.attention(self, q, k, v)
 

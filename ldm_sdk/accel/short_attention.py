@@ -46,10 +46,18 @@ MAX_KEYS = 128
 """Longest key sequence the kernel holds in one tile."""
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 """Input dtypes of the kernel (tensor-core products in half precision, as the library kernels)."""
-BLOCK_M = 64
-"""Queries per program."""
-WIDE_WARPS = 8
-"""Warps of a program whose padded head dim exceeds 64 (4 up to 64)."""
+TILING = {64: (64, 4, 4), 128: (64, 4, 4), 256: (32, 4, 2)}
+"""Per padded head dim (40 -> 64, 80 -> 128, 160 -> 256): (queries per tile, warps, programs aimed for
+per SM); a program walks several tiles with its head's keys and values loaded once. Chosen from
+``bench/bench_short_attention.py`` (H100, SD-1.5 shapes at batch 2 and 16,
+``bench/results/short_attention_h100.json``)."""
+WIDE_HEAD_MAX_ROWS = 2048
+"""Query rows (batch x queries) up to which the kernel takes heads wider than 64. H100, fp16, 77 keys, 8
+heads (``bench/results/short_attention_h100.json``): head dim 80 at 2 x 1024 rows 5.7 us against cuDNN's
+8.6, at 16 x 1024 40.7 against 28.5; head dim 160 at 2 x 256 rows 5.6 against 8.8, at 16 x 256 18.6
+against 14.8, at 16 x 64 7.4 against 9.6. (Head dim 40 -- padded to 64 -- measured faster everywhere:
+9.9 against 14.3 us at 2 x 4096 rows, 60.6 against 73.4 at 16 x 4096.) The kernel pads the keys to 80 and
+the head dim to a power of two, so its tensor-core work and its ``exp`` count grow faster than cuDNN's."""
 
 
 def short_attention(
@@ -65,9 +73,17 @@ def short_attention(
     """``softmax(q k^T scale) v`` per head of ``(B, L, heads * D)`` projections, heads merged back:
     ``(B, N, heads * D)`` (see the module doc)."""
     _check_shapes(q, k, v, heads)
-    if _use_triton(backend, "short_attention", q, k, v) and (backend == "triton" or fits_kernel(q, k, v)):
+    auto = fits_kernel(q, k, v) and kernel_pays(q, heads)
+    if _use_triton(backend, "short_attention", q, k, v) and (backend == "triton" or auto):
         return short_attention_triton(q, k, v, heads, scale, recorder=recorder)
     return attention_reference(q, k, v, heads, scale)
+
+
+def kernel_pays(q: Tensor, heads: int) -> bool:
+    """Whether the kernel measured faster than the library attention for this query shape: head dims up to
+    64 always; wider heads up to :data:`WIDE_HEAD_MAX_ROWS` query rows per head (see that constant)."""
+    b, n, inner = q.shape
+    return inner // heads <= 64 or b * n <= WIDE_HEAD_MAX_ROWS
 
 
 def fits_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -120,10 +136,16 @@ def short_attention_triton(
     if out.numel() == 0:
         return out
     block_d = max(16, _pow2(d))
-    grid = (triton.cdiv(n, BLOCK_M), b * heads)
+    first_keys, rest_keys = key_blocks(keys)
+    block_m, warps, per_sm = TILING.get(block_d, (32, 4, 2))
+    q_tiles = triton.cdiv(n, block_m)
+    # each program walks several query tiles of its (sample, head) with the keys and values loaded once:
+    # about per_sm programs per SM (re-reading them per tile cost more L2 traffic than the queries)
+    target = per_sm * _sm_count(q.device)
+    per_program = max(1, min(q_tiles, (q_tiles * b * heads) // max(1, target)))
     launch(
         _short_attention_kernel,
-        grid,
+        (triton.cdiv(q_tiles, per_program), b * heads),
         recorder,
         q,
         k,
@@ -132,7 +154,7 @@ def short_attention_triton(
         n,
         keys,
         heads,
-        d,
+        per_program,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -140,12 +162,32 @@ def short_attention_triton(
         v.stride(0),
         v.stride(1),
         float(scale),
-        BLOCK_M=BLOCK_M,
-        BLOCK_K=max(16, _pow2(keys)),
+        HEAD_DIM=d,
+        BLOCK_M=block_m,
+        BLOCK_K=first_keys,
+        BLOCK_K2=rest_keys,
         BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else WIDE_WARPS,
+        num_warps=warps,
+        # the tile loop's query loads double-buffered, but not beside 256-wide keys and values (shared
+        # memory: Triton's default three stages need 240 KiB at head dim 160)
+        num_stages=1 if block_d >= 256 else 2,
     )
     return out
+
+
+def key_blocks(keys: int) -> tuple[int, int]:
+    """The kernel's two key blocks (powers of two, at least 16; the second 0 when one suffices): the
+    largest power of two not above ``keys``, then the rest rounded up -- 77 keys: (64, 16), 64: (64, 0),
+    100: (64, 64), 5: (16, 0)."""
+    first = max(16, _pow2(keys + 1) // 2)
+    rest = keys - first
+    return first, (max(16, _pow2(rest)) if rest > 0 else 0)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
@@ -164,7 +206,7 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, heads: int) -> None:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["N"])
+    @triton.jit(do_not_specialize=["N", "TILES"])
     def _short_attention_kernel(
         q_ptr,
         k_ptr,
@@ -173,7 +215,7 @@ if triton is not None:
         N,
         M,
         H,
-        D,
+        TILES,
         SQ_B,
         SQ_N,
         SK_B,
@@ -181,42 +223,59 @@ if triton is not None:
         SV_B,
         SV_M,
         scale,
+        HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        BLOCK_K2: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Queries ``[p BLOCK_M, (p + 1) BLOCK_M)`` of (sample, head) = program 1 against all ``M`` keys:
-        ``S = q k^T scale`` (float32), ``P = exp(S - max)``, ``out = (P v) / sum P``."""
+        """Query tiles ``[p TILES, (p + 1) TILES)`` (``BLOCK_M`` queries each) of (sample, head) = program 1
+        against all ``M`` keys, loaded once as a ``BLOCK_K`` block and (``BLOCK_K2`` > 0) a second one
+        (77 keys: 64 + 16, not one padded block of 128): per tile ``S = q k^T scale`` (float32),
+        ``P = exp(S - max)`` over both blocks, ``out = (P v) / sum P``."""
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = bh % H
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        keys = tl.arange(0, BLOCK_K)
         d = tl.arange(0, BLOCK_D)
-        row_ok = rows < N
-        key_ok = keys < M
-        d_ok = d < D
-        feat = h * D + d
-        q = tl.load(
-            q_ptr + b * SQ_B + rows[:, None].to(tl.int64) * SQ_N + feat[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * SK_B + keys[:, None] * SK_M + feat[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * SV_B + keys[:, None] * SV_M + feat[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        p = tl.exp(s - tl.max(s, axis=1)[:, None])
-        total = tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v)
-        out = acc / total[:, None]
-        inner = H * D
-        tl.store(
-            o_ptr + b * N * inner + rows[:, None].to(tl.int64) * inner + feat[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
-        )
+        d_ok = d < HEAD_DIM
+        feat = h * HEAD_DIM + d
+        k_base = k_ptr + b * SK_B + feat[None, :]
+        v_base = v_ptr + b * SV_B + feat[None, :]
+        keys = tl.arange(0, BLOCK_K)
+        kt, v = _key_block(k_base, v_base, keys, M, SK_M, SV_M, d_ok)
+        if BLOCK_K2 > 0:  # the keys past the first power of two: a second, narrower block
+            keys2 = BLOCK_K + tl.arange(0, BLOCK_K2)
+            kt2, v2 = _key_block(k_base, v_base, keys2, M, SK_M, SV_M, d_ok)
+        inner = H * HEAD_DIM
+        q_base = q_ptr + b * SQ_B + feat[None, :]
+        o_base = o_ptr + b * N * inner + feat[None, :]
+        first = tl.program_id(0) * TILES
+        for i in range(TILES):
+            rows = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            io_mask = (rows < N)[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None].to(tl.int64) * SQ_N, mask=io_mask, other=0.0)
+            s = tl.where((keys < M)[None, :], tl.dot(q, kt) * scale, float("-inf"))
+            top = tl.max(s, axis=1)
+            if BLOCK_K2 > 0:
+                s2 = tl.where((keys2 < M)[None, :], tl.dot(q, kt2) * scale, float("-inf"))
+                top = tl.maximum(top, tl.max(s2, axis=1))
+            p = tl.exp(s - top[:, None])
+            total = tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v)
+            if BLOCK_K2 > 0:
+                p2 = tl.exp(s2 - top[:, None])
+                total += tl.sum(p2, axis=1)
+                acc = tl.dot(p2.to(v2.dtype), v2, acc)
+            out = (acc / total[:, None]).to(o_ptr.dtype.element_ty)
+            tl.store(o_base + rows[:, None].to(tl.int64) * inner, out, mask=io_mask)
+
+    @triton.jit
+    def _key_block(k_base, v_base, keys, M, SK_M, SV_M, d_ok):
+        """``(k^T, v)`` of ``keys`` (zero past ``M`` and past the head dim)."""
+        mask = (keys < M)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * SK_M, mask=mask, other=0.0)
+        v = tl.load(v_base + keys[:, None] * SV_M, mask=mask, other=0.0)
+        return tl.trans(k), v
 
 
 __all__ = [
@@ -224,6 +283,7 @@ __all__ = [
     "MAX_KEYS",
     "attention_reference",
     "fits_kernel",
+    "kernel_pays",
     "short_attention",
     "short_attention_triton",
 ]
