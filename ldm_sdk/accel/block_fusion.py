@@ -64,6 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_sdk.accel.context_projections import (
+    ContextProjections,
+    share_context_projections,
+    unshare_context_projections,
+)
 from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
@@ -379,6 +384,8 @@ class FusedCrossAttention(CrossAttention):
     unfused_class: ClassVar[type[nn.Module]] = CrossAttention
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    context_projections: ContextProjections | None = None  # the UNet's one K / V GEMM (fuse_blocks)
+    context_index: int = 0
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Over at most :data:`~ldm_sdk.accel.short_attention.MAX_KEYS` keys (a prompt's tokens, an 8 x 8
@@ -399,9 +406,14 @@ class FusedCrossAttention(CrossAttention):
         if context is None and (qkv := _stacked(self.to_q, self.to_k, self.to_v)) is not None:
             q, k, v = F.linear(x, qkv).split(inner, dim=-1)
             return q, k, v
-        if context is not None and (kv := _stacked(self.to_k, self.to_v)) is not None:
-            k, v = F.linear(context, kv).split(inner, dim=-1)
-            return self.to_q(x), k, v
+        if context is not None:
+            shared = self.context_projections
+            projected = shared.kv(self.context_index, context) if shared is not None else None
+            if projected is None and (kv := _stacked(self.to_k, self.to_v)) is not None:
+                projected = F.linear(context, kv)
+            if projected is not None:
+                k, v = projected.split(inner, dim=-1)
+                return self.to_q(x), k, v
         return CrossAttention.project(self, x, context)
 
 
@@ -557,6 +569,9 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
             blocks = [m for m in net.modules() if isinstance(m, FusedResBlock) and m.emb_shifts is None]
             if share_embedding_projection(blocks) is not None:
                 shared += len(blocks)
+            attns = [m for m in net.modules() if _projects_context(m)]
+            if attns and all(a.context_projections is None for a in attns):
+                share_context_projections(net, attns)
     return BlockFusionReport(
         backend=backend, fused=fused, already_fused=already, skipped=tuple(skipped), shared_embedding=shared
     )
@@ -614,9 +629,22 @@ def link_decoder(decoder: autoencoder.Decoder) -> int:
     return producers
 
 
+def _projects_context(module: nn.Module) -> bool:
+    """A fused cross-attention whose context width differs from its query width (its K / V weights are
+    stacked on their own, :func:`_prepare_attention`)."""
+    return (
+        isinstance(module, FusedCrossAttention)
+        and module.to_q.in_features != module.to_k.in_features
+        and _stacked(module.to_k, module.to_v) is not None
+    )
+
+
 def unfuse_blocks(module: nn.Module) -> int:
     """Switch fused blocks back to their original classes (each fused class names its ``unfused_class``);
     returns how many. :func:`~ldm_sdk.accel.fusion.unfuse_model` does this too, with the norms."""
+    for net in module.modules():
+        if "_context_projections_hook" in net.__dict__:
+            unshare_context_projections(net)
     return sum(restore_class(block) for block in module.modules())
 
 

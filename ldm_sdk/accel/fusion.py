@@ -51,6 +51,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from ldm_sdk.accel.context_projections import unshare_context_projections
 from ldm_sdk.accel.geglu_gemm import geglu_linear, geglu_linear_pays
 from ldm_sdk.accel.norm_handoff import NormHandoff, taken_stats
 from ldm_sdk.accel.triton_kernels import BACKENDS, Act, Backend, KernelRecorder, geglu, group_norm_act
@@ -334,6 +335,9 @@ def unfuse_model(module: nn.Module) -> int:
     if not isinstance(module, nn.Module):
         raise TypeError(f"unfuse_model takes an nn.Module, got {type(module).__name__}")
     restored = 0
+    for net in list(module.modules()):
+        if "_context_projections_hook" in net.__dict__:
+            unshare_context_projections(net)  # the UNet's shared K / V projection (block_fusion.py)
     for parent in list(module.modules()):
         for child_name, child in list(parent._modules.items()):
             if restore_class(child):  # a fused block (block_fusion.py)

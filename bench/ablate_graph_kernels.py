@@ -1,0 +1,154 @@
+"""Same-process A/B of the step-level changes of 2026-11-26 (session 7): the short-key attention kernel
+(``ldm_sdk.accel.short_attention``), the one K / V GEMM of all cross-attentions
+(``ldm_sdk.accel.context_projections``), the memset nodes of a captured graph rewritten as kernels
+(``ldm_sdk.accel.graph_memsets``) and the decoder upsamplings' statistics handoff.
+
+The SD-1.5 UNet (batch 2 and 16) and the kl-f8 decode (512 px) run as the runtime runs them: prepared
+(:func:`~ldm_sdk.accel.prepare.prepare_cuda_inference`) and replayed from a
+:class:`~ldm_sdk.accel.graphs.CapturedModel`'s graph; each variant switches some of the changes off,
+captures afresh and is timed by graph replay (CUDA events, median of ``--iters``), in ``--rounds`` rounds
+over all variants so drift shows as spread.
+
+    python bench/ablate_graph_kernels.py --out bench/results/ablate_graph_kernels_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm_sdk.accel import block_fusion as BF
+from ldm_sdk.accel.graphs import CapturedModel
+from ldm_sdk.accel.prepare import prepare_cuda_inference
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
+from ldm_sdk.benchmarks import common as C
+from ldm_sdk.diffusion.conditioning import Conditioning
+
+UNET_VARIANTS = {
+    "current": (),
+    "no_short_attention": ("short_attention",),
+    "no_shared_kv": ("shared_kv",),
+    "no_memset_rewrite": ("memsets",),
+    "none": ("short_attention", "shared_kv", "memsets"),
+}
+DECODE_VARIANTS = {
+    "current": (),
+    "no_upsample_handoff": ("upsample_handoff",),
+    "no_memset_rewrite": ("memsets",),
+    "none": ("upsample_handoff", "memsets"),
+}
+
+
+@contextmanager
+def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
+    """The current code with the changes in ``off`` turned off (restored on exit)."""
+    pays = BF.kernel_pays
+    shared = {m: m.context_projections for m in model.modules() if isinstance(m, BF.FusedCrossAttention)}
+    ups = [m for m in model.modules() if isinstance(m, FusedFirstStageUpsample) and m.feeds_norm]
+    try:
+        if "short_attention" in off:
+            BF.kernel_pays = lambda *a: False  # type: ignore[assignment]
+        if "shared_kv" in off:
+            for m in shared:
+                m.context_projections = None
+        if "upsample_handoff" in off:
+            for m in ups:
+                m.feeds_norm = False
+        yield
+    finally:
+        BF.kernel_pays = pays  # type: ignore[assignment]
+        for m, value in shared.items():
+            m.context_projections = value
+        for m in ups:
+            m.feeds_norm = True
+
+
+def replay_ms(call: Callable[[], Tensor], captured: CapturedModel, iters: int) -> float:
+    """Capture (through ``call``, which runs ``captured``), then time the graph's replay alone."""
+    captured.clear()
+    call()
+    graph = next(iter(captured._captures.values())).graph
+    assert graph is not None
+    return C.median(C.time_calls(graph.replay, torch.device("cuda"), warmup=3, iters=iters)) * 1e3
+
+
+def run(
+    variants: dict[str, tuple[str, ...]],
+    model: nn.Module,
+    captured: CapturedModel,
+    call: Callable[[], Tensor],
+    rounds: int,
+    iters: int,
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, off in variants.items():
+            with switched(off, model):
+                captured.rewrite_memsets = "memsets" not in off
+                times.setdefault(name, []).append(round(replay_ms(call, captured, iters), 4))
+            print(name, times[name], flush=True)
+    captured.rewrite_memsets = True
+    return times
+
+
+def unet_ablation(batches: list[int], gen: torch.Generator, rounds: int, iters: int) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    unet = C.random_sd15_unet(dev).half()
+    prepare_cuda_inference(unet)
+    step = CapturedModel(lambda x, t, c: unet(x, t, c.crossattn), modules=[unet])
+    out = {}
+    for b in batches:
+        x = torch.randn(b, 4, 64, 64, generator=gen, device=dev).half()
+        x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.full((b,), 501.0, device=dev)
+        cond = Conditioning(crossattn=torch.randn(b, 77, 768, generator=gen, device=dev).half())
+        print(f"--- unet batch {b}", flush=True)
+        call = functools.partial(step, x, t, cond)
+        out[f"unet_b{b}_ms"] = run(UNET_VARIANTS, unet, step, call, rounds, iters)
+    return out
+
+
+def decode_ablation(gen: torch.Generator, rounds: int, iters: int) -> dict[str, list[float]]:
+    dev = torch.device("cuda")
+    eng, _ = C.build_ours(C.ARCHS["sd15"], dev, torch.float16, 0)
+    vae = eng.vae.to(memory_format=torch.channels_last)
+    prepare_cuda_inference(vae)
+    decode = CapturedModel(lambda z, t, c: vae.decode(z), modules=[vae])
+    z = torch.randn(1, 4, 64, 64, generator=gen, device=dev).half()
+    print("--- decode 512 px", flush=True)
+    call = functools.partial(decode, z, z.new_zeros(1), Conditioning())
+    return run(DECODE_VARIANTS, vae, decode, call, rounds, iters)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="2,16", help="UNet batch sizes (comma list; empty: none)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA device")
+    gen = torch.Generator("cuda").manual_seed(1)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    batches = [int(v) for v in args.batches.split(",") if v]
+    res.update(unet_ablation(batches, gen, args.rounds, args.iters))
+    torch.cuda.empty_cache()
+    res["decode_ms"] = decode_ablation(gen, args.rounds, args.iters)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
