@@ -1,7 +1,9 @@
 """Same-process A/B of the step-level changes of 2026-11-26 (session 7): the short-key attention kernel
 (``ldm_sdk.accel.short_attention``), the one K / V GEMM of all cross-attentions
 (``ldm_sdk.accel.context_projections``), the memset nodes of a captured graph rewritten as kernels
-(``ldm_sdk.accel.graph_memsets``) and the decoder upsamplings' statistics handoff.
+(``ldm_sdk.accel.graph_memsets``), the decoder upsamplings' statistics handoff, and the guidance form of the
+UNet call with the input shared by the two halves (``unet_b*_shared_input_ms``: ``x`` and ``t`` of half the
+batch with the whole batch's context, :meth:`~ldm_sdk.models.unet.UNetModel.forward`).
 
 The SD-1.5 UNet (batch 2 and 16) and the kl-f8 decode (512 px) run as the runtime runs them: prepared
 (:func:`~ldm_sdk.accel.prepare.prepare_cuda_inference`) and replayed from a
@@ -115,6 +117,9 @@ def unet_ablation(batches: list[int], gen: torch.Generator, rounds: int, iters: 
         print(f"--- unet batch {b}", flush=True)
         call = functools.partial(step, x, t, cond)
         out[f"unet_b{b}_ms"] = run(UNET_VARIANTS, unet, step, call, rounds, iters)
+        # the guidance form: x and t once, the two halves' context (UNetModel.forward's shared input)
+        shared = functools.partial(step, x[: b // 2], t[: b // 2], cond)
+        out[f"unet_b{b}_shared_input_ms"] = run({"current": ()}, unet, step, shared, rounds, iters)["current"]
     return out
 
 

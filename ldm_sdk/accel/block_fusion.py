@@ -83,7 +83,7 @@ from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projec
 from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, _use_triton, group_norm_act
 from ldm_sdk.accel.vae_attention import FusedAttnBlock, attn_block_fusable, prepare_attn_block
 from ldm_sdk.models import autoencoder, unet
-from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
+from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer, repeat_batch
 from ldm_sdk.models.autoencoder import ResnetBlock
 from ldm_sdk.models.unet import ResBlock, UNetModel
 
@@ -284,18 +284,23 @@ class FusedTransformerBlock(BasicTransformerBlock):
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
-    def _forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+    def _forward(self, x: Tensor, context: Tensor | None, repeats: int = 1) -> Tensor:
         if self.training:
-            return BasicTransformerBlock._forward(self, x, context)
-        return self.forward_biased(x, None, context)
+            return BasicTransformerBlock._forward(self, x, context, repeats)
+        return self.forward_biased(x, None, context, repeats)
 
-    def forward_biased(self, x: Tensor, x_bias: Tensor | None, context: Tensor | None = None) -> Tensor:
+    def forward_biased(
+        self, x: Tensor, x_bias: Tensor | None, context: Tensor | None = None, repeats: int = 1
+    ) -> Tensor:
         """The block's output for the input ``x + x_bias`` (``x_bias``: C values or None), inference only:
-        the bias is added inside the first two fused kernels, never as a pass of its own."""
+        the bias is added inside the first two fused kernels, never as a pass of its own. ``repeats``: as
+        :meth:`BasicTransformerBlock.forward` (the copies part after the self-attention)."""
         if self.training:
             raise RuntimeError("forward_biased is the inference path; in training call the block itself")
         backend, rec = _backend(self), self.kernel_recorder
         n1, n2, n3 = self.norm1, self.norm2, self.norm3
+        if self.disable_self_attn:  # attn1 reads the context too: the copies part before it
+            x, repeats = repeat_batch(x, repeats), 1
         h = layer_norm(x, n1.weight, n1.bias, n1.eps, input_bias=x_bias, backend=backend, recorder=rec)
         a, a_bias = _attend_unbiased(self.attn1, h, context if self.disable_self_attn else None)
         x, h = add_layer_norm(
@@ -309,6 +314,7 @@ class FusedTransformerBlock(BasicTransformerBlock):
             backend=backend,
             recorder=rec,
         )
+        x, h = repeat_batch(x, repeats), repeat_batch(h, repeats)
         a, a_bias = _attend_unbiased(self.attn2, h, context)
         ff_in, ff_out = _feed_forward_parts(self.ff)
         if ff_out is None:
@@ -451,12 +457,12 @@ class FusedSpatialTransformer(SpatialTransformer):
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
 
-    def forward(self, x: Tensor, context: Tensor | list[Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | list[Tensor] | None = None, repeats: int = 1) -> Tensor:
         if self.training or not _is_channels_last(x):
-            return SpatialTransformer.forward(self, x, context)
+            return SpatialTransformer.forward(self, x, context, repeats)
         contexts = context if isinstance(context, list) else [context]
         if len(contexts) not in (1, len(self.transformer_blocks)):
-            return SpatialTransformer.forward(self, x, context)  # it raises the error
+            return SpatialTransformer.forward(self, x, context, repeats)  # it raises the error
         b, c, h, w = x.shape
         proj_in, proj_out = cast(nn.Conv2d, self.proj_in), cast(nn.Conv2d, self.proj_out)
         rows = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: NHWC memory
@@ -465,11 +471,13 @@ class FusedSpatialTransformer(SpatialTransformer):
         t = F.linear(rows, proj_in.weight.flatten(1), None if fold_in else proj_in.bias)
         for i, block in enumerate(self.transformer_blocks):
             ctx = contexts[i if len(contexts) > 1 else 0]
+            r = repeats if i == 0 else 1
             if fold_in and i == 0:
-                t = cast(FusedTransformerBlock, block).forward_biased(t, proj_in.bias, ctx)
+                t = cast(FusedTransformerBlock, block).forward_biased(t, proj_in.bias, ctx, r)
             else:
-                t = block(t, context=ctx)
-        out = F.linear(t, proj_out.weight.flatten(1)).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last
+                t = block(t, context=ctx, repeats=r)
+        out = F.linear(t, proj_out.weight.flatten(1)).view(-1, h, w, c).permute(0, 3, 1, 2)  # channels_last
+        x = repeat_batch(x, repeats)
         return bias_residual_add(out, proj_out.bias, x, backend=_backend(self), recorder=self.kernel_recorder)
 
 

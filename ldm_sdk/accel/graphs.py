@@ -536,7 +536,10 @@ def bundle_denoiser(
     """:meth:`ModelBundle.denoiser` with the network call captured: same arguments, same result (bit for
     bit). With guidance the whole denoiser call -- ``[uncond; cond]`` batching, network, guidance, the
     ``(eps, x0)`` conversion -- is replayed as one graph (:mod:`ldm_sdk.accel.guided_step`); without, the
-    network call.
+    network call. For a half-precision cross-attention model on CUDA (the fast path) the guided call
+    shares its input between the halves (``share_input``: the layers before the first cross-attention run
+    once), which changes the result by the library kernels' rounding at the other batch size: not bit for
+    bit there.
 
     Pass ``captured`` (from :func:`accelerate_denoiser`) to reuse its graphs across requests; otherwise a
     new one is made with ``mode``.
@@ -548,9 +551,19 @@ def bundle_denoiser(
         if uncond is None:
             raise ValueError("guidance_scale != 1 needs the unconditional conditioning (uncond=...)")
         from ldm_sdk.accel.guided_step import guided_denoiser
+        from ldm_sdk.accel.prepare import half_precision_on_cuda
 
-        # the whole guided step (batching, network, guidance, (eps, x0)) replayed as one graph
-        return guided_denoiser(fast, bundle.schedule, bundle.parameterization, cond, uncond, guidance_scale)
+        # the whole guided step (batching, network, guidance, (eps, x0)) replayed as one graph; a half-
+        # precision cross-attention UNet on CUDA runs its layers before the first cross-attention once for
+        # both halves
+        share = (
+            bundle.conditioning_key == "crossattn"
+            and tuple(cond.parts()) == tuple(uncond.parts()) == ("crossattn",)
+            and half_precision_on_cuda([bundle.unet])
+        )
+        return guided_denoiser(
+            fast, bundle.schedule, bundle.parameterization, cond, uncond, guidance_scale, share_input=share
+        )
     return ModelDenoiser(fast, bundle.schedule, bundle.parameterization, cond)
 
 

@@ -12,7 +12,12 @@ How: :class:`GuidedPrediction` is a function of the :data:`~ldm_sdk.diffusion.de
 per-sample guidance scale, and ``c2`` is the request's ``[uncond; cond]`` conditioning. It runs exactly the
 ops of the eager ``ModelDenoiser(ClassifierFreeGuidance(model_fn, scale, uncond), schedule, p, cond)``
 (:func:`~ldm_sdk.diffusion.guidance.guidance_combine`,
-:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`), so the results are the same bits. A
+:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`), so the results are the same bits -- unless
+``share_input`` (what the tasks and the bench use on CUDA for a cross-attention-only UNet): then the
+network gets ``x`` once and the ``[uncond; cond]`` context, and runs the layers before the first
+cross-attention once for both halves (:meth:`~ldm_sdk.models.unet.UNetModel.forward`): the same math on a
+batch half as large there, the same results up to the rounding of the library kernels at that batch
+size. A
 ``CapturedModel`` over it -- :meth:`CapturedModel.companion` of the model's own, so it lives with the model's
 cache entry -- copies ``x``, ``ts`` and ``c2`` into static buffers and replays: since the prompt, the negative
 prompt and the scale are all inputs, one set of graphs serves every request with the same shapes.
@@ -39,18 +44,33 @@ from ldm_sdk.models.configs import Parameterization
 class GuidedPrediction:
     """``f(x, ts, c2) -> stack([eps, x0])``: one guided denoiser call as a capturable function (see the
     module doc). ``ts`` is ``(2, B)``: timesteps, then guidance scales; ``c2`` the ``[uncond; cond]``
-    conditioning of batch ``2B``."""
+    conditioning of batch ``2B``. ``share_input``: call the network with ``x`` and ``t`` once and the
+    ``2B`` context (a cross-attention-only conditioning; :meth:`~ldm_sdk.models.unet.UNetModel.forward`
+    then runs the layers before the first cross-attention once for both halves); otherwise with both
+    batched twice, as the eager guidance does."""
 
     def __init__(
-        self, model_fn: ModelFn, schedule: DiffusionSchedule, parameterization: Parameterization
+        self,
+        model_fn: ModelFn,
+        schedule: DiffusionSchedule,
+        parameterization: Parameterization,
+        share_input: bool = False,
     ) -> None:
         self.model_fn = model_fn
         self.schedule = schedule
         self.parameterization = parameterization
+        self.share_input = share_input
 
     def __call__(self, x: Tensor, ts: Tensor, c2: Conditioning) -> Tensor:
         t, scale = ts[0], ts[1]
-        out = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), c2)
+        if self.share_input:
+            if tuple(c2.parts()) != ("crossattn",):
+                raise ValueError(
+                    f"share_input needs a cross-attention-only conditioning, got parts {list(c2.parts())}"
+                )
+            out = self.model_fn(x, t, c2)
+        else:
+            out = self.model_fn(torch.cat([x, x]), torch.cat([t, t]), c2)
         if out.shape[1:] != x.shape[1:]:
             raise ValueError(
                 f"the model returned shape {tuple(out.shape[1:])} per sample for x of shape "
@@ -104,11 +124,14 @@ def guided_denoiser(
     cond: Conditioning,
     uncond: Conditioning,
     scale: float,
+    *,
+    share_input: bool = False,
 ) -> GuidedGraphDenoiser:
     """The guided denoiser of one request over the network of ``captured``, replayed whole from the graphs
-    of its companion for (``schedule``, ``parameterization``) (see the module doc)."""
-    key = ("guided", id(schedule), parameterization)
-    step = captured.companion(key, lambda fn: GuidedPrediction(fn, schedule, parameterization))
+    of its companion for (``schedule``, ``parameterization``, ``share_input``) (see the module doc and
+    :class:`GuidedPrediction`)."""
+    key = ("guided", id(schedule), parameterization, share_input)
+    step = captured.companion(key, lambda fn: GuidedPrediction(fn, schedule, parameterization, share_input))
     return GuidedGraphDenoiser(step, schedule, cond, uncond, scale)
 
 

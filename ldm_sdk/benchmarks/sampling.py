@@ -135,7 +135,14 @@ def accelerate_ours(e: C.Engine, arch: C.Arch, args: argparse.Namespace) -> None
             noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int, scale: float
         ) -> torch.Tensor:
             den = guided_denoiser(
-                captured, sched, "eps", Conditioning(crossattn=cond), Conditioning(crossattn=uncond), scale
+                captured,
+                sched,
+                "eps",
+                Conditioning(crossattn=cond),
+                Conditioning(crossattn=uncond),
+                scale,
+                # as the tasks do for a half-precision cross-attention UNet on CUDA
+                share_input=arch.unet.get("context_dim") is not None and dtype != torch.float32,
             )
             return ddim_sample(den, noise, torch.tensor(C.timesteps(steps), dtype=torch.float64), eta=0.0)
 

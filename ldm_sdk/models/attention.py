@@ -22,6 +22,12 @@ __all__ = [
 ]
 
 
+def repeat_batch(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``x`` with its batch repeated ``repeats`` times, ``[x; x; ...]`` (the copies of classifier-free
+    guidance), in ``x``'s memory format; ``x`` itself for one."""
+    return x if repeats == 1 else torch.cat([x] * repeats)
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-D map stored that way (and not also contiguous), else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -147,11 +153,19 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.checkpoint = checkpoint
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return checkpoint(self._forward, x, context, enabled=self.checkpoint and self.training)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, repeats: int = 1) -> torch.Tensor:
+        """``x``: ``(B, N, dim)``; ``context``: ``(B, M, context_dim)`` or None. With ``repeats`` > 1 the
+        context holds ``repeats x B`` rows and the block computes what it would for ``x`` repeated as many
+        times (:func:`repeat_batch`), the self-attention once (see :meth:`UNetModel.forward`)."""
+        if repeats == 1:
+            return checkpoint(self._forward, x, context, enabled=self.checkpoint and self.training)
+        return self._forward(x, context, repeats)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, repeats: int = 1) -> torch.Tensor:
+        if self.disable_self_attn:  # attn1 reads the context too: the copies part before it
+            x, repeats = repeat_batch(x, repeats), 1
         x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
+        x = repeat_batch(x, repeats)
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -215,9 +229,12 @@ class SpatialTransformer(nn.Module):
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1, stride=1, padding=0))
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None
+        self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None, repeats: int = 1
     ) -> torch.Tensor:
-        """``x``: ``(B, C, H, W)``; ``context``: ``(B, M, context_dim)``, a list (one per block), or None."""
+        """``x``: ``(B, C, H, W)``; ``context``: ``(B, M, context_dim)``, a list (one per block), or None.
+        With ``repeats`` > 1 the context holds ``repeats x B`` rows: the output is what ``x`` repeated as
+        many times (:func:`repeat_batch`) would give, with the layers before the first block's
+        cross-attention run once (see :meth:`UNetModel.forward`)."""
         contexts = context if isinstance(context, list) else [context]
         if len(contexts) not in (1, len(self.transformer_blocks)):
             raise ValueError(
@@ -233,7 +250,8 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, context=contexts[i if len(contexts) > 1 else 0])
+            x = block(x, context=contexts[i if len(contexts) > 1 else 0], repeats=repeats if i == 0 else 1)
+        b = x.shape[0]
         if self.use_linear:
             x = self.proj_out(x)
         # b (h w) c -> b c h w, in x_in's memory format: for channels_last maps (the CUDA fast path) the
@@ -241,4 +259,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=_memory_format(x_in))
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return x + repeat_batch(x_in, repeats)

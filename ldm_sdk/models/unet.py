@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SpatialTransformer
+from .attention import SpatialTransformer, repeat_batch
 from .embeddings import checkpoint, normalization, timestep_embedding, zero_module
 
 if TYPE_CHECKING:
@@ -176,6 +176,38 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+
+def _context_repeats(context: Context, batch: int) -> int:
+    """How many copies of the batch the context holds (see :meth:`UNetModel.forward`)."""
+    if context is None:
+        return 1
+    rows = {c.shape[0] for c in (context if isinstance(context, list) else [context])}
+    if len(rows) != 1 or next(iter(rows)) % batch:
+        raise ValueError(
+            f"context batch {sorted(rows)} must be x's batch {batch} or a multiple of it (that many copies "
+            "of the batch sharing x, timesteps and y: classifier-free guidance); every context alike"
+        )
+    return next(iter(rows)) // batch
+
+
+def _shared_input_block(
+    module: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: Context, repeats: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run input block ``module`` (a ``TimestepEmbedSequential``) on the ``B`` distinct samples ``h``;
+    its first spatial transformer parts the ``repeats`` copies. Returns the output and, once parted, the
+    embedding repeated (else None: the output is still ``B`` samples)."""
+    tiled: torch.Tensor | None = None
+    for layer in module:
+        if isinstance(layer, TimestepBlock):
+            h = layer(h, emb if tiled is None else tiled)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, context, repeats=repeats if tiled is None else 1)
+            if tiled is None:
+                tiled = repeat_batch(emb, repeats)
+        else:
+            h = layer(h)
+    return h, tiled
 
 
 def _check_heads(width: int, n_heads: int) -> int:
@@ -450,6 +482,12 @@ class UNetModel(nn.Module):
         ``context``: ``(B, M, context_dim)`` for cross-attention models; ``y``: ``(B,)`` class labels,
         given if and only if the model is class-conditional. Returns ``(B, out_channels, H, W)`` (codebook
         logits ``(B, n_embed, H, W)`` when ``n_embed`` was set) in the dtype of ``x``.
+
+        Shared input: ``context`` may hold ``r x B`` rows, ``r`` copies of the batch (classifier-free
+        guidance: the negative and the positive prompt for the same latents). The result is then the one
+        for ``x``, ``timesteps`` and ``y`` repeated ``r`` times (``[x; x; ...]``), ``(r B, ...)``, but the
+        layers before the first cross-attention -- the input convolution, the first residual block, the
+        first transformer's self-attention -- run once for the ``B`` distinct samples.
         """
         if (y is not None) != (self.num_classes is not None):
             if y is None:
@@ -479,11 +517,20 @@ class UNetModel(nn.Module):
         elif context is not None:
             context = [c.to(dtype) for c in context]
 
+        repeats = _context_repeats(context, x.shape[0])
         h = x.to(dtype)
-        hs = []
+        hs: list[torch.Tensor] = []
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            if repeats > 1:  # the copies share everything up to the first cross-attention
+                h, tiled = _shared_input_block(module, h, emb, context, repeats)
+                if tiled is not None:
+                    emb, hs, repeats = tiled, [repeat_batch(s, repeats) for s in hs], 1
+            else:
+                h = module(h, emb, context)
             hs.append(h)
+        if repeats > 1:  # no cross-attention among the input blocks: the copies part here
+            h, emb = repeat_batch(h, repeats), repeat_batch(emb, repeats)
+            hs = [repeat_batch(s, repeats) for s in hs]
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context)

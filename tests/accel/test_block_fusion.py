@@ -388,3 +388,29 @@ def test_vae_decode_prepared_fp16() -> None:
 
 if __name__ == "__main__":  # the interpreter subprocess of test_block_fusion_kernels_in_the_interpreter
     print(json.dumps(interpreter_check()))
+
+
+def test_fused_unet_shares_the_input_of_guidance_copies() -> None:
+    """The fused blocks' ``repeats`` path (channels_last, fused transformer): x once with a context of two
+    copies equals x repeated, fused or not (float32 order aside)."""
+    from ldm_sdk.benchmarks.common import randomize_
+    from ldm_sdk.models.unet import UNetModel
+    from ldm_sdk.testing.tiny import tiny_unet
+
+    config = tiny_unet(
+        4, 4, num_heads=2, use_spatial_transformer=True, context_dim=24, attention_resolutions=(1, 2)
+    )
+    unet = UNetModel.from_config(config).eval().requires_grad_(False)
+    randomize_(unet, torch.Generator().manual_seed(0))
+    unet.to(memory_format=torch.channels_last)
+    fused = copy.deepcopy(unet)
+    fuse_model(fused, backend="reference")
+    fuse_blocks(fused, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([5.0, 900.0]), torch.randn(4, 7, 24, generator=g)
+    with torch.no_grad():
+        shared = fused(x, t, ctx)
+        repeated = fused(torch.cat([x, x]), torch.cat([t, t]), ctx)
+        plain = unet(torch.cat([x, x]), torch.cat([t, t]), ctx)
+    assert rel_err(shared, repeated) < 2e-5 and rel_err(shared, plain) < 2e-5

@@ -107,3 +107,36 @@ def test_errors() -> None:
     den = guided_denoiser(CapturedModel(wrong, mode="emulate"), SCHEDULE, "eps", cond, uncond, 2.0)
     with pytest.raises(ValueError, match="must return x's shape"):
         den(torch.zeros(1, 4, 6, 6), torch.full((1,), 3.0, dtype=torch.float64))
+
+
+def test_shared_input_matches_the_batched_call() -> None:
+    """``share_input``: the network gets x once and the [uncond; cond] context; a cross-attention UNet
+    then equals the batched call (float32 order aside), and a captured step runs it."""
+    from ldm_sdk.benchmarks.common import randomize_
+    from ldm_sdk.diffusion.conditioning import bind_unet
+    from ldm_sdk.models.unet import UNetModel
+    from ldm_sdk.testing.tiny import tiny_unet
+
+    config = tiny_unet(4, 4, num_heads=2, use_spatial_transformer=True, context_dim=24)
+    unet = UNetModel.from_config(config).eval().requires_grad_(False)
+    randomize_(unet, torch.Generator().manual_seed(0))
+    fn = bind_unet(unet, "crossattn")
+    g = torch.Generator().manual_seed(2)
+    cond = Conditioning(crossattn=torch.randn(2, 5, 24, generator=g))
+    uncond = Conditioning(crossattn=torch.randn(1, 5, 24, generator=g))
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.full((2,), 600.0, dtype=torch.float64)
+    ts = torch.stack([t, torch.full((2,), 7.5, dtype=torch.float64)])
+    c2 = Conditioning.cat(uncond.expand(2), cond)
+    with torch.no_grad():
+        batched = GuidedPrediction(fn, SCHEDULE, "eps")(x, ts, c2)
+        shared = GuidedPrediction(fn, SCHEDULE, "eps", share_input=True)(x, ts, c2)
+        torch.testing.assert_close(shared, batched, rtol=1e-4, atol=1e-4)  # x0 amplifies eps x 3
+        den = guided_denoiser(
+            CapturedModel(fn, mode="emulate"), SCHEDULE, "eps", cond, uncond, 7.5, share_input=True
+        )
+        pred = den(x, t)
+    torch.testing.assert_close(pred.eps, batched[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cross-attention-only"):
+        concat = Conditioning(concat=torch.zeros(2, 1, 8, 8))
+        GuidedPrediction(fn, SCHEDULE, "eps", share_input=True)(x, ts, concat)

@@ -410,3 +410,81 @@ def test_resblock_skip_connection_kinds() -> None:
     assert isinstance(ResBlock(32, 16, 0.0).skip_connection, nn.Identity)
     assert ResBlock(32, 16, 0.0, out_channels=64, use_conv=True).skip_connection.kernel_size == (3, 3)
     assert ResBlock(32, 16, 0.0, out_channels=64).skip_connection.kernel_size == (1, 1)
+
+
+# -- shared input (classifier-free guidance's two halves) ---------------------------------------------------
+def _shared_input_unet(**overrides: Any) -> UNetModel:
+    config = {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [1, 2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_heads": 2,
+        "use_spatial_transformer": True,
+        "context_dim": 24,
+        "legacy": False,
+        **overrides,
+    }
+    torch.manual_seed(0)
+    unet = UNetModel.from_config(UNetConfig(**config)).eval()
+    for module in unet.modules():  # zero-initialised output projections would hide the transformers
+        for p in module.parameters(recurse=False):
+            if p.ndim >= 2 and not p.any():
+                nn.init.normal_(p, std=0.05)
+    return unet
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_linear_in_transformer": True, "transformer_depth": 2}],
+    ids=["sd1", "linear-depth2"],
+)
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_context_of_several_copies_equals_the_repeated_batch(
+    overrides: dict[str, Any], copies: int
+) -> None:
+    """x / t of B rows with a context of copies x B rows == the same x / t repeated (float32 order aside)."""
+    unet = _shared_input_unet(**overrides)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([3.0, 700.0])
+    ctx = torch.randn(2 * copies, 5, 24, generator=g)
+    with torch.no_grad():
+        shared = unet(x, t, context=ctx)
+        repeated = unet(torch.cat([x] * copies), torch.cat([t] * copies), context=ctx)
+    assert shared.shape == repeated.shape == (2 * copies, 4, 8, 8)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    # the copies really differ (each sees its own context)
+    assert not torch.allclose(shared[:2], shared[2:4], atol=1e-3)
+
+
+def test_shared_input_runs_the_first_layers_once() -> None:
+    unet = _shared_input_unet()
+    batches: list[int] = []
+    first_res = unet.input_blocks[1][0]
+    first_res.register_forward_hook(lambda m, args, out: batches.append(out.shape[0]))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(4, 5, 24)
+    with torch.no_grad():
+        unet(x, torch.tensor([1.0, 2.0]), context=ctx)
+    assert batches == [2]  # the first residual block saw the 2 distinct samples, not 4
+
+
+def test_a_context_batch_that_is_no_multiple_is_an_error() -> None:
+    unet = _shared_input_unet()
+    with pytest.raises(ValueError, match="must be x's batch 2 or a multiple of it"):
+        unet(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), context=torch.randn(3, 5, 24))
+
+
+@pytest.mark.parametrize("disable_self_attn", [False, True])
+def test_spatial_transformer_repeats_equal_the_repeated_input(disable_self_attn: bool) -> None:
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, 2, 16, depth=2, context_dim=24, disable_self_attn=disable_self_attn).eval()
+    nn.init.normal_(block.proj_out.weight, std=0.05)
+    x, ctx = torch.randn(2, 32, 4, 4), torch.randn(4, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            block(x, ctx, repeats=2), block(torch.cat([x, x]), ctx), rtol=1e-5, atol=1e-5
+        )
