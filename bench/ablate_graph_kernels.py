@@ -1,7 +1,8 @@
 """Same-process A/B of the step-level changes of 2026-11-26 (session 7): the short-key attention kernel
 (``ldm_sdk.accel.short_attention``), the one K / V GEMM of all cross-attentions
 (``ldm_sdk.accel.context_projections``), the memset nodes of a captured graph rewritten as kernels
-(``ldm_sdk.accel.graph_memsets``), the decoder upsamplings' statistics handoff, and the guidance form of the
+(``ldm_sdk.accel.graph_memsets``), the GroupNorm statistics handoff in the UNet (``block_fusion.link_unet``)
+and from the decoder's upsamplings, and the guidance form of the
 UNet call with the input shared by the two halves (``unet_b*_shared_input_ms``: ``x`` and ``t`` of half the
 batch with the whole batch's context, :meth:`~ldm_sdk.models.unet.UNetModel.forward`).
 
@@ -41,7 +42,8 @@ UNET_VARIANTS = {
     "no_short_attention": ("short_attention",),
     "no_shared_kv": ("shared_kv",),
     "no_memset_rewrite": ("memsets",),
-    "none": ("short_attention", "shared_kv", "memsets"),
+    "no_unet_handoff": ("handoff",),
+    "none": ("short_attention", "shared_kv", "memsets", "handoff"),
 }
 DECODE_VARIANTS = {
     "current": (),
@@ -57,6 +59,8 @@ def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
     pays = BF.kernel_pays
     shared = {m: m.context_projections for m in model.modules() if isinstance(m, BF.FusedCrossAttention)}
     ups = [m for m in model.modules() if isinstance(m, FusedFirstStageUpsample) and m.feeds_norm]
+    unet_layers = (BF.FusedResBlock, BF.FusedSpatialTransformer)
+    unet_feeders = [m for m in model.modules() if isinstance(m, unet_layers) and m.feeds_norm]
     try:
         if "short_attention" in off:
             BF.kernel_pays = lambda *a: False  # type: ignore[assignment]
@@ -66,12 +70,15 @@ def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
         if "upsample_handoff" in off:
             for m in ups:
                 m.feeds_norm = False
+        if "handoff" in off:
+            for m in unet_feeders:
+                m.feeds_norm = False
         yield
     finally:
         BF.kernel_pays = pays  # type: ignore[assignment]
         for m, value in shared.items():
             m.context_projections = value
-        for m in ups:
+        for m in [*ups, *unet_feeders]:
             m.feeds_norm = True
 
 

@@ -73,7 +73,7 @@ from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
-from ldm_sdk.accel.residual_kernels import add_layer_norm, bias_residual_add, layer_norm
+from ldm_sdk.accel.residual_kernels import add_layer_norm, layer_norm
 from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
@@ -154,6 +154,8 @@ class FusedResBlock(ResBlock):
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
     emb_shifts: EmbeddingShifts | None = None  # the UNet's shared embedding projection (fuse_blocks)
     emb_shift_index: int = 0
+    norm_handoff: NormHandoff | None = None  # shared with the UNet's norms (link_unet)
+    feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics (link_unet)
 
     def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         norm1 = _silu_norm(self.in_layers[0])
@@ -178,8 +180,14 @@ class FusedResBlock(ResBlock):
         h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
         h = _conv_no_bias(conv2, h, self.kernel_recorder)  # out_layers[2] is a dropout: identity in eval
         residual, skip_bias = _skip(self.skip_connection, x)
-        return bias_residual_add(
-            h, conv2.bias, residual, residual_bias=skip_bias, backend=backend, recorder=self.kernel_recorder
+        return residual_add_for_norm(
+            h,
+            conv2.bias,
+            residual,
+            residual_bias=skip_bias,
+            handoff=self.norm_handoff if self.feeds_norm else None,
+            backend=backend,
+            recorder=self.kernel_recorder,
         )
 
 
@@ -456,6 +464,8 @@ class FusedSpatialTransformer(SpatialTransformer):
     unfused_class: ClassVar[type[nn.Module]] = SpatialTransformer
     fusion_backend: Backend
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
+    norm_handoff: NormHandoff | None = None  # shared with the UNet's norms (link_unet)
+    feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics (link_unet)
 
     def forward(self, x: Tensor, context: Tensor | list[Tensor] | None = None, repeats: int = 1) -> Tensor:
         if self.training or not _is_channels_last(x):
@@ -478,7 +488,10 @@ class FusedSpatialTransformer(SpatialTransformer):
                 t = block(t, context=ctx, repeats=r)
         out = F.linear(t, proj_out.weight.flatten(1)).view(-1, h, w, c).permute(0, 3, 1, 2)  # channels_last
         x = repeat_batch(x, repeats)
-        return bias_residual_add(out, proj_out.bias, x, backend=_backend(self), recorder=self.kernel_recorder)
+        handoff = self.norm_handoff if self.feeds_norm else None
+        return residual_add_for_norm(
+            out, proj_out.bias, x, handoff=handoff, backend=_backend(self), recorder=self.kernel_recorder
+        )
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -571,6 +584,8 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
     for net in module.modules():
         if isinstance(net, autoencoder.Decoder):
             link_decoder(net)
+        elif isinstance(net, UNetModel):
+            link_unet(net)
     shared = 0
     for net in module.modules():
         if isinstance(net, UNetModel):
@@ -604,23 +619,48 @@ def decoder_sequence(decoder: autoencoder.Decoder) -> list[nn.Module]:
     return seq
 
 
-def _takes_norm_stats(module: nn.Module) -> FusedGroupNorm | None:
+def unet_sequence(unet: UNetModel) -> list[nn.Module | None]:
+    """The layers ``unet`` runs, in order: each input block's, the middle block's, each output block's after
+    a None (the skip concatenation before it: its input is no layer's output), then the output norm."""
+    seq: list[nn.Module | None] = []
+    for block in unet.input_blocks:
+        seq.extend(block)
+    seq.extend(unet.middle_block)
+    for block in unet.output_blocks:
+        seq.append(None)
+        seq.extend(block)
+    seq.append(unet.out[0])
+    return seq
+
+
+def _takes_norm_stats(module: nn.Module | None) -> FusedGroupNorm | None:
     """The fused norm that reads ``module``'s input first, when ``module`` takes offered statistics."""
     if isinstance(module, FusedGroupNorm):
         return module
     if isinstance(module, FusedResnetBlock):
         return _silu_norm(module.norm1)
-    if isinstance(module, FusedAttnBlock) and isinstance(module.norm, FusedGroupNorm):
+    if isinstance(module, FusedResBlock):
+        return _silu_norm(module.in_layers[0])
+    if isinstance(module, FusedAttnBlock | FusedSpatialTransformer) and isinstance(
+        module.norm, FusedGroupNorm
+    ):
         return module.norm
     return None
 
 
-def link_decoder(decoder: autoencoder.Decoder) -> int:
-    """Give ``decoder``'s fused residual / attention blocks, sub-pixel upsamplings and norms one
-    :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` and mark the modules whose output its next module
-    normalises first (:mod:`ldm_sdk.accel.norm_handoff`); returns how many offer statistics (0 where the
-    norms differ in their group count). Run by :func:`fuse_blocks`; idempotent."""
-    seq = decoder_sequence(decoder)
+_PRODUCERS = (
+    FusedResnetBlock,
+    FusedAttnBlock,
+    FusedFirstStageUpsample,
+    FusedResBlock,
+    FusedSpatialTransformer,
+)
+
+
+def _link(seq: list[nn.Module | None]) -> int:
+    """One :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` for the norms of ``seq`` that take offered
+    statistics and for its producers, which are marked when the next entry starts with such a norm;
+    returns how many offer (0 where the norms differ in their group count)."""
     norms = [norm for norm in map(_takes_norm_stats, seq) if norm is not None]
     if not norms or len({norm.num_groups for norm in norms}) != 1:
         return 0
@@ -630,11 +670,26 @@ def link_decoder(decoder: autoencoder.Decoder) -> int:
         norm = _takes_norm_stats(module)
         if norm is not None:
             norm.norm_handoff = handoff
-        if isinstance(module, FusedResnetBlock | FusedAttnBlock | FusedFirstStageUpsample):
+        if isinstance(module, _PRODUCERS):
             module.norm_handoff = handoff
-            module.feeds_norm = nxt is not None and _takes_norm_stats(nxt) is not None
+            module.feeds_norm = _takes_norm_stats(nxt) is not None
             producers += module.feeds_norm
     return producers
+
+
+def link_decoder(decoder: autoencoder.Decoder) -> int:
+    """Give ``decoder``'s fused residual / attention blocks, sub-pixel upsamplings and norms one
+    :class:`~ldm_sdk.accel.norm_handoff.NormHandoff` and mark the modules whose output its next module
+    normalises first (:mod:`ldm_sdk.accel.norm_handoff`); returns how many offer statistics (0 where the
+    norms differ in their group count). Run by :func:`fuse_blocks`; idempotent."""
+    return _link(list(decoder_sequence(decoder)))
+
+
+def link_unet(unet: UNetModel) -> int:
+    """:func:`link_decoder` for a UNet (:func:`unet_sequence`): its residual blocks and spatial
+    transformers offer their output's statistics to the norm of the layer after them (a transformer's, the
+    next residual block's, the output norm), never across a skip concatenation."""
+    return _link(unet_sequence(unet))
 
 
 def _projects_context(module: nn.Module) -> bool:

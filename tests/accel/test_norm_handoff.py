@@ -1,5 +1,6 @@
-"""GroupNorm statistics handed from the decoder's residual adds to the next norm
-(``ldm_sdk.accel.norm_handoff``, ``block_fusion.link_decoder``).
+"""GroupNorm statistics handed from the decoder's residual adds and upsamplings, and from the UNet's residual
+blocks and spatial transformers, to the next norm (``ldm_sdk.accel.norm_handoff``,
+``block_fusion.link_decoder`` / ``link_unet``).
 
 CPU: the handoff gives statistics only for the very tensor offered, unchanged, once, for its group count;
 ``link_decoder`` marks exactly the blocks whose next module starts with a fused norm and gives them and the
@@ -11,7 +12,7 @@ statistics kernel writes the same bits as the bias + residual kernel (and the in
 as the sub-pixel interleave), the norm fed its statistics returns
 the same bits as the norm computing its own (several chunks, groups spanning two column tiles, each
 bias / residual variant), mismatched statistics are refused, and the tiny SD-1 decoder with the handoff
-decodes to the same bits as without it, with the handoff used.
+decodes to the same bits as without it, with the handoff used; the tiny SD-1 UNet too.
 
 GPU (mark ``gpu``): the kl-f8 decoder in fp16 decodes to the same bits with and without the handoff.
 """
@@ -19,6 +20,7 @@ GPU (mark ``gpu``): the kl-f8 decoder in fp16 decodes to the same bits with and 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import pickle
@@ -107,6 +109,26 @@ def test_link_decoder_marks_the_blocks_that_feed_a_norm() -> None:
     assert producers == link_decoder(decoder) == len(seq) - 1 - (levels - 1)
     decoder.norm_out.num_groups = 16  # type: ignore[union-attr]
     assert link_decoder(decoder) == 0  # group counts differ: no handoff
+
+
+def test_link_unet_marks_the_layers_that_feed_a_norm_but_not_across_a_skip() -> None:
+    from ldm_sdk.accel.block_fusion import FusedResBlock, FusedSpatialTransformer, link_unet, unet_sequence
+
+    bundle = random_bundle(SD1).eval()
+    fuse_model(bundle, backend="reference")
+    fuse_blocks(bundle, backend="reference")
+    unet = bundle.unet
+    seq = unet_sequence(unet)
+    consumers = (FusedResBlock, FusedSpatialTransformer, FusedGroupNorm)
+    producers = 0
+    for module, nxt in zip(seq, [*seq[1:], None], strict=True):
+        if isinstance(module, FusedResBlock | FusedSpatialTransformer):
+            assert module.norm_handoff is unet.out[0].norm_handoff is not None
+            assert module.feeds_norm == isinstance(nxt, consumers), (type(module), type(nxt))
+            producers += module.feeds_norm
+    before_skip = [m for m, nxt in itertools.pairwise(seq) if nxt is None and m is not None]
+    assert before_skip and not any(getattr(m, "feeds_norm", False) for m in before_skip)
+    assert producers == link_unet(unet) > 0
 
 
 def test_off_cuda_the_add_is_plain_and_offers_nothing() -> None:
@@ -209,13 +231,32 @@ def interpreter_checks() -> list[str]:
                 module.feeds_norm = False
         assert torch.equal(plain(z), linked), "the decoder differs with the handoff"
     done.append(f"tiny decoder: {handoff.taken} statistics passes handed off")
+
+    # the tiny SD-1 UNet likewise (residual blocks and spatial transformers -> the next norm)
+    bundle = random_bundle(SD1).eval()
+    fuse_model(bundle, backend="triton")
+    fuse_blocks(bundle, backend="triton")
+    unet = bundle.unet.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.tensor([3.0, 600.0]), torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        linked = unet(x, t, ctx)
+        handoff = unet.out[0].norm_handoff
+        producers = sum(bool(getattr(m, "feeds_norm", False)) for m in unet.modules())
+        assert handoff is not None and handoff.taken == producers > 0, (handoff.taken, producers)
+        for module in unet.modules():
+            if hasattr(module, "feeds_norm"):
+                module.feeds_norm = False
+        assert torch.equal(unet(x, t, ctx), linked), "the UNet differs with the handoff"
+    done.append(f"tiny UNet: {handoff.taken} statistics passes handed off")
     return done
 
 
 @pytest.mark.skipif(not K.triton_available(), reason="triton is not installed")
 def test_handoff_in_the_interpreter() -> None:
     done = run_interpreted(__file__, "--interpreter-checks")
-    assert len(done) == 7, done
+    assert len(done) == 8, done
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
@@ -238,6 +279,28 @@ def test_kl_f8_decoder_same_bits_with_the_handoff() -> None:
             if hasattr(module, "feeds_norm"):
                 module.feeds_norm = False
         assert torch.equal(vae.decode(z), linked)
+
+
+@pytest.mark.gpu
+def test_sd15_unet_same_bits_with_the_handoff() -> None:
+    from ldm_sdk.accel.prepare import prepare_cuda_inference
+    from ldm_sdk.benchmarks import common as C
+
+    unet = C.random_sd15_unet(torch.device("cuda")).half()
+    prepare_cuda_inference(unet)
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(2, 4, 64, 64, generator=g, device="cuda").half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([900.0, 20.0], device="cuda")
+    ctx = torch.randn(2, 77, 768, generator=g, device="cuda").half()
+    with torch.inference_mode():
+        linked = unet(x, t, ctx)
+        handoff = unet.out[0].norm_handoff  # type: ignore[union-attr]
+        assert handoff is not None and handoff.taken > 0
+        for module in unet.modules():
+            if hasattr(module, "feeds_norm"):
+                module.feeds_norm = False
+        assert torch.equal(unet(x, t, ctx), linked)
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
