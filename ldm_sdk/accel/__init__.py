@@ -4,7 +4,9 @@
   graph, which removes the per-kernel launch cost that bounds the eager UNet step on a fast GPU;
   :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged;
   :mod:`ldm_sdk.accel.guided_step` replays a whole guided denoiser call (batching, network, guidance,
-  eps / x0) as one graph, the tasks' path with guidance.
+  eps / x0) as one graph, the tasks' path with guidance (in half precision with the two halves sharing
+  their input: :meth:`ldm_sdk.models.unet.UNetModel.forward`); captured memset nodes become fill kernels,
+  :mod:`ldm_sdk.accel.graph_memsets`.
 - :mod:`ldm_sdk.accel.fusion`: :func:`fuse_model` switches a model's GroupNorm (+ the SiLU after it) and
   GEGLU modules, in place, to the fused Triton kernels of :mod:`ldm_sdk.accel.triton_kernels` (float32
   torch references off CUDA); :mod:`ldm_sdk.accel.block_fusion`: :func:`fuse_blocks` folds conv biases,
@@ -14,8 +16,10 @@
   kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`; thin-output convolutions,
   :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`; the
   first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`, with its softmax,
-  :mod:`ldm_sdk.accel.row_softmax`; the decoder's norm statistics produced by the residual add before them,
-  :mod:`ldm_sdk.accel.norm_handoff`);
+  :mod:`ldm_sdk.accel.row_softmax`; norm statistics produced by the kernel that writes the map before the
+  norm, :mod:`ldm_sdk.accel.norm_handoff`; attention over short key sequences as one Triton tile,
+  :mod:`ldm_sdk.accel.short_attention`; every cross-attention's K / V projection as one GEMM,
+  :mod:`ldm_sdk.accel.context_projections`);
   :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
   half-precision CUDA models.

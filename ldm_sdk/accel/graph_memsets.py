@@ -1,11 +1,13 @@
 """Memset nodes of a captured CUDA graph rewritten as fill kernels.
 
 Why: cuDNN's attention and some cuBLAS kernels zero a bit of workspace before they run; captured, each
-such ``cudaMemsetAsync`` becomes a memset node. On an H100 a memset node between two kernel nodes of a
-replayed graph costs about 6 us from its start to the next kernel's start, where a kernel-to-kernel step
-costs about 1: the SD-1.5 UNet step at batch 2 holds 37 of them (32 before cuDNN's attention kernels, 5
-before cuBLAS GEMMs), about 0.2 ms of a 5.9 ms step spent waiting (``docs/benchmarks.md``,
-``bench/graph_memsets.py``).
+such ``cudaMemsetAsync`` becomes a memset node, and on an H100 a replayed graph waits about 6 us from a
+memset node's start to the next kernel's start (a kernel-to-kernel step costs about 1). The SD-1.5 UNet step
+at batch 2 held 37 of them (32 before cuDNN's attention kernels, 5 before cuBLAS GEMMs; 102 at batch 16),
+the kl-f8 decode 19 (``bench/probe_sdpa_memsets.py``, ``bench/probe_graph_memsets.py``). As fill kernels:
+the UNet graph alone at batch 2 5.85 -> 5.79 ms (``bench/probe_graph_memsets.py``); in the same-process
+ablation of the whole fast path (``bench/ablate_graph_kernels.py``) 5.69 -> 5.66 ms at batch 2 and
+32.96 -> 32.72 ms at batch 16 (``docs/benchmarks.md``).
 
 What: :func:`replace_memset_nodes` takes a graph captured with ``torch.cuda.CUDAGraph(keep_graph=True)``
 and not yet instantiated, and replaces every one-dimensional memset node (``height == 1``) by a child

@@ -16,7 +16,7 @@ How :class:`CapturedModel` works:
    with its traceback instead of as an opaque capture failure; then one call is captured into a
    ``torch.cuda.CUDAGraph`` with its own memory pool, and its memset nodes (cuDNN's and cuBLAS's
    workspace zeroing) are rewritten as fill kernels before it is instantiated
-   (:mod:`ldm_sdk.accel.graph_memsets`: the same work, about 6 us less wait per node on an H100).
+   (:mod:`ldm_sdk.accel.graph_memsets`: the same work with less waiting between nodes).
 3. Every call (the first included) copies its inputs into the static buffers and replays the graph.
 4. The result is a clone of the static output (``clone_output=True``, the default). With
    ``clone_output=False`` it is the static output itself, which the next call of the same signature
