@@ -408,7 +408,7 @@ class FusedCrossAttention(CrossAttention):
         backend = _backend(self)
         if (
             not self.training
-            and fits_kernel(q, k, v)
+            and fits_kernel(q, k, v, self.heads)
             and kernel_pays(q, self.heads)
             and _use_triton(backend, "short_attention", q, k, v)
         ):

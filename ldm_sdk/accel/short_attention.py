@@ -44,6 +44,9 @@ from ldm_sdk.accel.triton_kernels import (
 
 MAX_KEYS = 128
 """Longest key sequence the kernel holds in one tile."""
+MAX_HEAD_DIM = 256
+"""Widest head the kernel takes (its keys, values and a query tile sit in shared memory: a 512-wide padded
+head needs more than an H100 has; LDM cin256's single 192..960-wide heads mostly go to the library)."""
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 """Input dtypes of the kernel (tensor-core products in half precision, as the library kernels)."""
 TILING = {64: (64, 4, 4), 128: (64, 4, 4), 256: (32, 4, 2)}
@@ -73,7 +76,7 @@ def short_attention(
     """``softmax(q k^T scale) v`` per head of ``(B, L, heads * D)`` projections, heads merged back:
     ``(B, N, heads * D)`` (see the module doc)."""
     _check_shapes(q, k, v, heads)
-    auto = fits_kernel(q, k, v) and kernel_pays(q, heads)
+    auto = fits_kernel(q, k, v, heads) and kernel_pays(q, heads)
     if _use_triton(backend, "short_attention", q, k, v) and (backend == "triton" or auto):
         return short_attention_triton(q, k, v, heads, scale, recorder=recorder)
     return attention_reference(q, k, v, heads, scale)
@@ -86,11 +89,13 @@ def kernel_pays(q: Tensor, heads: int) -> bool:
     return inner // heads <= 64 or b * n <= WIDE_HEAD_MAX_ROWS
 
 
-def fits_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the kernel takes these projections: at most :data:`MAX_KEYS` keys, one fp16 / bf16 dtype,
-    unit stride along the features. (The device and autograd conditions are ``_use_triton``'s.)"""
+def fits_kernel(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
+    """Whether the kernel takes these projections: at most :data:`MAX_KEYS` keys and
+    :data:`MAX_HEAD_DIM` features per head, one fp16 / bf16 dtype, unit stride along the features. (The
+    device and autograd conditions are ``_use_triton``'s.)"""
     return (
         0 < k.shape[1] <= MAX_KEYS
+        and q.shape[-1] // heads <= MAX_HEAD_DIM
         and q.dtype in ATTENTION_DTYPES
         and q.dtype == k.dtype == v.dtype
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
@@ -131,6 +136,11 @@ def short_attention_triton(
         )
     b, n, inner = q.shape
     d = inner // heads
+    if d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"the short-attention kernel takes heads of at most {MAX_HEAD_DIM} features, got {d}; use "
+            "backend='auto' or 'reference'"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # "triton" forced
     out = torch.empty((b, n, inner), device=q.device, dtype=q.dtype)
     if out.numel() == 0:
@@ -280,6 +290,7 @@ if triton is not None:
 
 __all__ = [
     "ATTENTION_DTYPES",
+    "MAX_HEAD_DIM",
     "MAX_KEYS",
     "attention_reference",
     "fits_kernel",

@@ -72,7 +72,9 @@ def test_off_cuda_the_reference_runs_as_cross_attention_does() -> None:
     for backend in ("auto", "reference"):
         out = A.short_attention(q, k, v, 4, attn.scale, backend=backend)  # type: ignore[arg-type]
         assert torch.equal(out, attn.attention(q, k, v)), backend
-    assert A.fits_kernel(q.half(), k.half(), v.half()) and not A.fits_kernel(q, k, v)  # fp32: SDPA
+    assert A.fits_kernel(q.half(), k.half(), v.half(), 4) and not A.fits_kernel(q, k, v, 4)  # fp32: SDPA
+    wide = projections(1, 8, 1, 1, 320, torch.float16, 0)  # one 320-wide head (LDM cin256): the library's
+    assert not A.fits_kernel(*wide, 1)
 
 
 def test_errors_say_what_is_valid() -> None:
@@ -135,6 +137,8 @@ def interpreter_checks() -> list[str]:
         assert torch.isfinite(out).all()
         check(q * 8, k * 8, v, 1, 0.5, out)
         done.append("sharp softmax")
+        with pytest.raises(ValueError, match=f"at most {A.MAX_HEAD_DIM} features"):
+            A.short_attention_triton(*projections(1, 4, 5, 1, 320, torch.float16, 0), 1, 0.25)
         with pytest.raises(ValueError, match=f"1 to {A.MAX_KEYS}"):
             A.short_attention_triton(*projections(1, 4, A.MAX_KEYS + 1, 1, 16, torch.float16, 0), 1, 0.25)
         done.append("errors")
