@@ -5,9 +5,10 @@ such ``cudaMemsetAsync`` becomes a memset node, and on an H100 a replayed graph 
 memset node's start to the next kernel's start (a kernel-to-kernel step costs about 1). The SD-1.5 UNet step
 at batch 2 held 37 of them (32 before cuDNN's attention kernels, 5 before cuBLAS GEMMs; 102 at batch 16),
 the kl-f8 decode 19 (``bench/probe_sdpa_memsets.py``, ``bench/probe_graph_memsets.py``). As fill kernels:
-the UNet graph alone at batch 2 5.85 -> 5.79 ms (``bench/probe_graph_memsets.py``); in the same-process
-ablation of the whole fast path (``bench/ablate_graph_kernels.py``) 5.69 -> 5.66 ms at batch 2 and
-32.96 -> 32.72 ms at batch 16 (``docs/benchmarks.md``).
+the UNet graph alone at batch 2 5.85 -> 5.79 ms (``bench/probe_graph_memsets.py``; 5.70 -> 5.67 once the
+short-key attention kernel had taken 16 of the cuDNN attentions); in the same-process ablation of the
+whole fast path (``bench/ablate_graph_kernels.py``) 5.70 -> 5.66 ms at batch 2, within noise at batch 16,
+decode 5.15 -> 5.12 ms (``docs/benchmarks.md``).
 
 What: :func:`replace_memset_nodes` takes a graph captured with ``torch.cuda.CUDAGraph(keep_graph=True)``
 and not yet instantiated, and replaces every one-dimensional memset node (``height == 1``) by a child
