@@ -100,15 +100,16 @@ def flops(kind: str, func: Any, args: tuple, out: Any) -> float:
     return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
 
 
-def captured(fn: Callable[[], Any], repeat: int = 1) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``repeat`` back-to-back calls of ``fn``, after three warm-up calls on a side stream."""
+def captured(fn: Callable[[], Any], repeat: int = 1, *, keep_graph: bool = False) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``repeat`` back-to-back calls of ``fn``, after three warm-up calls on a side stream
+    (``keep_graph``: left un-instantiated, ``torch.cuda.CUDAGraph(keep_graph=True)``)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
+    g = torch.cuda.CUDAGraph(keep_graph=keep_graph)
     with torch.cuda.graph(g):
         for _ in range(repeat):
             fn()

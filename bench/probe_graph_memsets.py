@@ -23,23 +23,20 @@ import torch
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from op_roofline import captured
+
 from ldm_sdk.accel.graph_memsets import replace_memset_nodes
 from ldm_sdk.accel.prepare import prepare_cuda_inference
 from ldm_sdk.benchmarks import common as C
 
 
 def capture(fn: Callable[[], Tensor], keep: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph(keep_graph=keep)
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    """The graph of one call of ``fn`` (``op_roofline.captured``) and its static output."""
+    outs: list[Tensor] = []
+    graph = captured(lambda: outs.append(fn()), keep_graph=keep)
+    return graph, outs[-1]  # the captured call's
 
 
 def memset_events(graph: torch.cuda.CUDAGraph) -> tuple[int, int]:
