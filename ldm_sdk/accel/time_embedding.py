@@ -63,7 +63,14 @@ class EmbeddingShifts:
 
     def shift(self, index: int, emb: Tensor) -> Tensor | None:
         """Block ``index``'s ``conv1.bias + proj(silu(emb))`` as a ``(B, C)`` view of the shared result
-        (computed once per ``emb``), or None when the Parameters no longer share their storage."""
+        (computed once per ``emb``), or None when the Parameters no longer share their storage. For an
+        ``emb`` that is the leading rows of a larger tensor (the UNet's shared guidance input takes the
+        first rows of the whole batch's embedding) the projection is made for that tensor and sliced, so
+        the layers before and after the guidance copies part share one GEMM."""
+        rows = emb.shape[0]
+        base = emb._base
+        if base is not None and _leading_rows(emb, base):
+            emb = base
         memo = self._memo
         if memo is None or memo[0] is not emb:
             shifts = self._project(emb)
@@ -72,7 +79,7 @@ class EmbeddingShifts:
             memo = (emb, shifts)
             self._memo = memo
         start, stop = self.bounds[index]
-        return memo[1][:, start:stop]
+        return memo[1][:rows, start:stop]
 
     def _project(self, emb: Tensor) -> Tensor | None:
         weight = stacked_view(self.weights)
@@ -81,6 +88,17 @@ class EmbeddingShifts:
         if weight is None or proj_bias is None or conv_bias is None:
             return None
         return torch.addmm(proj_bias + conv_bias, F.silu(emb), weight.t())
+
+
+def _leading_rows(view: Tensor, base: Tensor) -> bool:
+    """Whether ``view`` is ``base[:k]`` (same memory start, row layout and trailing shape)."""
+    return (
+        view.dim() == base.dim() == 2
+        and view.data_ptr() == base.data_ptr()
+        and view.stride() == base.stride()
+        and view.shape[1] == base.shape[1]
+        and view.shape[0] <= base.shape[0]
+    )
 
 
 def _projection(block: ResBlock) -> nn.Linear:

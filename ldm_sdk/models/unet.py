@@ -192,22 +192,26 @@ def _context_repeats(context: Context, batch: int) -> int:
 
 
 def _shared_input_block(
-    module: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: Context, repeats: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run input block ``module`` (a ``TimestepEmbedSequential``) on the ``B`` distinct samples ``h``;
-    its first spatial transformer parts the ``repeats`` copies. Returns the output and, once parted, the
-    embedding repeated (else None: the output is still ``B`` samples)."""
-    tiled: torch.Tensor | None = None
+    module: nn.Module,
+    h: torch.Tensor,
+    emb: torch.Tensor,
+    emb_all: torch.Tensor,
+    context: Context,
+    repeats: int,
+) -> tuple[torch.Tensor, bool]:
+    """Run input block ``module`` (a ``TimestepEmbedSequential``) on the ``B`` distinct samples ``h`` (their
+    embedding ``emb``); its first spatial transformer parts the ``repeats`` copies, after which the layers
+    take the whole batch's embedding ``emb_all``. Returns the output and whether the copies parted."""
+    parted = False
     for layer in module:
         if isinstance(layer, TimestepBlock):
-            h = layer(h, emb if tiled is None else tiled)
+            h = layer(h, emb_all if parted else emb)
         elif isinstance(layer, SpatialTransformer):
-            h = layer(h, context, repeats=repeats if tiled is None else 1)
-            if tiled is None:
-                tiled = repeat_batch(emb, repeats)
+            h = layer(h, context, repeats=1 if parted else repeats)
+            parted = True
         else:
             h = layer(h)
-    return h, tiled
+    return h, parted
 
 
 def _check_heads(width: int, n_heads: int) -> int:
@@ -507,29 +511,33 @@ class UNetModel(nn.Module):
             raise ValueError(f"timesteps must have shape ({x.shape[0]},) or (), got {tuple(timesteps.shape)}")
 
         dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+        if y is not None and y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
         if isinstance(context, torch.Tensor):
             context = context.to(dtype)
         elif context is not None:
             context = [c.to(dtype) for c in context]
-
         repeats = _context_repeats(context, x.shape[0])
+        # with copies: the embedding of the whole repeated batch, whose leading rows (a view) serve the
+        # shared layers -- a fused model then projects it once (ldm_sdk.accel.time_embedding)
+        timesteps = repeat_batch(timesteps, repeats)
+        emb_all = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if y is not None:
+            emb_all = emb_all + self.label_emb(repeat_batch(y, repeats))
+        emb = emb_all[: x.shape[0]] if repeats > 1 else emb_all
+
         h = x.to(dtype)
         hs: list[torch.Tensor] = []
         for module in self.input_blocks:
             if repeats > 1:  # the copies share everything up to the first cross-attention
-                h, tiled = _shared_input_block(module, h, emb, context, repeats)
-                if tiled is not None:
-                    emb, hs, repeats = tiled, [repeat_batch(s, repeats) for s in hs], 1
+                h, parted = _shared_input_block(module, h, emb, emb_all, context, repeats)
+                if parted:
+                    emb, hs, repeats = emb_all, [repeat_batch(s, repeats) for s in hs], 1
             else:
                 h = module(h, emb, context)
             hs.append(h)
         if repeats > 1:  # no cross-attention among the input blocks: the copies part here
-            h, emb = repeat_batch(h, repeats), repeat_batch(emb, repeats)
+            h, emb = repeat_batch(h, repeats), emb_all
             hs = [repeat_batch(s, repeats) for s in hs]
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:

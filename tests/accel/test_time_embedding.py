@@ -91,6 +91,33 @@ def test_projection_runs_once_per_call_and_matches_the_unfused_unet(monkeypatch:
     assert len(calls) == 2
 
 
+def test_shared_guidance_input_projects_the_whole_batch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x once with a context of two copies: the shared layers' embedding is the leading rows of the whole
+    batch's, and the fused UNet forms one projection for both (sliced), matching the repeated batch."""
+    unet = tiny_unet()
+    plain = copy.deepcopy(unet)
+    fuse_model(unet, backend="reference")
+    fuse_blocks(unet, backend="reference")
+    calls = []
+    project = EmbeddingShifts._project
+    monkeypatch.setattr(
+        EmbeddingShifts, "_project", lambda self, emb: calls.append(emb.shape) or project(self, emb)
+    )
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, unet.in_channels, 16, 16, generator=g), torch.randn(4, 5, 32, generator=g)
+    t = torch.tensor([700.0, 30.0])
+    with torch.no_grad():
+        shared = unet(x, t, context=ctx)
+        repeated = plain(torch.cat([x, x]), torch.cat([t, t]), context=ctx)
+    assert rel_err(shared, repeated) < 2e-5
+    assert calls == [torch.Size([4, unet.time_embed[-1].out_features])]  # one projection, 4 rows
+    shifts = fused_blocks(unet)[0].emb_shifts
+    assert shifts is not None
+    emb = torch.randn(4, unet.time_embed[-1].out_features)
+    head, whole = shifts.shift(0, emb[:2]), shifts.shift(0, emb)
+    assert head is not None and whole is not None and torch.equal(head, whole[:2])
+
+
 def test_state_dict_unchanged_and_new_memory_falls_back() -> None:
     unet = tiny_unet()
     state = {k: v.clone() for k, v in unet.state_dict().items()}
