@@ -1,7 +1,8 @@
 """Same-process A/B of the step-level changes of 2026-11-26 (session 7): the short-key attention kernel
 (``ldm_sdk.accel.short_attention``), the one K / V GEMM of all cross-attentions
 (``ldm_sdk.accel.context_projections``), the memset nodes of a captured graph rewritten as kernels
-(``ldm_sdk.accel.graph_memsets``), the GroupNorm statistics handoff in the UNet (``block_fusion.link_unet``)
+(``ldm_sdk.accel.graph_memsets``), the skip concatenations' copy kernel (``ldm_sdk.accel.skip_concat``), the
+GroupNorm statistics handoff in the UNet (``block_fusion.link_unet``)
 and from the decoder's upsamplings, and the guidance form of the
 UNet call with the input shared by the two halves (``unet_b*_shared_input_ms``: ``x`` and ``t`` of half the
 batch with the whole batch's context, :meth:`~ldm_sdk.models.unet.UNetModel.forward`).
@@ -33,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel import block_fusion as BF
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.prepare import prepare_cuda_inference
+from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.benchmarks import common as C
 from ldm_sdk.diffusion.conditioning import Conditioning
+from ldm_sdk.models.unet import UNetModel
 
 UNET_VARIANTS = {
     "current": (),
@@ -43,7 +46,8 @@ UNET_VARIANTS = {
     "no_shared_kv": ("shared_kv",),
     "no_memset_rewrite": ("memsets",),
     "no_unet_handoff": ("handoff",),
-    "none": ("short_attention", "shared_kv", "memsets", "handoff"),
+    "no_skip_concat": ("skip_concat",),
+    "none": ("short_attention", "shared_kv", "memsets", "handoff", "skip_concat"),
 }
 DECODE_VARIANTS = {
     "current": (),
@@ -56,7 +60,7 @@ DECODE_VARIANTS = {
 @contextmanager
 def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
     """The current code with the changes in ``off`` turned off (restored on exit)."""
-    pays = BF.kernel_pays
+    pays, concat = BF.kernel_pays, FusedUNetModel.concat_skip
     shared = {m: m.context_projections for m in model.modules() if isinstance(m, BF.FusedCrossAttention)}
     ups = [m for m in model.modules() if isinstance(m, FusedFirstStageUpsample) and m.feeds_norm]
     unet_layers = (BF.FusedResBlock, BF.FusedSpatialTransformer)
@@ -70,12 +74,15 @@ def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
         if "upsample_handoff" in off:
             for m in ups:
                 m.feeds_norm = False
+        if "skip_concat" in off:
+            FusedUNetModel.concat_skip = UNetModel.concat_skip  # type: ignore[method-assign]
         if "handoff" in off:
             for m in unet_feeders:
                 m.feeds_norm = False
         yield
     finally:
         BF.kernel_pays = pays  # type: ignore[assignment]
+        FusedUNetModel.concat_skip = concat  # type: ignore[method-assign]
         for m, value in shared.items():
             m.context_projections = value
         for m in [*ups, *unet_feeders]:

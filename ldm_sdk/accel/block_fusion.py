@@ -75,6 +75,7 @@ from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusa
 from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, layer_norm
 from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
+from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
@@ -519,6 +520,7 @@ _FUSED = {
     autoencoder.Upsample: (FusedFirstStageUpsample, first_stage_upsample_fusable),
     unet.Upsample: (FusedUNetUpsample, unet_upsample_fusable),
     autoencoder.AttnBlock: (FusedAttnBlock, attn_block_fusable),
+    UNetModel: (FusedUNetModel, lambda module: None),
     nn.Conv2d: (FusedThinConv2d, thin_conv_fusable),
 }
 #: fused classes whose why-not reasons are not reported (most convolutions are not thin: that is no news)

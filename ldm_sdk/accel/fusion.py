@@ -334,7 +334,7 @@ def unfuse_model(module: nn.Module) -> int:
     Returns how many modules were restored."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"unfuse_model takes an nn.Module, got {type(module).__name__}")
-    restored = 0
+    restored = int(restore_class(module))  # a fused root (a FusedUNetModel passed itself)
     for net in list(module.modules()):
         if "_context_projections_hook" in net.__dict__:
             unshare_context_projections(net)  # the UNet's shared K / V projection (block_fusion.py)

@@ -472,6 +472,11 @@ class UNetModel(nn.Module):
         """Build from a ``UNetConfig`` (field names are the constructor's keyword arguments)."""
         return cls(**cfg.model_dump())
 
+    def concat_skip(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """An output block's input: the path's map and the skip saved on the way down, concatenated along
+        the channels (a fast path may do this in its own kernel)."""
+        return torch.cat([h, skip], dim=1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -541,6 +546,6 @@ class UNetModel(nn.Module):
             hs = [repeat_batch(s, repeats) for s in hs]
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = module(self.concat_skip(h, hs.pop()), emb, context)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out.to(x.dtype)

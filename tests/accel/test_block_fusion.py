@@ -36,6 +36,7 @@ from ldm_sdk.accel.block_fusion import (
 )
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample
+from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.accel.thin_conv import FusedThinConv2d
 from ldm_sdk.accel.vae_attention import FusedAttnBlock
@@ -54,6 +55,7 @@ from ldm_sdk.testing.tiny import ALL, SD1, random_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSED_CLASSES = (
+    FusedUNetModel,
     FusedResBlock,
     FusedResnetBlock,
     FusedTransformerBlock,
@@ -147,7 +149,8 @@ def test_report_counts_and_reasons() -> None:
     assert vae_up > 0 and unet_up > 0 and vae_attn == 2 and thin == 3
     not_yet = fuse_blocks(bundle)
     # residual blocks need their norms fused first; the other blocks do not
-    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up + vae_attn + thin
+    # (the UNet itself: its skip concatenations)
+    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up + vae_attn + thin + 1
     assert not_yet.fused["UNetUpsample"] == unet_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
@@ -164,6 +167,7 @@ def test_report_counts_and_reasons() -> None:
         "UNetUpsample": unet_up,
         "AttnBlock": vae_attn,
         "ThinConv2d": thin,
+        "UNetModel": 1,
     }, report
     assert report.shared_embedding == unet_blocks
     assert report.skipped == () and "fused blocks" in str(report)
