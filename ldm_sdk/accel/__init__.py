@@ -19,7 +19,8 @@
   :mod:`ldm_sdk.accel.row_softmax`; norm statistics produced by the kernel that writes the map before the
   norm, :mod:`ldm_sdk.accel.norm_handoff`; attention over short key sequences as one Triton tile,
   :mod:`ldm_sdk.accel.short_attention`; every cross-attention's K / V projection as one GEMM,
-  :mod:`ldm_sdk.accel.context_projections`);
+  :mod:`ldm_sdk.accel.context_projections`; the skip concatenations as one copy kernel,
+  :mod:`ldm_sdk.accel.skip_concat`);
   :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
   half-precision CUDA models.
