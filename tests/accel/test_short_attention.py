@@ -185,10 +185,14 @@ def test_sd15_shapes_on_cuda(dtype: torch.dtype) -> None:
         assert ours <= 1.5 * theirs + 1e-6, (n, m, d, ours, theirs)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = A.short_attention(q, k, v, 8, scale)
+            static = A.short_attention(q, k, v, 8, scale)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(replayed, out)
+        assert torch.equal(static, out)  # the same kernel on the same inputs
+        q.mul_(-0.5)  # new queries: the replay reads them
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, A.short_attention(q, k, v, 8, scale)) and not torch.equal(static, out)
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:

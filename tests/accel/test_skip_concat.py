@@ -110,10 +110,12 @@ def test_sd15_shapes_on_cuda() -> None:
         assert torch.equal(out, torch.cat([a, b], 1))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = S.concat_channels(a, b)
+            static = S.concat_channels(a, b)
+        a.mul_(-1)  # new values in the captured inputs: the replay reads them
+        b.add_(3)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(replayed, out)
+        assert torch.equal(static, torch.cat([a, b], 1)) and not torch.equal(static, out)
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
