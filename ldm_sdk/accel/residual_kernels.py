@@ -100,6 +100,9 @@ from ldm_sdk.accel.triton_kernels import (
     triton,
 )
 
+if triton is not None:
+    from ldm_sdk.accel.triton_kernels import add_bias_residual
+
 MAX_LN_COLUMNS = 8192
 """Widest row :func:`add_layer_norm_triton` normalises (one row is one register tile)."""
 MAX_INDEX = 2**31 - 2 * MAX_BLOCK
@@ -627,15 +630,15 @@ if triton is not None:
         offs = base + lane
         valid = offs < NUMEL
         v = tl.load(y_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        bias = v  # placeholders where a flag is off (never read)
+        rbias = v
         if HAS_BIAS or HAS_RBIAS:
             c = _channels(base, lane, C, INNER, BIAS_PER_BLOCK)
         if HAS_BIAS:
-            v = v + tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            if HAS_RBIAS:
-                r = r + tl.load(rb_ptr + c, mask=valid, other=0.0).to(tl.float32)
-            v = v + r
+            bias = tl.load(b_ptr + c, mask=valid, other=0.0).to(tl.float32)
+        if HAS_RBIAS:
+            rbias = tl.load(rb_ptr + c, mask=valid, other=0.0).to(tl.float32)
+        v = add_bias_residual(v, r_ptr, offs, valid, bias, rbias, HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS)
         tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit(do_not_specialize=["ROWS"])
@@ -662,13 +665,15 @@ if triton is not None:
         valid = (rows < ROWS)[:, None] & col_ok[None, :]
         idx = rows[:, None] * C + cols[None, :]
         v = tl.load(y_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        rbias = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_BIAS:
-            v = v + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if HAS_RESIDUAL:
-            r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-            if HAS_RBIAS:
-                r = r + tl.load(rb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            v = v + r
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_RBIAS:
+            rbias = tl.load(rb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        v = add_bias_residual(
+            v, r_ptr, idx, valid, bias[None, :], rbias[None, :], HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
+        )
         tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=valid)
 
     @triton.jit

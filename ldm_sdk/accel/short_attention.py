@@ -33,7 +33,6 @@ Tested against a float64 softmax attention, within the error of ``F.scaled_dot_p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ldm_sdk.accel.triton_kernels import (
@@ -46,6 +45,7 @@ from ldm_sdk.accel.triton_kernels import (
     tl,
     triton,
 )
+from ldm_sdk.models.attention import multi_head_attention
 
 MAX_KEYS = 128
 """Longest key sequence the kernel holds in one tile."""
@@ -84,7 +84,7 @@ def short_attention(
     auto = fits_kernel(q, k, v, heads) and kernel_pays(q, heads)
     if _use_triton(backend, "short_attention", q, k, v) and (backend == "triton" or auto):
         return short_attention_triton(q, k, v, heads, scale, recorder=recorder)
-    return attention_reference(q, k, v, heads, scale)
+    return multi_head_attention(q, k, v, heads, scale)
 
 
 def kernel_pays(q: Tensor, heads: int) -> bool:
@@ -105,20 +105,6 @@ def fits_kernel(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
         and q.dtype == k.dtype == v.dtype
         and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
     )
-
-
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, heads: int, scale: float) -> Tensor:
-    """The same through ``F.scaled_dot_product_attention``, as
-    :meth:`~ldm_sdk.models.attention.CrossAttention.attention` computes it."""
-    b, n, inner = q.shape
-    m, d = k.shape[1], inner // heads
-    out = F.scaled_dot_product_attention(
-        q.view(b, n, heads, d).transpose(1, 2),
-        k.view(b, m, heads, d).transpose(1, 2),
-        v.view(b, m, heads, d).transpose(1, 2),
-        scale=scale,
-    )
-    return out.transpose(1, 2).reshape(b, n, inner)
 
 
 def short_attention_triton(
@@ -297,7 +283,6 @@ __all__ = [
     "ATTENTION_DTYPES",
     "MAX_HEAD_DIM",
     "MAX_KEYS",
-    "attention_reference",
     "fits_kernel",
     "kernel_pays",
     "short_attention",

@@ -148,9 +148,7 @@ def _interleave_triton(
     pixel ``(2i + a, 2j + b)`` takes channels ``[(2a + b) C, (2a + b + 1) C)`` of pixel ``(i + a, j + b)``,
     plus ``bias[c]`` (added in float32, rounded once)."""
     n = full.shape[0]
-    out = torch.empty(
-        (n, c_out, 2 * h, 2 * w), device=full.device, dtype=full.dtype, memory_format=torch.channels_last
-    )
+    out = _big_map(full, c_out, h, w)
     pixels = n * 4 * h * w
     if pixels == 0 or c_out == 0:
         return out
@@ -183,14 +181,17 @@ def _interleave_with_stats(
 ) -> Tensor:
     """:func:`_interleave_triton` written by the GroupNorm statistics kernel under the norm's own plan, its
     statistics offered to ``handoff``: the same output bits, and the norm skips its statistics pass."""
-    n = full.shape[0]
-    out = torch.empty(
-        (n, c_out, 2 * h, 2 * w), device=full.device, dtype=full.dtype, memory_format=torch.channels_last
-    )
+    out = _big_map(full, c_out, h, w)
     source = StatsSource(full, bias=bias, phases=(h, w))
     plan = default_plan(out, handoff.groups)
     handoff.offer(out, _nhwc_statistics(out, full, 0, False, plan, recorder, source=source))
     return out
+
+
+def _big_map(full: Tensor, c_out: int, h: int, w: int) -> Tensor:
+    """The uninitialised channels_last ``(N, C, 2h, 2w)`` output for the phases ``full``."""
+    shape = (full.shape[0], c_out, 2 * h, 2 * w)
+    return torch.empty(shape, device=full.device, dtype=full.dtype, memory_format=torch.channels_last)
 
 
 def _channels_last(x: Tensor) -> bool:

@@ -1118,6 +1118,30 @@ if triton is not None:
         return src_pix[:, None] * (4 * C) + ((2 * a + b) * C)[:, None] + cols[None, :]
 
     @triton.jit
+    def add_bias_residual(
+        v,
+        r_ptr,
+        idx,
+        valid,
+        bias,
+        rbias,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        HAS_RBIAS: tl.constexpr,
+    ):
+        """``(v + bias) + (r[idx] + rbias)`` in float32 for a float32 ``v`` (terms by the flags; ``bias`` /
+        ``rbias`` already loaded in ``v``'s shape or broadcastable to it): the sum of the bias + residual
+        kernels (:mod:`ldm_sdk.accel.residual_kernels`) and of the fused statistics pass."""
+        if HAS_BIAS:
+            v = v + bias
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RBIAS:
+                r = r + rbias
+            v = v + r
+        return v
+
+    @triton.jit
     def _stats_tile(
         x_ptr,
         y_ptr,
@@ -1150,13 +1174,9 @@ if triton is not None:
             else:
                 src = idx
             v = tl.load(y_ptr + src, mask=valid, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                v = v + bias[None, :]
-            if HAS_RESIDUAL:
-                r = tl.load(r_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-                if HAS_RBIAS:
-                    r = r + rbias[None, :]
-                v = v + r
+            v = add_bias_residual(
+                v, r_ptr, idx, valid, bias[None, :], rbias[None, :], HAS_BIAS, HAS_RESIDUAL, HAS_RBIAS
+            )
             rounded = v.to(x_ptr.dtype.element_ty)
             tl.store(x_ptr + idx, rounded, mask=valid)
             x = tl.where(valid, rounded.to(tl.float32), 0.0)

@@ -22,6 +22,21 @@ __all__ = [
 ]
 
 
+def multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """``softmax(q k^T scale) v`` per head of ``(B, L, heads * D)`` projections, heads merged back:
+    ``(B, N, heads * D)``, through ``F.scaled_dot_product_attention``."""
+    b, n, inner = q.shape
+    m, d = k.shape[1], inner // heads
+    # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, m, heads, d).transpose(1, 2)
+    v = v.view(b, m, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
 def repeat_batch(x: torch.Tensor, repeats: int) -> torch.Tensor:
     """``x`` with its batch repeated ``repeats`` times, ``[x; x; ...]`` (the copies of classifier-free
     guidance), in ``x``'s memory format; ``x`` itself for one."""
@@ -78,14 +93,7 @@ class CrossAttention(nn.Module):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Scaled dot-product attention over the heads of projected ``q, k, v``, heads merged back:
         ``(B, N, heads * dim_head)``, the input of ``to_out``."""
-        b, n, _ = q.shape
-        m = k.shape[1]
-        # (B, L, H*D) -> (B, H, L, D): the "b n (h d)" head split of the original.
-        q = q.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k = k.view(b, m, self.heads, self.dim_head).transpose(1, 2)
-        v = v.view(b, m, self.heads, self.dim_head).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return multi_head_attention(q, k, v, self.heads, self.scale)
 
 
 class GEGLU(nn.Module):
