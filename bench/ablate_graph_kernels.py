@@ -1,9 +1,10 @@
-"""Same-process A/B of the step-level changes of 2026-11-26 (session 7): the short-key attention kernel
+"""Same-process A/B of the step-level changes of 2026-11-26 (sessions 7 and 8): the short-key attention kernel
 (``ldm_sdk.accel.short_attention``), the one K / V GEMM of all cross-attentions
 (``ldm_sdk.accel.context_projections``), the memset nodes of a captured graph rewritten as kernels
 (``ldm_sdk.accel.graph_memsets``), the skip concatenations' copy kernel (``ldm_sdk.accel.skip_concat``), the
 GroupNorm statistics handoff in the UNet (``block_fusion.link_unet``)
-and from the decoder's upsamplings, and the guidance form of the
+and from the decoder's upsamplings, the TMA form of the GEGLU dual GEMM (``ldm_sdk.accel.geglu_tma``; off:
+the pointer kernel at ``C = 320``, cuBLAS + the gating kernel wider), and the guidance form of the
 UNet call with the input shared by the two halves (``unet_b*_shared_input_ms``: ``x`` and ``t`` of half the
 batch with the whole batch's context, :meth:`~ldm_sdk.models.unet.UNetModel.forward`).
 
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel import block_fusion as BF
+from ldm_sdk.accel import geglu_gemm as G
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.prepare import prepare_cuda_inference
 from ldm_sdk.accel.skip_concat import FusedUNetModel
@@ -47,7 +49,8 @@ UNET_VARIANTS = {
     "no_memset_rewrite": ("memsets",),
     "no_unet_handoff": ("handoff",),
     "no_skip_concat": ("skip_concat",),
-    "none": ("short_attention", "shared_kv", "memsets", "handoff", "skip_concat"),
+    "no_geglu_tma": ("geglu_tma",),
+    "none": ("short_attention", "shared_kv", "memsets", "handoff", "skip_concat", "geglu_tma"),
 }
 DECODE_VARIANTS = {
     "current": (),
@@ -61,6 +64,7 @@ DECODE_VARIANTS = {
 def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
     """The current code with the changes in ``off`` turned off (restored on exit)."""
     pays, concat = BF.kernel_pays, FusedUNetModel.concat_skip
+    tma_fits, tma_device = G.tma_fits, G.tma_device
     shared = {m: m.context_projections for m in model.modules() if isinstance(m, BF.FusedCrossAttention)}
     ups = [m for m in model.modules() if isinstance(m, FusedFirstStageUpsample) and m.feeds_norm]
     unet_layers = (BF.FusedResBlock, BF.FusedSpatialTransformer)
@@ -79,8 +83,12 @@ def switched(off: tuple[str, ...], model: nn.Module) -> Iterator[None]:
         if "handoff" in off:
             for m in unet_feeders:
                 m.feeds_norm = False
+        if "geglu_tma" in off:
+            G.tma_fits = lambda *a: False  # type: ignore[assignment]
+            G.tma_device = lambda *a: False  # type: ignore[assignment]
         yield
     finally:
+        G.tma_fits, G.tma_device = tma_fits, tma_device  # type: ignore[assignment]
         BF.kernel_pays = pays  # type: ignore[assignment]
         FusedUNetModel.concat_skip = concat  # type: ignore[method-assign]
         for m, value in shared.items():

@@ -8,16 +8,18 @@ Shapes ``(M, C, I)``: ``C = 320, I = 1280, M = B x 4096``; ``C = 640, I = 2560, 
 ``C = 1280, I = 5120, M = B x 256`` and ``M = B x 64`` (the four UNet levels at 512 px), for ``B`` in 2, 16.
 
 For each shape and each variant -- ``baseline`` (``F.linear`` writing ``(M, 2 I)``, then
-``triton_kernels.geglu_triton``), ``gemm_only`` (``F.linear`` alone: what the dual GEMM's GEMM work costs
-in cuBLAS, a floor for it), ``default`` (``geglu_linear_triton`` with ``plan_geglu_gemm``'s plan) and up to
-a dozen alternative plans -- the GPU time per call, median of ``--iters`` CUDA-event timings after warm-up:
-``eager_us`` (one call between events) and ``graph_us`` (a CUDA graph of ``--reps`` calls replayed, divided
-by ``--reps``: what the ops cost inside the captured UNet). TFLOP/s counts ``2 M C 2I``; speedup is the
-baseline's time over the variant's (same mode). ``max_abs_err``: against the float32 reference
-(``geglu_linear_reference``); ``ok``: within one output ulp + float32 noise of it everywhere
-(``compare_ulps(...).within_bound``). A plan that fails to compile (shared memory, registers) is reported
-with its error and skipped. The weight stays in L2 between timed calls (up to 26 MB at ``I = 5120``; the
-UNet evicts it between uses), which flatters the small-``M`` shapes a little for every variant alike.
+``triton_kernels.geglu_triton``), ``gemm_only`` (``F.linear`` alone: what the dual GEMM's GEMM work costs in
+cuBLAS, a floor for it), ``default`` (``geglu_linear_triton`` as it runs unasked: the TMA kernel of
+``ldm_sdk.accel.geglu_tma`` with ``plan_tma``'s plan on Hopper, else the pointer kernel with
+``plan_geglu_gemm``'s), ``pointer`` (the pointer kernel with ``plan_geglu_gemm``'s plan) and two dozen
+alternative plans of both kernels (the TMA ones on Hopper only) -- the GPU time per call, median of
+``--iters`` CUDA-event timings after warm-up: ``eager_us`` (one call between events) and ``graph_us`` (a CUDA
+graph of ``--reps`` calls replayed, divided by ``--reps``: what the ops cost inside the captured UNet).
+TFLOP/s counts ``2 M C 2I``; speedup is the baseline's time over the variant's (same mode). ``max_abs_err``:
+against the float32 reference (``geglu_linear_reference``); ``ok``: within one output ulp + float32 noise of
+it everywhere (``compare_ulps(...).within_bound``). A plan that fails to compile (shared memory, registers) is
+reported with its error and skipped. The weight stays in L2 between timed calls (up to 26 MB at ``I = 5120``;
+the UNet evicts it between uses), which flatters the small-``M`` shapes a little for every variant alike.
 
 Summary: for each shape the fastest correct plan (graph time), and the sum of graph times over the shapes
 for every plan that ran everywhere -- the candidates for ``TILE_SHAPES`` / ``plan_geglu_gemm``. About a
@@ -44,6 +46,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel import geglu_gemm as G
+from ldm_sdk.accel import geglu_tma as T
 from ldm_sdk.accel import triton_kernels as K
 from ldm_sdk.benchmarks import common as C
 
@@ -68,6 +71,21 @@ SWEEP: list[tuple[int, int, int, int, int, int]] = [
     (64, 64, 128, 4, 3, 8),
 ]
 DRY_SWEEP = [(16, 16, 16, 4, 2, 2), (32, 16, 32, 4, 2, 8)]
+# the TMA kernel (Hopper): block_m, block_n, block_k, num_warps, stages, flatten, group_m
+TMA_SWEEP: list[tuple[int, int, int, int, int, bool, int]] = [
+    (128, 128, 64, 8, 3, False, 8),
+    (128, 128, 64, 8, 4, False, 8),
+    (128, 128, 64, 8, 3, True, 8),
+    (128, 128, 64, 8, 4, True, 8),
+    (128, 128, 64, 8, 5, True, 8),
+    (128, 128, 64, 8, 3, False, 16),
+    (128, 128, 64, 8, 4, True, 16),
+    (128, 128, 32, 8, 4, False, 8),
+    (256, 64, 64, 8, 3, False, 8),
+    (128, 64, 64, 4, 3, False, 8),
+    (64, 128, 64, 4, 3, False, 8),
+]
+DRY_TMA_SWEEP = [(32, 16, 16, 4, 2, False, 2), (32, 16, 16, 4, 2, True, 2)]
 
 
 def graph_us(fn: Callable[[], object], reps: int, iters: int) -> float:
@@ -114,31 +132,41 @@ def measure(
     return row
 
 
-def plans(args: argparse.Namespace) -> list[G.GegluGemmPlan]:
+def plans(args: argparse.Namespace, tma: bool) -> list[G.GegluGemmPlan | T.TmaPlan]:
     table = DRY_SWEEP if args.cpu_dry_run else SWEEP
-    return [G.GegluGemmPlan(bm, bn, bk, w, s, group_m=g) for bm, bn, bk, w, s, g in table]
+    out: list[G.GegluGemmPlan | T.TmaPlan] = [
+        G.GegluGemmPlan(bm, bn, bk, w, s, group_m=g) for bm, bn, bk, w, s, g in table
+    ]
+    if tma:
+        for bm, bn, bk, w, s, flat, g in DRY_TMA_SWEEP if args.cpu_dry_run else TMA_SWEEP:
+            out.append(T.TmaPlan(bm, bn, bk, w, s, flatten=flat, group_m=g))
+    return out
 
 
 def make_variants(
     x: Tensor,
     w: Tensor,
     b: Tensor,
-    default_plan: G.GegluGemmPlan,
+    pointer_plan: G.GegluGemmPlan,
     device: torch.device,
     args: argparse.Namespace,
 ) -> list[tuple[str, Callable[[], Tensor | None], bool]]:
-    """(name, call, check against the reference) for the baseline, cuBLAS alone, the default and the sweep."""
+    """(name, call, check against the reference) for the baseline, cuBLAS alone, the default (what runs
+    unasked), the pointer kernel's default plan and the sweep."""
     out: list[tuple[str, Callable[[], Tensor | None], bool]] = []
     if device.type == "cuda":
         out.append(("baseline", lambda: K.geglu_triton(F.linear(x, w, b)), True))
     else:  # the interpreter would run geglu_triton too, but slowly: the reference stands in
         out.append(("baseline", lambda: K.geglu_reference(F.linear(x, w, b)), True))
     out.append(("gemm_only", lambda: F.linear(x, w, b), False))
-    out.append(("default", lambda: G.geglu_linear_triton(x, w, b, plan=default_plan), True))
+    out.append(("default", lambda: G.geglu_linear_triton(x, w, b), True))
+    out.append(("pointer", lambda: G.geglu_linear_triton(x, w, b, plan=pointer_plan), True))
+    # the TMA kernel: on Hopper; in the dry run the interpreter runs it (fp16: its bf16 dot is wrong)
+    tma = T.tma_fits(x, w) or (args.cpu_dry_run and x.dtype == torch.float16)
     if not args.no_sweep:
-        for plan in plans(args):
+        for plan in plans(args, tma):
 
-            def call(plan: G.GegluGemmPlan = plan) -> Tensor:
+            def call(plan: G.GegluGemmPlan | T.TmaPlan = plan) -> Tensor:
                 return G.geglu_linear_triton(x, w, b, plan=plan)
 
             out.append((plan.label(), call, True))
@@ -201,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with C.true_float32():
                     ref = G.geglu_linear_reference(x, w, b)
                 flops = 2.0 * m * channels * 2 * inner
-                default_plan = G.plan_geglu_gemm(m, inner, channels, sms=sms)
+                pointer_plan = G.plan_geglu_gemm(m, inner, channels, sms=sms)
+                default_plan = T.plan_tma(m) if T.tma_fits(x, w) else pointer_plan
                 row: dict[str, Any] = {
                     "batch": batch,
                     "m": m,
@@ -210,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "default_plan": default_plan.label(),
                     "variants": {},
                 }
-                variants = make_variants(x, w, b, default_plan, device, args)
+                variants = make_variants(x, w, b, pointer_plan, device, args)
                 print(head, flush=True)
                 for name, fn, check in variants:
                     try:

@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm_sdk.accel.geglu_tma import TMA_MAX_CHANNELS, TmaPlan, geglu_linear_tma, tma_device, tma_fits
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
@@ -282,8 +283,9 @@ def geglu_linear_pays(x: Tensor, weight: Tensor, bias: Tensor | None, backend: B
     """Whether :func:`geglu_linear` with ``backend`` would run the Triton dual GEMM for these arguments and
     it beats cuBLAS + the separate gating kernel there (``C <= DUAL_GEMM_MAX_CHANNELS``, measured); callers
     with that unfused path take it otherwise (:class:`~ldm_sdk.accel.fusion.FusedGEGLU`)."""
+    widest = TMA_MAX_CHANNELS if tma_device(x.device) else DUAL_GEMM_MAX_CHANNELS
     return (
-        x.shape[-1] <= DUAL_GEMM_MAX_CHANNELS
+        x.shape[-1] <= widest
         and _use_triton(backend, "geglu_linear", x, weight, bias)
         and _kernel_unfit(x, weight) is None
     )
@@ -295,17 +297,19 @@ def geglu_linear_triton(
     weight: Tensor,
     bias: Tensor | None,
     *,
-    plan: GegluGemmPlan | None = None,
+    plan: GegluGemmPlan | TmaPlan | None = None,
     recorder: KernelRecorder | None = None,
 ) -> Tensor:
-    """:func:`geglu_linear` through the Triton dual GEMM. ``plan`` overrides :func:`plan_geglu_gemm` (the
+    """:func:`geglu_linear` through the Triton dual GEMM: the TMA kernel of :mod:`ldm_sdk.accel.geglu_tma`
+    where it runs (:func:`~ldm_sdk.accel.geglu_tma.tma_fits`), else the pointer-addressed one. ``plan``
+    overrides the choice and :func:`plan_geglu_gemm` / :func:`~ldm_sdk.accel.geglu_tma.plan_tma` (the
     result does not depend on it beyond the float32 summation order)."""
     _check_geglu_linear(x, weight, bias)
     unfit = _kernel_unfit(x, weight)
     if unfit is not None:
         raise ValueError(f"the Triton geglu_linear kernel {unfit}; use backend='auto' or 'reference'")
-    if plan is not None and not isinstance(plan, GegluGemmPlan):
-        raise ValueError(f"plan must be None or a GegluGemmPlan, got {type(plan).__name__}")
+    if plan is not None and not isinstance(plan, GegluGemmPlan | TmaPlan):
+        raise ValueError(f"plan must be None, a GegluGemmPlan or a TmaPlan, got {type(plan).__name__}")
     _check_kernel_input(x, "geglu_linear")
     channels = x.shape[-1]
     inner = weight.shape[0] // 2
@@ -321,6 +325,9 @@ def geglu_linear_triton(
     b = w  # a dummy pointer when absent
     if bias is not None:  # read in its dtype, converted to float32 in the kernel
         b = (bias if bias.dtype in KERNEL_DTYPES else bias.float()).contiguous()
+    if isinstance(plan, TmaPlan) or (plan is None and tma_fits(x2, w)):
+        geglu_linear_tma(x2, w, b if bias is not None else None, y, plan=plan, recorder=recorder)
+        return y.reshape(*lead, inner)
     if plan is None:
         plan = plan_geglu_gemm(rows, inner, channels, sms=_sm_count(x))
     grid = (plan.programs(rows, inner),)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch
+from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch, TensorDescriptor
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,12 @@ def recording_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
 
 def _spec(value: Any) -> Hashable:
     """What Triton specialises a launch argument on: a tensor's dtype, device and 16-byte alignment; an
-    int's divisibility by 16 and being 1; other values as they are."""
+    int's divisibility by 16 and being 1; a TMA descriptor's dtype, device and block; other values as they
+    are."""
     if isinstance(value, Tensor):
         return ("tensor", value.dtype, value.device, value.data_ptr() % 16 == 0)
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return ("descriptor", value.base.dtype, value.base.device, tuple(value.block_shape))
     if isinstance(value, float):
         return ("float",)  # floats are not specialised on
     if isinstance(value, bool) or not isinstance(value, int):
@@ -88,7 +91,12 @@ def _variant(launch: Launch) -> Hashable:
 
 
 def _device(launch: Launch) -> torch.device | None:
-    return next((a.device for a in launch.args if isinstance(a, Tensor)), None)
+    for a in launch.args:
+        if isinstance(a, Tensor):
+            return a.device
+        if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+            return a.base.device
+    return None
 
 
 def _compile(launch: Launch) -> None:

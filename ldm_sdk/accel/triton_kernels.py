@@ -111,6 +111,10 @@ try:  # optional: the reference ops and the rest of the SDK need no Triton
 except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
+try:  # Triton >= 3.4: host-side descriptors of the TMA kernels (ldm_sdk.accel.geglu_tma)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older or no Triton: the pointer kernels serve
+    TensorDescriptor = None  # type: ignore[assignment,misc]
 
 Act = Literal["none", "silu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Act)
