@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor
 
+from ldm_sdk.accel import guided_combine
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import ModelFn, Prediction, batch_time, prediction_from_output, work_dtype
@@ -60,6 +61,9 @@ class GuidedPrediction:
         self.schedule = schedule
         self.parameterization = parameterization
         self.share_input = share_input
+        #: the guidance and the (eps, x0) conversion as one Triton kernel where it runs
+        #: (:mod:`ldm_sdk.accel.guided_combine`), else the torch ops
+        self.fuse_tail = True
 
     def __call__(self, x: Tensor, ts: Tensor, c2: Conditioning) -> Tensor:
         t, scale = ts[0], ts[1]
@@ -77,6 +81,10 @@ class GuidedPrediction:
                 f"{tuple(x.shape[1:])}; an {self.parameterization!r} model must return x's shape (learned "
                 "variance is unsupported)"
             )
+        fused = self.fuse_tail and not torch.is_grad_enabled()
+        if fused and guided_combine.fits(out, x, ts, self.parameterization):
+            tables = self.schedule.tables(x.device)
+            return guided_combine.guided_prediction(out, x, ts, tables, self.parameterization)
         out_uncond, out_cond = out.chunk(2)
         weight = scale.to(work_dtype(out_uncond)).reshape(-1, *([1] * (x.dim() - 1)))
         guided = guidance_combine(out_uncond, out_cond, weight)
