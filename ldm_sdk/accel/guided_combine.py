@@ -20,11 +20,13 @@ What it computes, per sample ``b``, element by element, in float32 unless said o
   with ``c1 = 1 / sqrt_ab``, ``c2 = sqrt_1m / sqrt_ab`` (float64, then float32), ``sa``, ``s1`` the scales
   in float32 (:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`).
 
-The result is ``stack([eps, x0])`` (float32, each half with ``x``'s strides). Against the torch ops it
-replaces: the float64 look-up is the same arithmetic (IEEE-rounded operations and libdevice's ``exp``, as
-torch's CUDA kernels use); the float32 part may differ in the last bit where the compiler contracts a
-multiply and an add into one fused multiply-add (torch's separate kernels round between them). Tests
-compare it to the torch path on the GPU and in the Triton interpreter.
+The result is ``stack([eps, x0])`` (float32, each half with ``x``'s strides), the same bits as the torch
+ops it replaces on CUDA: the same IEEE-rounded operations in the same order (correctly rounded division and
+square root, libdevice's ``exp`` as torch's CUDA kernels call it), no multiply-add contraction except the
+two ``lerp`` forms, which torch's CUDA kernel computes as fused multiply-adds. So a captured step still
+equals the eager one bit for bit (``tests/tasks/test_gpu_tasks.py``); the tests compare the kernel with the
+torch path on the GPU (exactly) and in the Triton interpreter (to float32 rounding: numpy's ``exp`` and
+products differ from libdevice's).
 
 Limits (:func:`fits`): ``out`` of ``2 B`` samples in fp16 / bf16 / float32 and ``x`` of ``B`` samples in
 float32 with the same dense per-sample layout (contiguous or channels_last), ``ts`` the ``(2, B)`` float64
@@ -112,6 +114,8 @@ def guided_prediction(
         PARAM=PARAMETERIZATIONS[parameterization],
         BLOCK=BLOCK,
         num_warps=4,
+        # no multiply-add contraction beyond the explicit ones: torch's separate kernels round every product
+        enable_fp_fusion=False,
     )
     return result
 
@@ -147,7 +151,7 @@ if triton is not None:
         sigma = tl.exp(log_sigma)
         ab = 1.0 / (1.0 + sigma * sigma)
         integral = t == low_f  # an integer t: its own table entry (low == t when t lies in the table)
-        sqrt_ab = tl.where(integral, tl.load(sqrt_ab_ptr + low), tl.sqrt(ab))
+        sqrt_ab = tl.where(integral, tl.load(sqrt_ab_ptr + low), tl.sqrt(ab))  # float64: sqrt.rn, IEEE
         sqrt_1m = tl.where(integral, tl.load(sqrt_1m_ptr + low), tl.sqrt(1.0 - ab))
 
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -156,8 +160,10 @@ if triton is not None:
         u = tl.load(out_ptr + row + offs, mask=mask, other=0.0).to(tl.float32)
         c = tl.load(out_ptr + B.to(tl.int64) * PER_SAMPLE + row + offs, mask=mask, other=0.0).to(tl.float32)
         xv = tl.load(x_ptr + row + offs, mask=mask, other=0.0)
-        # torch.lerp's two-sided formula (the weight's small side keeps the endpoint exact)
-        g = tl.where(tl.abs(scale) < 0.5, u + scale * (c - u), c - (c - u) * (1.0 - scale))
+        # torch.lerp's two-sided formula (the weight's small side keeps the endpoint exact), each side one
+        # fused multiply-add as its CUDA kernel computes it
+        diff = c - u
+        g = tl.where(tl.abs(scale) < 0.5, tl.fma(scale, diff, u), tl.fma(-diff, 1.0 - scale, c))
         if PARAM == 2:  # v
             sa = sqrt_ab.to(tl.float32)
             s1 = sqrt_1m.to(tl.float32)
@@ -170,7 +176,7 @@ if triton is not None:
                 eps = g
                 x0 = c1 * xv - c2 * g
             else:  # x0
-                eps = (c1 * xv - g) / c2
+                eps = tl.math.div_rn(c1 * xv - g, c2)
                 x0 = g
         tl.store(res_ptr + row + offs, eps, mask=mask)
         tl.store(res_ptr + B.to(tl.int64) * PER_SAMPLE + row + offs, x0, mask=mask)

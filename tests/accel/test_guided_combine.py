@@ -48,7 +48,8 @@ def network(out_dtype: torch.dtype, memory_format: torch.memory_format) -> Calla
 
 
 def compare(device: str) -> list[str]:
-    """The kernel against the torch path on ``device``; returns what was checked."""
+    """The kernel against the torch path on ``device``: bit for bit on CUDA, to float32 rounding in the
+    interpreter; returns what was checked."""
     done = []
     g = torch.Generator().manual_seed(0)
     for param in ("eps", "x0", "v"):
@@ -70,8 +71,11 @@ def compare(device: str) -> list[str]:
                     what = f"{param} {out_dtype} {fmt} t={t_value} scale={scale}"
                     assert got.shape == want.shape and got.dtype == want.dtype == torch.float32, what
                     assert got[0].stride() == x.stride(), what
-                    atol = 2e-6 * float(want.abs().max())
-                    torch.testing.assert_close(got, want, rtol=2e-6, atol=atol, msg=what)
+                    if device == "cuda":
+                        assert torch.equal(got, want), f"{what}: {float((got - want).abs().max())}"
+                    else:
+                        atol = 2e-6 * float(want.abs().max())
+                        torch.testing.assert_close(got, want, rtol=2e-6, atol=atol, msg=what)
                     done.append(what)
     return done
 
