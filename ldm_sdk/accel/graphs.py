@@ -371,7 +371,8 @@ class CapturedModel:
             from ldm_sdk.accel.precompile import precompile_kernels
 
             # the fused kernels this call shape needs, compiled in parallel before the warm-up reaches them
-            report = precompile_kernels(self.modules, call)
+            # (those of the watched modules and of fn itself, when it launches kernels of its own)
+            report = precompile_kernels([*self.modules, self.fn], call)
             self.stats.precompiled += report.variants
             self.stats.precompile_s += report.compile_s
             capture.graph, capture.out = self._capture_graph(call, x.device, signature)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ldm_sdk.accel import guided_combine
 from ldm_sdk.accel.graphs import CapturedModel
+from ldm_sdk.accel.triton_kernels import KernelRecorder
 from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import ModelFn, Prediction, batch_time, prediction_from_output, work_dtype
 from ldm_sdk.diffusion.guidance import guidance_combine
@@ -49,6 +50,10 @@ class GuidedPrediction:
     ``2B`` context (a cross-attention-only conditioning; :meth:`~ldm_sdk.models.unet.UNetModel.forward`
     then runs the layers before the first cross-attention once for both halves); otherwise with both
     batched twice, as the eager guidance does."""
+
+    #: set by :mod:`ldm_sdk.accel.precompile` while it records: the fused tail's launch is recorded (and
+    #: compiled in parallel with the network's kernels before the capture) instead of made
+    kernel_recorder: KernelRecorder | None = None
 
     def __init__(
         self,
@@ -84,7 +89,9 @@ class GuidedPrediction:
         fused = self.fuse_tail and not torch.is_grad_enabled()
         if fused and guided_combine.fits(out, x, ts, self.parameterization):
             tables = self.schedule.tables(x.device)
-            return guided_combine.guided_prediction(out, x, ts, tables, self.parameterization)
+            return guided_combine.guided_prediction(
+                out, x, ts, tables, self.parameterization, recorder=self.kernel_recorder
+            )
         out_uncond, out_cond = out.chunk(2)
         weight = scale.to(work_dtype(out_uncond)).reshape(-1, *([1] * (x.dim() - 1)))
         guided = guidance_combine(out_uncond, out_cond, weight)

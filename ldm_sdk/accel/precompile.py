@@ -58,11 +58,13 @@ class PrecompileReport:
         )
 
 
-def recording_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    """The submodules that launch fused kernels (they have a ``kernel_recorder`` slot)."""
-    seen: dict[int, nn.Module] = {}
+def recording_modules(modules: Iterable[object]) -> list[Any]:
+    """The submodules that launch fused kernels (their class has a ``kernel_recorder`` slot); a plain
+    object in ``modules`` (not an ``nn.Module``, such as the captured guided step of
+    :mod:`ldm_sdk.accel.guided_step`) counts itself when its class has the slot."""
+    seen: dict[int, Any] = {}
     for root in modules:
-        for m in root.modules():
+        for m in root.modules() if isinstance(root, nn.Module) else (root,):
             if hasattr(type(m), "kernel_recorder"):
                 seen.setdefault(id(m), m)
     return list(seen.values())
@@ -118,9 +120,10 @@ def default_threads() -> int:
 
 
 def precompile_kernels(
-    modules: Sequence[nn.Module], call: Callable[[], object], *, threads: int | None = None
+    modules: Sequence[object], call: Callable[[], object], *, threads: int | None = None
 ) -> PrecompileReport:
-    """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` and compile the
+    """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` (see
+    :func:`recording_modules`) and compile the
     distinct variants on ``threads`` threads (default :func:`default_threads`); see the module doc.
     ``call``'s result is discarded. Returns what was done (all zeros when nothing launches fused kernels)."""
     if threads is not None and threads < 1:

@@ -124,6 +124,27 @@ def test_models_without_fused_modules_are_left_alone() -> None:
         precompile_kernels([nn.Linear(2, 2)], lambda: None, threads=0)
 
 
+def test_a_plain_callable_with_a_recorder_slot_is_recorded_too() -> None:
+    """What :class:`~ldm_sdk.accel.graphs.CapturedModel` passes besides the watched modules: its ``fn``,
+    which records its own launches when its class has the slot (the guided step's fused tail); plain
+    callables without the slot are ignored."""
+    kernel = FakeKernel()
+
+    class Step:
+        kernel_recorder: KernelRecorder | None = None
+
+        def __call__(self, x: Tensor) -> Tensor:
+            out = torch.empty_like(x)
+            launch(kernel, (2,), self.kernel_recorder, x, out, BLOCK=32)
+            return out
+
+    step, plain = Step(), (lambda x: x)
+    assert recording_modules([nn.Linear(2, 2), step, plain]) == [step]
+    report = precompile_kernels([nn.Linear(2, 2), step, plain], lambda: step(torch.zeros(4)), threads=1)
+    assert (report.launches, report.variants) == (1, 1) and len(kernel.warmups) == 1
+    assert step.kernel_recorder is None and "kernel_recorder" not in step.__dict__
+
+
 def test_fused_models_have_recorder_slots() -> None:
     from ldm_sdk.accel import fuse_blocks, fuse_model
     from ldm_sdk.testing.tiny import SD1, random_bundle
