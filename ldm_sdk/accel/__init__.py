@@ -5,14 +5,16 @@
   :func:`accelerate_denoiser` wraps a bundle or model function so the samplers' API stays unchanged;
   :mod:`ldm_sdk.accel.guided_step` replays a whole guided denoiser call (batching, network, guidance,
   eps / x0) as one graph, the tasks' path with guidance (in half precision with the two halves sharing
-  their input: :meth:`ldm_sdk.models.unet.UNetModel.forward`); captured memset nodes become fill kernels,
+  their input: :meth:`ldm_sdk.models.unet.UNetModel.forward`), its guidance and eps / x0 conversion one
+  Triton kernel, :mod:`ldm_sdk.accel.guided_combine`; captured memset nodes become fill kernels,
   :mod:`ldm_sdk.accel.graph_memsets`.
 - :mod:`ldm_sdk.accel.fusion`: :func:`fuse_model` switches a model's GroupNorm (+ the SiLU after it) and
   GEGLU modules, in place, to the fused Triton kernels of :mod:`ldm_sdk.accel.triton_kernels` (float32
   torch references off CUDA); :mod:`ldm_sdk.accel.block_fusion`: :func:`fuse_blocks` folds conv biases,
   the timestep embedding and residual adds of the residual / transformer blocks into the norms
   (:mod:`ldm_sdk.accel.residual_kernels`; one embedding GEMM per UNet call,
-  :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`; upsampling
+  :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`, on Hopper
+  as a persistent TMA kernel, :mod:`ldm_sdk.accel.geglu_tma`; upsampling
   kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`; thin-output convolutions,
   :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`; the
   first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`, with its softmax,

@@ -62,9 +62,14 @@ Layouts and limits
   ``128 x 64`` (4 warps, 3 stages: two 128 x 64 float32 accumulators, about a 128 x 128 GEMM tile) and
   ``64 x 64`` (4 warps, 4 stages), ``BLOCK_K`` 64, aimed at the H100 (132 SMs, wgmma); the bench's sweep
   found 128 x 64 fastest where the kernel is used.
+* On Hopper (compute capability 9.0+) :func:`geglu_linear_triton` runs the same products as a persistent
+  kernel fed by TMA copies (:mod:`ldm_sdk.accel.geglu_tma`), faster than this pointer-addressed kernel at
+  every SD-1.5 shape; a :class:`GegluGemmPlan` forces the pointer kernel, a
+  :class:`~ldm_sdk.accel.geglu_tma.TmaPlan` the TMA one.
 * Where it is used: :class:`~ldm_sdk.accel.fusion.FusedGEGLU` runs it only where it measured faster than
-  cuBLAS + the gating kernel (:func:`geglu_linear_pays`: ``C <= 320``, SD-1.5's outer level); elsewhere
-  cuBLAS' GEMM is faster than this one by more than the separate gating pass costs.
+  cuBLAS + the gating kernel (:func:`geglu_linear_pays`: ``C <= 640`` with the TMA kernel, SD-1.5's two
+  outer levels; ``C <= 320`` with the pointer kernel); wider, cuBLAS' GEMM is faster by about what the
+  separate gating pass costs.
 * The kernel has no backward: with autograd active, ``"auto"`` uses the reference (differentiable) and
   ``"triton"`` refuses. Triton runs CUDA tensors, or CPU tensors under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before Triton is imported; slow, used by the tests). Triton 3.8's interpreter
