@@ -86,7 +86,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm_sdk.accel.geglu_tma import TMA_MAX_CHANNELS, TmaPlan, geglu_linear_tma, tma_device, tma_fits
+from ldm_sdk.accel.geglu_tma import (
+    TMA_MAX_CHANNELS,
+    TmaPlan,
+    check_plan_fields,
+    geglu_linear_tma,
+    tma_device,
+    tma_fits,
+)
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
     Backend,
@@ -207,16 +214,9 @@ class GegluGemmPlan:
     group_m: int = GROUP_M
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+        check_plan_fields(self, ("num_stages", "group_m"))
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps!r}")
-        for name in ("num_stages", "group_m"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     def programs(self, m: int, inner: int) -> int:
         """Programs of the launch for ``m`` rows and ``inner`` output columns."""

@@ -61,16 +61,9 @@ class TmaPlan:
     group_m: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+        check_plan_fields(self, ("stages", "group_m"))
         if self.num_warps not in (4, 8):
             raise ValueError(f"num_warps must be 4 or 8 (one or two warpgroups), got {self.num_warps!r}")
-        for name in ("stages", "group_m"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     def tiles(self, m: int, inner: int) -> int:
         """Output tiles of an ``m x inner`` result."""
@@ -81,6 +74,19 @@ class TmaPlan:
         loop = "flat" if self.flatten else "nest"
         tile = f"{self.block_m}x{self.block_n}x{self.block_k}"
         return f"tma_{tile}_w{self.num_warps}_s{self.stages}_{loop}_g{self.group_m}"
+
+
+def check_plan_fields(plan: object, counts: tuple[str, ...]) -> None:
+    """A GEMM plan's checks (``ValueError`` saying what is valid): ``block_m``, ``block_n``, ``block_k``
+    powers of two >= 16 (``tl.dot``'s minimum), the fields named in ``counts`` ints >= 1."""
+    for name in ("block_m", "block_n", "block_k"):
+        value = getattr(plan, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+    for name in counts:
+        value = getattr(plan, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def plan_tma(m: int) -> TmaPlan:
@@ -231,6 +237,7 @@ __all__ = [
     "FLATTEN_MIN_ROWS",
     "TMA_MAX_CHANNELS",
     "TmaPlan",
+    "check_plan_fields",
     "geglu_linear_tma",
     "plan_tma",
     "tma_device",

@@ -332,21 +332,27 @@ def test_kernel_on_sd15_shapes_and_in_a_cuda_graph(monkeypatch: pytest.MonkeyPat
                     except AssertionError as exc:
                         failures.append(str(exc))
         assert not failures, "\n".join(failures)
-        x, w, b = make_inputs((2, 1024), 640, 2560, torch.float16, device="cuda")
-        eager = G.geglu_linear(x, w, b)  # compiles
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            G.geglu_linear(x, w, b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = G.geglu_linear(x, w, b)
-        x.mul_(-0.5)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static, G.geglu_linear(x, w, b))
-        assert not torch.equal(static, eager)
+        assert_replays_in_a_graph(G.geglu_linear)
+
+
+def assert_replays_in_a_graph(call: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+    """``call(x, w, b)`` at the SD-1.5 second-level shape, captured in a CUDA graph: a replay after ``x``
+    changed in place gives what an eager call on the new ``x`` gives (and not the old result)."""
+    x, w, b = make_inputs((2, 1024), 640, 2560, torch.float16, device="cuda")
+    eager = call(x, w, b)  # compiles
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(x, w, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = call(x, w, b)
+    x.mul_(-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, call(x, w, b))
+    assert not torch.equal(static, eager)
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:

@@ -27,9 +27,21 @@ from ldm_sdk.accel.triton_kernels import KernelRecorder, triton_available
 from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
 
 try:  # under pytest (its importlib mode registers the tests.accel package)
-    from tests.accel.test_geglu_gemm import SD15_FF, assert_near_truth, geglu_linear_truth, make_inputs
+    from tests.accel.test_geglu_gemm import (
+        SD15_FF,
+        assert_near_truth,
+        assert_replays_in_a_graph,
+        geglu_linear_truth,
+        make_inputs,
+    )
 except ModuleNotFoundError:  # run as the interpreter script: this folder is sys.path[0]
-    from test_geglu_gemm import SD15_FF, assert_near_truth, geglu_linear_truth, make_inputs
+    from test_geglu_gemm import (
+        SD15_FF,
+        assert_near_truth,
+        assert_replays_in_a_graph,
+        geglu_linear_truth,
+        make_inputs,
+    )
 
 
 # -- plan ----------------------------------------------------------------------------------------------------
@@ -174,21 +186,7 @@ def test_tma_kernel_replays_in_a_cuda_graph() -> None:
     if not _hopper():
         pytest.skip("the TMA kernel needs a GPU of compute capability >= 9.0")
     with torch.no_grad():
-        x, w, b = make_inputs((2, 1024), 640, 2560, torch.float16, device="cuda")
-        eager = G.geglu_linear_triton(x, w, b)  # compiles
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            G.geglu_linear_triton(x, w, b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = G.geglu_linear_triton(x, w, b)
-        x.mul_(-0.5)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static, G.geglu_linear_triton(x, w, b))
-        assert not torch.equal(static, eager)
+        assert_replays_in_a_graph(G.geglu_linear_triton)  # no plan on Hopper: the TMA kernel
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
