@@ -64,7 +64,7 @@ from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import Denoiser, ModelDenoiser, ModelFn
 
 if TYPE_CHECKING:
-    from ldm_sdk.accel.precompile import CompileQueue, PrecompileJob
+    from ldm_sdk.accel.precompile import PrecompileJob
     from ldm_sdk.checkpoints.bundle import ModelBundle
 
 CaptureMode = Literal["auto", "graph", "emulate", "off"]
@@ -192,9 +192,6 @@ class CapturedModel:
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
         self._companions: dict[Hashable, CapturedModel] = {}
         self._ahead: dict[CallSignature, PrecompileJob] = {}  # precompile_ahead's compilations
-        #: shared with the other captured models of one checkpoint (the task runner's): compilations ahead
-        #: wait in it until one of them has compiled its first call (:meth:`precompile_ahead`)
-        self.compile_queue: CompileQueue | None = None
         self._lock = threading.RLock()  # one call at a time through the static buffers
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
@@ -229,12 +226,11 @@ class CapturedModel:
         no capture of that signature exists yet: the launches are recorded now (one call of ``fn`` with the
         kernels skipped, which must not overlap a capture in progress: call this between calls), the
         compilation runs on low-priority threads (:func:`~ldm_sdk.accel.precompile.start_precompile`)
-        while the caller goes on. With a :attr:`compile_queue` the compilation waits in it until a model
-        sharing the queue has compiled its own first call (the task runner: the decoder's kernels, recorded
-        before sampling, compile during the UNet's warm-up, capture and sampling; started at once they
-        competed with the UNet's and gained nothing on average, ``bench/cold_start.py``). The capture of
-        that call (or any capture of this model) waits for it first, starting it if it was held. Returns
-        whether a compilation was set up."""
+        while the caller goes on: for a host with idle time before the call comes (a model loaded, the
+        user not yet asking). Not while another model pre-compiles: both compete for the cores, and a
+        decoder compiled during the UNet's first steps saved 1.1 s once and cost 0.7 s once
+        (``bench/cold_start.py``, ``fused_cold_ahead``). The capture of that call (or any capture of this
+        model) waits for it first. Returns whether a compilation was started."""
         if not self._active(x) or self.mode == "emulate":
             return False
         signature = self._check(x, t, cond)
@@ -243,15 +239,10 @@ class CapturedModel:
                 return False
             from ldm_sdk.accel.precompile import start_precompile
 
-            def call() -> object:
-                return self.fn(x, t, cond)
-
-            queue = self.compile_queue
             with torch.inference_mode():
-                job = start_precompile([*self.modules, self.fn], call, start=queue is None)
-            if queue is not None:
-                queue.defer(job)
-            self._ahead[signature] = job
+                self._ahead[signature] = start_precompile(
+                    [*self.modules, self.fn], lambda: self.fn(x, t, cond)
+                )
             return True
 
     @property
@@ -290,7 +281,6 @@ class CapturedModel:
                     modules=self.modules,
                 )
                 kept.rewrite_memsets = self.rewrite_memsets
-                kept.compile_queue = self.compile_queue
                 self._companions[key] = kept
             return kept
 
@@ -416,8 +406,6 @@ class CapturedModel:
             report = ahead.wait() if ahead is not None else precompile_kernels([*self.modules, self.fn], call)
             self.stats.precompiled += report.variants
             self.stats.precompile_s += report.compile_s
-            if self.compile_queue is not None:  # the foreground compilation is over: held ones may start
-                self.compile_queue.release()
             capture.graph, capture.out = self._capture_graph(call, x.device, signature)
             capture.replay = capture.graph.replay
         self._captures[signature] = capture

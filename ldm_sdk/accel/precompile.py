@@ -132,52 +132,35 @@ def precompile_kernels(
 
 
 class PrecompileJob:
-    """Compilation made by :func:`start_precompile`: running, or (``start=False``) waiting for
-    :meth:`start`; :meth:`wait` for it and its report."""
+    """Compilation started by :func:`start_precompile`: :meth:`wait` for it and its report."""
 
     def __init__(
         self, launches: int, unique: list[Launch], workers: int, record_s: float, background: bool
     ) -> None:
         self._counts = (launches, len(unique), workers)
         self._record_s = record_s
-        self._unique, self._background = unique, background
-        self._lock = threading.Lock()
-        self._start: float | None = None
+        self._start = time.perf_counter()
         self._compile_s: float | None = None
         self._futures: list[Future[None]] = []
-
-    def start(self) -> None:
-        """Start compiling on the job's threads, unless started already."""
-        with self._lock:
-            if self._start is not None:
-                return
-            self._start = time.perf_counter()
-            if self._unique:
-                pool = ThreadPoolExecutor(
-                    self._counts[2],
-                    thread_name_prefix="ldm-sdk-compile",
-                    initializer=_lower_priority if self._background else None,
-                )
-                self._futures = [pool.submit(_compile, launch) for launch in self._unique]
-                pool.shutdown(wait=False)  # its threads end when the queue is done
-
-    @property
-    def started(self) -> bool:
-        return self._start is not None
+        if unique:
+            pool = ThreadPoolExecutor(
+                workers,
+                thread_name_prefix="ldm-sdk-compile",
+                initializer=_lower_priority if background else None,
+            )
+            self._futures = [pool.submit(_compile, launch) for launch in unique]
+            pool.shutdown(wait=False)  # its threads end when the queue is done
 
     def done(self) -> bool:
-        """Whether it started and every compilation has finished (successfully or not)."""
-        return self.started and all(f.done() for f in self._futures)
+        """Whether every compilation has finished (successfully or not)."""
+        return all(f.done() for f in self._futures)
 
     def wait(self) -> PrecompileReport:
-        """Start it if it was not, block until every variant is compiled (re-raising a compile error here,
-        in the caller's thread); the report's ``compile_s`` runs from the start to the first ``wait`` that
-        found it finished."""
-        self.start()
+        """Block until every variant is compiled (re-raising a compile error here, in the caller's thread);
+        the report's ``compile_s`` runs from the start to the first ``wait`` that found it finished."""
         for future in self._futures:
             future.result()
         if self._compile_s is None:
-            assert self._start is not None
             self._compile_s = time.perf_counter() - self._start if self._futures else 0.0
         launches, variants, workers = self._counts
         return PrecompileReport(launches, variants, workers, self._record_s, self._compile_s)
@@ -189,17 +172,16 @@ def start_precompile(
     *,
     threads: int | None = None,
     background: bool = True,
-    start: bool = True,
 ) -> PrecompileJob:
     """:func:`precompile_kernels` that returns once the launches are recorded: the compilation runs on its
-    thread pool meanwhile (``background``: at a lower OS scheduling priority, on Linux), or, with
-    ``start=False``, when :meth:`PrecompileJob.start` (or ``wait``) is called -- for a :class:`CompileQueue`
-    to start it once the foreground compilation is over. :meth:`PrecompileJob.wait` joins it."""
+    thread pool meanwhile (``background``: at a lower OS scheduling priority, on Linux, so that it takes the
+    cores other work leaves idle -- the rest of a first call, the sampling -- rather than competing with
+    it). :meth:`PrecompileJob.wait` joins it."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     fused = recording_modules(modules)
     recorder = KernelRecorder()
-    begin = time.perf_counter()
+    start = time.perf_counter()
     if fused:
         for m in fused:
             m.kernel_recorder = recorder
@@ -209,44 +191,13 @@ def start_precompile(
         finally:
             for m in fused:
                 m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
-    record_s = time.perf_counter() - begin if fused else 0.0
+    record_s = time.perf_counter() - start if fused else 0.0
     unique = list({_variant(launch): launch for launch in recorder.launches}.values())
     # kernels with matrix products (tl.dot: software pipelines, wgmma) compile several times longer than
     # the elementwise / reduction ones: start them first, so they do not finish alone at the end
     unique.sort(key=lambda launch: "tl.dot" not in getattr(launch.kernel, "src", ""))
     workers = min(threads or default_threads(), len(unique))
-    job = PrecompileJob(len(recorder), unique, workers, record_s, background)
-    if start:
-        job.start()
-    return job
-
-
-class CompileQueue:
-    """Background compilations held back while a foreground one runs: the models of one checkpoint share
-    one, so that the decoder's kernels, recorded before sampling (:meth:`defer`), compile once the UNet's
-    first call has compiled its own (:meth:`release`), on the cores its warm-up, graph capture and the
-    sampling leave idle, instead of competing with it (``bench/cold_start.py``). Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[PrecompileJob] = []
-
-    def defer(self, job: PrecompileJob) -> None:
-        """Hold ``job`` (not started) until the next :meth:`release`."""
-        with self._lock:
-            self._held.append(job)
-
-    def release(self) -> int:
-        """Start every held job; returns how many."""
-        with self._lock:
-            held, self._held = self._held, []
-        for job in held:
-            job.start()
-        return len(held)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._held)
+    return PrecompileJob(len(recorder), unique, workers, record_s, background)
 
 
 def _lower_priority() -> None:
@@ -272,7 +223,6 @@ def precompile_once(
 
 
 __all__ = [
-    "CompileQueue",
     "PrecompileJob",
     "PrecompileReport",
     "default_threads",

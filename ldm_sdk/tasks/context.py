@@ -21,7 +21,6 @@ from ldm_sdk.tasks.base import NoDefaultModelError, TaskError, TaskInputs, TaskR
 
 if TYPE_CHECKING:
     from ldm_sdk.accel.graphs import CapturedModel, CaptureMode
-    from ldm_sdk.accel.precompile import CompileQueue
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
     from ldm_sdk.encoders.base import ConditionEncoder
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPTURED_DECODER",
     "CAPTURED_MODEL",
-    "COMPILE_QUEUE",
     "TASK_MAX_GRAPHS",
     "bundle_device_dtype",
     "captured_decoder",
@@ -53,9 +51,6 @@ _COND_STAGE_ATTR = "_ldm_sdk_task_cond_stage"
 CAPTURED_MODEL = "ldm_sdk.tasks.captured_model"
 #: the name of the tasks' captured first-stage decode among a cached model's attachments
 CAPTURED_DECODER = "ldm_sdk.tasks.captured_decoder"
-#: the compile queue the two share (:class:`~ldm_sdk.accel.precompile.CompileQueue`): the decoder's kernels,
-#: recorded before sampling, compile once the network's first call has compiled its own
-COMPILE_QUEUE = "ldm_sdk.tasks.compile_queue"
 #: captures (input signatures) a task model keeps: each holds its own activation memory on the GPU, so a host
 #: alternating between two sizes (or guided / unguided) keeps both, and a third evicts the oldest
 TASK_MAX_GRAPHS = 2
@@ -261,9 +256,7 @@ def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | Non
     def make() -> CapturedModel:
         from ldm_sdk.accel.graphs import accelerate_denoiser
 
-        captured = accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
-        captured.compile_queue = compile_queue(bundle, runtime)
-        return captured
+        return accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
 
     kept = runtime.cache.attachment(bundle, CAPTURED_MODEL, make)
     return kept if kept is not None else make()
@@ -293,21 +286,10 @@ def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | N
         def decode(z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
             return bundle.decode_first_stage(z)
 
-        captured = CapturedModel(decode, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
-        captured.compile_queue = compile_queue(bundle, runtime)
-        return captured
+        return CapturedModel(decode, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
 
     kept = runtime.cache.attachment(bundle, CAPTURED_DECODER, make)
     return kept if kept is not None else make()
-
-
-def compile_queue(bundle: ModelBundle, runtime: Runtime) -> CompileQueue:
-    """The :class:`~ldm_sdk.accel.precompile.CompileQueue` the captured network and decoder of ``bundle``
-    share (kept with the cached model; a new one for a model given in memory)."""
-    from ldm_sdk.accel.precompile import CompileQueue
-
-    kept = runtime.cache.attachment(bundle, COMPILE_QUEUE, CompileQueue)
-    return kept if kept is not None else CompileQueue()
 
 
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:

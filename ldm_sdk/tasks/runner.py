@@ -337,25 +337,7 @@ class Run:
                 **self.sample_kwargs(guided),
             )
 
-        self.precompile_decoder_ahead(shape)
         return self.sample(item)
-
-    def precompile_decoder_ahead(self, shape: tuple[int, ...]) -> None:
-        """Record the captured decoder's fused kernels for latents of ``shape`` now and hold their
-        compilation in the model's compile queue
-        (:meth:`~ldm_sdk.accel.graphs.CapturedModel.precompile_ahead`,
-        :func:`~ldm_sdk.tasks.context.compile_queue`): it starts once the network's first call has
-        compiled its own kernels, on the cores that call's warm-up and capture and the sampling leave idle,
-        so the first image does not wait for it after sampling. Nothing when the decode is not captured or
-        was captured for that size already."""
-        decoder = self.captured_decoder
-        if decoder is None or self.device.type != "cuda":
-            return
-        from ldm_sdk.diffusion.conditioning import Conditioning
-
-        z = torch.zeros((1, *shape[1:]), device=self.device, dtype=self.dtype)  # as decode() passes them
-        with torch.inference_mode():
-            decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())
 
     # -- fitting sizes ---------------------------------------------------------------------------------
     def fit_input(

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.precompile import (
     PRECOMPILED_ATTR,
-    CompileQueue,
     precompile_kernels,
     precompile_once,
     recording_modules,
@@ -177,21 +176,6 @@ def test_a_background_job_records_now_and_compiles_on_its_threads() -> None:
     assert empty.done() and empty.wait().variants == 0
 
 
-def test_a_queue_holds_jobs_until_released_and_wait_starts_a_held_one() -> None:
-    kernel = FakeKernel()
-    a, b = Fused(kernel, 64, 32), Fused(kernel, 128, 32)
-    queue = CompileQueue()
-    held = [start_precompile([m], lambda m=m: m(torch.zeros(8)), start=False) for m in (a, b)]
-    for job in held:
-        queue.defer(job)
-    assert len(queue) == 2 and not any(job.started for job in held) and kernel.warmups == []
-    assert held[0].wait().variants == 1  # waiting starts a held job
-    assert queue.release() == 2 and len(queue) == 0  # starts the other (the first was started already)
-    assert held[1].wait().variants == 1 and all(job.done() for job in held)
-    assert sorted(w[2]["BLOCK"] for w in kernel.warmups) == [64, 128]
-    assert queue.release() == 0
-
-
 def test_a_background_compile_error_reaches_the_waiter() -> None:
     m = Fused(FakeKernel(fail=True), 64, 16)
     job = start_precompile([m], lambda: m(torch.zeros(4)))
@@ -278,11 +262,10 @@ def test_sd15_unet_first_call_after_precompile_compiles_nothing() -> None:
 
 @pytest.mark.gpu
 def test_precompile_ahead_then_capture_while_compiling() -> None:
-    """As the task runner: the decoder's kernels recorded ahead and held in the queue the UNet shares, which
-    releases them once its first call has compiled its own; they compile while the UNet's graph is
-    captured (captures are thread_local, so the compile threads' module loads do not break them); the
-    decoder's own capture then waits for the job (its variants are what it reports), and its replay
-    matches the eager decode."""
+    """The decoder's kernels compiled ahead in the background while another model's graph is captured
+    (captures are thread_local, so the compile threads' module loads do not break them); the decoder's own
+    capture then waits for the job (its variants are what it reports), and its replay matches the eager
+    decode."""
     from ldm_sdk.accel.graphs import CapturedModel
     from ldm_sdk.accel.prepare import prepare_cuda_inference
     from ldm_sdk.diffusion.conditioning import Conditioning
@@ -291,20 +274,18 @@ def test_precompile_ahead_then_capture_while_compiling() -> None:
     bundle = random_bundle(SD1).eval().to("cuda", torch.float16)
     prepare_cuda_inference(bundle)
     decoder = CapturedModel(lambda z, t, c: bundle.decode_first_stage(z), modules=[bundle.first_stage_model])
-    unet = bundle.model.diffusion_model
-    step = CapturedModel(lambda x, t, c: unet(x, t, context=c.crossattn), modules=[unet])
-    step.compile_queue = decoder.compile_queue = CompileQueue()  # as the task runner shares one
     g = torch.Generator(device="cuda").manual_seed(3)
     z = torch.randn(1, 4, 12, 20, generator=g, device="cuda").half()  # an odd size: nothing compiled yet
     with torch.inference_mode():
         assert decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())
-        assert not decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())  # set up already
-        assert len(decoder.compile_queue) == 1  # held until the UNet's first call has compiled its own
+        assert not decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())  # started already
+        unet = bundle.model.diffusion_model
+        step = CapturedModel(lambda x, t, c: unet(x, t, context=c.crossattn), modules=[unet])
         x = torch.randn(2, 4, 12, 20, generator=g, device="cuda").half()
         ctx = torch.randn(2, 7, SD1.unet.context_dim, generator=g, device="cuda").half()
         t = torch.tensor([981.0, 421.0], device="cuda")
         captured_out = step(x, t, Conditioning(crossattn=ctx))  # captured while the decoder's compile runs
-        assert torch.isfinite(captured_out).all() and len(step.compile_queue) == 0  # released
+        assert torch.isfinite(captured_out).all()
         image = decoder(z, z.new_zeros(1), Conditioning())
         assert decoder.stats.captures == 1 and decoder.stats.precompiled > 0  # the job's variants
         torch.testing.assert_close(image, bundle.decode_first_stage(z), rtol=1e-3, atol=1e-3)
