@@ -18,12 +18,11 @@ first call pre-compiles the fused kernels in parallel
 (``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
 ``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decode as the task
 runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, capture and replay);
-``decoder_ahead`` (``fused_cold_ahead`` only: before the first steps, recording the decoder's launches and
+``decoder_ahead`` (before the first steps, as the task runner: recording the decoder's launches and
 starting their compilation in the background, :meth:`~ldm_sdk.accel.graphs.CapturedModel.precompile_ahead`);
 ``first_image`` is the sum from ``prepare`` to ``first_decode`` (two steps more than one image).
-``fused_cold_ahead`` measures whether compiling the decoder's kernels during the UNet's first steps pays:
-the task runner does not (two runs on an H100: 1.1 s saved once, 0.7 s lost once -- the UNet's own parallel
-pre-compilation slowed by the competition about as much as the decoder's was hidden).
+``fused_cold_no_ahead``: ``fused_cold`` without the decoder's compilation ahead (it compiles at its first
+call).
 ``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
 ``precompiled_*`` the variants the recording passes found, ``precompile_s_*`` the seconds their parallel
 compilation took. ``--no-dual-gemm`` adds a cold run with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``)
@@ -97,9 +96,9 @@ def child(variant: str) -> dict[str, Any]:
         # halves sharing their input in half precision
         den = guided_denoiser(captured, sched, "eps", c1, u1, 7.5, share_input=True)
         decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
-        if variant == "fused_ahead":
-            # the decoder's kernels compiled in the background from before the first step on (not what the
-            # task runner does: see the module doc)
+        if variant != "fused_no_ahead":
+            # as the task runner (sample_latents): the decoder's kernels compiled in the background from
+            # before the first step on, on the cores the UNet's first capture and the sampling leave idle
             z_like = torch.zeros(1, 4, lat, lat, device=device, dtype=dtype)
             phase(
                 "decoder_ahead", lambda: decoder.precompile_ahead(z_like, z_like.new_zeros(1), Conditioning())
@@ -161,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["fused_cold"] = run_child("fused", cache)
     out["fused_warm_cache"] = run_child("fused", cache)
     out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
-    # the decoder's kernels compiled ahead, in the background, while the UNet's first steps run
-    out["fused_cold_ahead"] = run_child("fused_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
+    # the decoder compiled when its first call comes (no compilation ahead), as before 2026-11-26 session 8
+    out["fused_cold_no_ahead"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_dual_gemm:
         out["fused_no_dual_gemm_cold"] = run_child(
             "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")

@@ -226,11 +226,9 @@ class CapturedModel:
         no capture of that signature exists yet: the launches are recorded now (one call of ``fn`` with the
         kernels skipped, which must not overlap a capture in progress: call this between calls), the
         compilation runs on low-priority threads (:func:`~ldm_sdk.accel.precompile.start_precompile`)
-        while the caller goes on: for a host with idle time before the call comes (a model loaded, the
-        user not yet asking). Not while another model pre-compiles: both compete for the cores, and a
-        decoder compiled during the UNet's first steps saved 1.1 s once and cost 0.7 s once
-        (``bench/cold_start.py``, ``fused_cold_ahead``). The capture of that call (or any capture of this
-        model) waits for it first. Returns whether a compilation was started."""
+        while the caller goes on -- the task runner starts the decoder's this way before sampling, so it
+        compiles on the cores the sampler's first capture leaves idle. The capture of that call (or any
+        capture of this model) waits for it first. Returns whether a compilation was started."""
         if not self._active(x) or self.mode == "emulate":
             return False
         signature = self._check(x, t, cond)
