@@ -18,11 +18,7 @@ first call pre-compiles the fused kernels in parallel
 (``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
 ``sampling`` (a whole 50-step run from the captured graph), ``first_decode`` (the decode as the task
 runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, capture and replay);
-``decoder_ahead`` (before the first steps, as the task runner: recording the decoder's launches and
-starting their compilation in the background, :meth:`~ldm_sdk.accel.graphs.CapturedModel.precompile_ahead`);
 ``first_image`` is the sum from ``prepare`` to ``first_decode`` (two steps more than one image).
-``fused_cold_no_ahead``: ``fused_cold`` without the decoder's compilation ahead (it compiles at its first
-call).
 ``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
 ``precompiled_*`` the variants the recording passes found, ``precompile_s_*`` the seconds their parallel
 compilation took. ``--no-dual-gemm`` adds a cold run with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``)
@@ -95,14 +91,6 @@ def child(variant: str) -> dict[str, Any]:
         # as the task runner (bundle_denoiser): the whole guided step replayed from one graph, the two
         # halves sharing their input in half precision
         den = guided_denoiser(captured, sched, "eps", c1, u1, 7.5, share_input=True)
-        decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
-        if variant != "fused_no_ahead":
-            # as the task runner (sample_latents): the decoder's kernels compiled in the background from
-            # before the first step on, on the cores the UNet's first capture and the sampling leave idle
-            z_like = torch.zeros(1, 4, lat, lat, device=device, dtype=dtype)
-            phase(
-                "decoder_ahead", lambda: decoder.precompile_ahead(z_like, z_like.new_zeros(1), Conditioning())
-            )
         ts = torch.tensor(steps, dtype=torch.float64)
         # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
         phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
@@ -111,14 +99,13 @@ def child(variant: str) -> dict[str, Any]:
         latents = phase("sampling", lambda: ddim_sample(den, noise, ts))
         z = (latents / arch.scale_factor).to(dtype)
 
-        # as the task runner: the decode through a CapturedModel (pre-compilation -- or waiting for the one
-        # started ahead --, warm-up, capture, replay)
+        # as the task runner: the decode through a CapturedModel (pre-compilation, warm-up, capture, replay)
+        decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
         image = phase("first_decode", lambda: decoder(z, z.new_zeros(1), Conditioning()))
         res["precompiled_decoder"] = decoder.stats.precompiled
         res["precompile_s_decoder"] = decoder.stats.precompile_s
     res["finite"] = bool(torch.isfinite(image).all())
-    parts = ("prepare", "decoder_ahead", "first_steps", "sampling", "first_decode")
-    res.setdefault("decoder_ahead", 0.0)
+    parts = ("prepare", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)
     cache = os.environ.get("TRITON_CACHE_DIR")
     res["triton_compiled"] = (
@@ -160,8 +147,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["fused_cold"] = run_child("fused", cache)
     out["fused_warm_cache"] = run_child("fused", cache)
     out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
-    # the decoder compiled when its first call comes (no compilation ahead), as before 2026-11-26 session 8
-    out["fused_cold_no_ahead"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_dual_gemm:
         out["fused_no_dual_gemm_cold"] = run_child(
             "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")

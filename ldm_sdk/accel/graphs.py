@@ -64,7 +64,6 @@ from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import Denoiser, ModelDenoiser, ModelFn
 
 if TYPE_CHECKING:
-    from ldm_sdk.accel.precompile import PrecompileJob
     from ldm_sdk.checkpoints.bundle import ModelBundle
 
 CaptureMode = Literal["auto", "graph", "emulate", "off"]
@@ -191,7 +190,6 @@ class CapturedModel:
         self.stats = CaptureStats()
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
         self._companions: dict[Hashable, CapturedModel] = {}
-        self._ahead: dict[CallSignature, PrecompileJob] = {}  # precompile_ahead's compilations
         self._lock = threading.RLock()  # one call at a time through the static buffers
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
@@ -220,28 +218,6 @@ class CapturedModel:
             if out is None:  # pragma: no cover - _capture always sets it
                 raise CaptureError("internal error: a capture has no static output")
             return out.clone() if self.clone_output else out
-
-    def precompile_ahead(self, x: Tensor, t: Tensor, cond: Conditioning) -> bool:
-        """Start compiling the fused kernels a call like ``(x, t, cond)`` needs, in the background, when
-        no capture of that signature exists yet: the launches are recorded now (one call of ``fn`` with the
-        kernels skipped, which must not overlap a capture in progress: call this between calls), the
-        compilation runs on low-priority threads (:func:`~ldm_sdk.accel.precompile.start_precompile`)
-        while the caller goes on -- the task runner starts the decoder's this way before sampling, so it
-        compiles on the cores the sampler's first capture leaves idle. The capture of that call (or any
-        capture of this model) waits for it first. Returns whether a compilation was started."""
-        if not self._active(x) or self.mode == "emulate":
-            return False
-        signature = self._check(x, t, cond)
-        with self._lock:
-            if signature in self._captures or signature in self._ahead:
-                return False
-            from ldm_sdk.accel.precompile import start_precompile
-
-            with torch.inference_mode():
-                self._ahead[signature] = start_precompile(
-                    [*self.modules, self.fn], lambda: self.fn(x, t, cond)
-                )
-            return True
 
     @property
     def signatures(self) -> list[CallSignature]:
@@ -394,14 +370,9 @@ class CapturedModel:
         else:
             from ldm_sdk.accel.precompile import precompile_kernels
 
-            # compilations started ahead (precompile_ahead) finish first: a variant is not compiled twice
-            ahead = self._ahead.pop(signature, None)
-            for job in [*self._ahead.values(), *([ahead] if ahead is not None else [])]:
-                job.wait()
             # the fused kernels this call shape needs, compiled in parallel before the warm-up reaches them
-            # (those of the watched modules and of fn itself, when it launches kernels of its own); after a
-            # compilation ahead of this signature, only its report counts
-            report = ahead.wait() if ahead is not None else precompile_kernels([*self.modules, self.fn], call)
+            # (those of the watched modules and of fn itself, when it launches kernels of its own)
+            report = precompile_kernels([*self.modules, self.fn], call)
             self.stats.precompiled += report.variants
             self.stats.precompile_s += report.compile_s
             capture.graph, capture.out = self._capture_graph(call, x.device, signature)
@@ -437,8 +408,7 @@ class CapturedModel:
             # kept un-instantiated, so that its memset nodes can be rewritten as kernels first
             graph = torch.cuda.CUDAGraph(keep_graph=self.rewrite_memsets)
             try:
-                # thread_local: compile threads (precompile_ahead) may load kernels meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph):
                     out = call()
             except CaptureError:
                 raise

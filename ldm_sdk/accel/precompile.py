@@ -27,12 +27,10 @@ records under its capture lock).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,85 +123,36 @@ def precompile_kernels(
     modules: Sequence[object], call: Callable[[], object], *, threads: int | None = None
 ) -> PrecompileReport:
     """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` (see
-    :func:`recording_modules`) and compile the distinct variants on ``threads`` threads (default
-    :func:`default_threads`); see the module doc. ``call``'s result is discarded. Returns what was done
-    (all zeros when nothing launches fused kernels)."""
-    return start_precompile(modules, call, threads=threads, background=False).wait()
-
-
-class PrecompileJob:
-    """Compilation started by :func:`start_precompile`: :meth:`wait` for it and its report."""
-
-    def __init__(
-        self, launches: int, unique: list[Launch], workers: int, record_s: float, background: bool
-    ) -> None:
-        self._counts = (launches, len(unique), workers)
-        self._record_s = record_s
-        self._start = time.perf_counter()
-        self._compile_s: float | None = None
-        self._futures: list[Future[None]] = []
-        if unique:
-            pool = ThreadPoolExecutor(
-                workers,
-                thread_name_prefix="ldm-sdk-compile",
-                initializer=_lower_priority if background else None,
-            )
-            self._futures = [pool.submit(_compile, launch) for launch in unique]
-            pool.shutdown(wait=False)  # its threads end when the queue is done
-
-    def done(self) -> bool:
-        """Whether every compilation has finished (successfully or not)."""
-        return all(f.done() for f in self._futures)
-
-    def wait(self) -> PrecompileReport:
-        """Block until every variant is compiled (re-raising a compile error here, in the caller's thread);
-        the report's ``compile_s`` runs from the start to the first ``wait`` that found it finished."""
-        for future in self._futures:
-            future.result()
-        if self._compile_s is None:
-            self._compile_s = time.perf_counter() - self._start if self._futures else 0.0
-        launches, variants, workers = self._counts
-        return PrecompileReport(launches, variants, workers, self._record_s, self._compile_s)
-
-
-def start_precompile(
-    modules: Sequence[object],
-    call: Callable[[], object],
-    *,
-    threads: int | None = None,
-    background: bool = True,
-) -> PrecompileJob:
-    """:func:`precompile_kernels` that returns once the launches are recorded: the compilation runs on its
-    thread pool meanwhile (``background``: at a lower OS scheduling priority, on Linux, so that it takes the
-    cores other work leaves idle -- the rest of a first call, the sampling -- rather than competing with
-    it). :meth:`PrecompileJob.wait` joins it."""
+    :func:`recording_modules`) and compile the
+    distinct variants on ``threads`` threads (default :func:`default_threads`); see the module doc.
+    ``call``'s result is discarded. Returns what was done (all zeros when nothing launches fused kernels)."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     fused = recording_modules(modules)
+    if not fused:
+        return PrecompileReport(0, 0, 0, 0.0, 0.0)
     recorder = KernelRecorder()
     start = time.perf_counter()
-    if fused:
+    for m in fused:
+        m.kernel_recorder = recorder
+    try:
+        with torch.inference_mode():
+            call()
+    finally:
         for m in fused:
-            m.kernel_recorder = recorder
-        try:
-            with torch.inference_mode():
-                call()
-        finally:
-            for m in fused:
-                m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
-    record_s = time.perf_counter() - start if fused else 0.0
+            m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
+    record_s = time.perf_counter() - start
     unique = list({_variant(launch): launch for launch in recorder.launches}.values())
     # kernels with matrix products (tl.dot: software pipelines, wgmma) compile several times longer than
     # the elementwise / reduction ones: start them first, so they do not finish alone at the end
     unique.sort(key=lambda launch: "tl.dot" not in getattr(launch.kernel, "src", ""))
-    workers = min(threads or default_threads(), len(unique))
-    return PrecompileJob(len(recorder), unique, workers, record_s, background)
-
-
-def _lower_priority() -> None:
-    """A background compile thread's initializer: nice it (Linux: per thread) so foreground work wins."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: run as is
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    workers = min(threads or default_threads(), max(1, len(unique)))
+    start = time.perf_counter()
+    if unique:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ldm-sdk-compile") as pool:
+            for future in [pool.submit(_compile, launch) for launch in unique]:
+                future.result()  # re-raise a compile error here, in the caller's thread
+    return PrecompileReport(len(recorder), len(unique), workers, record_s, time.perf_counter() - start)
 
 
 PRECOMPILED_ATTR = "precompiled_for"
@@ -223,11 +172,9 @@ def precompile_once(
 
 
 __all__ = [
-    "PrecompileJob",
     "PrecompileReport",
     "default_threads",
     "precompile_kernels",
     "precompile_once",
     "recording_modules",
-    "start_precompile",
 ]

@@ -337,22 +337,7 @@ class Run:
                 **self.sample_kwargs(guided),
             )
 
-        self.precompile_decoder_ahead(shape)
         return self.sample(item)
-
-    def precompile_decoder_ahead(self, shape: tuple[int, ...]) -> None:
-        """Start compiling the captured decoder's fused kernels for latents of ``shape`` in the background
-        (:meth:`~ldm_sdk.accel.graphs.CapturedModel.precompile_ahead`), so that the first image of a model
-        does not wait for them after sampling: they compile on the cores the sampler's first capture and the
-        sampling leave idle. Nothing when the decode is not captured or was captured for that size."""
-        decoder = self.captured_decoder
-        if decoder is None or self.device.type != "cuda":
-            return
-        from ldm_sdk.diffusion.conditioning import Conditioning
-
-        z = torch.zeros((1, *shape[1:]), device=self.device, dtype=self.dtype)  # as decode() passes them
-        with torch.inference_mode():
-            decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())
 
     # -- fitting sizes ---------------------------------------------------------------------------------
     def fit_input(

@@ -19,13 +19,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ldm_sdk.accel.precompile import (
-    PRECOMPILED_ATTR,
-    precompile_kernels,
-    precompile_once,
-    recording_modules,
-    start_precompile,
-)
+from ldm_sdk.accel.precompile import PRECOMPILED_ATTR, precompile_kernels, precompile_once, recording_modules
 from ldm_sdk.accel.triton_kernels import KernelRecorder, launch
 
 
@@ -151,51 +145,6 @@ def test_a_plain_callable_with_a_recorder_slot_is_recorded_too() -> None:
     assert step.kernel_recorder is None and "kernel_recorder" not in step.__dict__
 
 
-def test_a_background_job_records_now_and_compiles_on_its_threads() -> None:
-    gate = threading.Event()
-
-    class SlowKernel(FakeKernel):
-        def warmup(self, *args: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
-            assert gate.wait(10), "the job was waited for before its compilation could finish"
-            super().warmup(*args, grid=grid, **kwargs)
-
-    kernel = SlowKernel()
-    a, b = Fused(kernel, 64, 32), Fused(kernel, 128, 32)
-    model = nn.Sequential(a, b)
-    job = start_precompile([model], lambda: model(torch.zeros(8)), threads=2)
-    # recorded already (slots restored), compiling in the background until the gate opens
-    assert all(isinstance(m.seen[0], KernelRecorder) and m.kernel_recorder is None for m in (a, b))
-    assert not job.done() and kernel.warmups == []
-    gate.set()
-    report = job.wait()
-    assert job.done() and (report.launches, report.variants, report.threads) == (2, 2, 2)
-    assert sorted(w[2]["BLOCK"] for w in kernel.warmups) == [64, 128]
-    assert all(w[3].startswith("ldm-sdk-compile") for w in kernel.warmups)
-    assert job.wait().compile_s == report.compile_s  # the report stays the same
-    empty = start_precompile([nn.Linear(2, 2)], lambda: pytest.fail("nothing to record: no call"))
-    assert empty.done() and empty.wait().variants == 0
-
-
-def test_a_background_compile_error_reaches_the_waiter() -> None:
-    m = Fused(FakeKernel(fail=True), 64, 16)
-    job = start_precompile([m], lambda: m(torch.zeros(4)))
-    with pytest.raises(RuntimeError, match="bad tile"):
-        job.wait()
-
-
-def test_precompile_ahead_needs_a_capturing_call() -> None:
-    """Off CUDA (mode auto: pass-through) and when emulating there is nothing to compile ahead."""
-    from ldm_sdk.accel.graphs import CapturedModel
-    from ldm_sdk.diffusion.conditioning import Conditioning
-
-    m = Fused(FakeKernel(), 64, 16)
-    x = torch.zeros(1, 4, 8, 8)
-    for mode in ("auto", "emulate", "off"):
-        captured = CapturedModel(lambda x, t, c: m(x), mode=mode, modules=[m])  # type: ignore[arg-type]
-        assert not captured.precompile_ahead(x, torch.zeros(1), Conditioning())
-    assert m.seen == []
-
-
 def test_fused_models_have_recorder_slots() -> None:
     from ldm_sdk.accel import fuse_blocks, fuse_model
     from ldm_sdk.testing.tiny import SD1, random_bundle
@@ -258,34 +207,3 @@ def test_sd15_unet_first_call_after_precompile_compiles_nothing() -> None:
         out = unet(x, t, context=ctx)
     assert _jit_cache_sizes() == before, "the first real call compiled kernels the recording pass missed"
     assert torch.isfinite(out).all()
-
-
-@pytest.mark.gpu
-def test_precompile_ahead_then_capture_while_compiling() -> None:
-    """The decoder's kernels compiled ahead in the background while another model's graph is captured
-    (captures are thread_local, so the compile threads' module loads do not break them); the decoder's own
-    capture then waits for the job (its variants are what it reports), and its replay matches the eager
-    decode."""
-    from ldm_sdk.accel.graphs import CapturedModel
-    from ldm_sdk.accel.prepare import prepare_cuda_inference
-    from ldm_sdk.diffusion.conditioning import Conditioning
-    from ldm_sdk.testing.tiny import SD1, random_bundle
-
-    bundle = random_bundle(SD1).eval().to("cuda", torch.float16)
-    prepare_cuda_inference(bundle)
-    decoder = CapturedModel(lambda z, t, c: bundle.decode_first_stage(z), modules=[bundle.first_stage_model])
-    g = torch.Generator(device="cuda").manual_seed(3)
-    z = torch.randn(1, 4, 12, 20, generator=g, device="cuda").half()  # an odd size: nothing compiled yet
-    with torch.inference_mode():
-        assert decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())
-        assert not decoder.precompile_ahead(z, z.new_zeros(1), Conditioning())  # started already
-        unet = bundle.model.diffusion_model
-        step = CapturedModel(lambda x, t, c: unet(x, t, context=c.crossattn), modules=[unet])
-        x = torch.randn(2, 4, 12, 20, generator=g, device="cuda").half()
-        ctx = torch.randn(2, 7, SD1.unet.context_dim, generator=g, device="cuda").half()
-        t = torch.tensor([981.0, 421.0], device="cuda")
-        captured_out = step(x, t, Conditioning(crossattn=ctx))  # captured while the decoder's compile runs
-        assert torch.isfinite(captured_out).all()
-        image = decoder(z, z.new_zeros(1), Conditioning())
-        assert decoder.stats.captures == 1 and decoder.stats.precompiled > 0  # the job's variants
-        torch.testing.assert_close(image, bundle.decode_first_stage(z), rtol=1e-3, atol=1e-3)
