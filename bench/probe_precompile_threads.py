@@ -5,11 +5,11 @@ the process's own CPU time (the ``ptxas`` / C-compiler subprocesses are not in i
 
     python bench/probe_precompile_threads.py bench/results/precompile_threads_h100.json
 
-H100 machine, 16 cores (``bench/results/precompile_threads_h100.json``): 21.0 s on one thread, 7.9 s on 4,
-5.1 s on 8 and 4.9 s on 16 -- nearly flat from 8 threads while the process's CPU time grows from 12.9 to
-22.6 s: the in-process part of Triton's compiler holds the GIL for about 5 s of the 53 variants, so threads
-cannot go below that (the compiler subprocesses, ``ptxas``, take the other ~8 s of one thread's 21). Compiling in worker processes (Triton's on-disk cache carries the binaries back) is the way to a
-faster first image.
+H100 machine, 16 cores (``bench/results/precompile_threads_h100.json``): 21.0 s on one thread, 7.9 s on 4, 5.1
+s on 8 and 4.9 s on 16 -- nearly flat from 8 threads while the process's CPU time grows from 12.9 to 22.6 s:
+the in-process part of Triton's compiler holds the GIL for about 5 s of the 53 variants, so threads cannot go
+below that (the compiler subprocesses, ``ptxas``, take the other ~8 s of one thread's 21). Compiling in worker
+processes (Triton's on-disk cache carries the binaries back) is the way to a faster first image.
 """
 
 from __future__ import annotations
