@@ -12,7 +12,9 @@ How: :class:`GuidedPrediction` is a function of the :data:`~ldm_sdk.diffusion.de
 per-sample guidance scale, and ``c2`` is the request's ``[uncond; cond]`` conditioning. It runs exactly the
 ops of the eager ``ModelDenoiser(ClassifierFreeGuidance(model_fn, scale, uncond), schedule, p, cond)``
 (:func:`~ldm_sdk.diffusion.guidance.guidance_combine`,
-:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`), so the results are the same bits -- unless
+:func:`~ldm_sdk.diffusion.denoiser.prediction_from_output`; on CUDA the part after the network as one
+Triton kernel, :mod:`ldm_sdk.accel.guided_combine`, computing the same IEEE operations), so the results
+are the same bits -- unless
 ``share_input`` (what the tasks and the bench use on CUDA for a cross-attention-only UNet): then the
 network gets ``x`` once and the ``[uncond; cond]`` context, and runs the layers before the first
 cross-attention once for both halves (:meth:`~ldm_sdk.models.unet.UNetModel.forward`): the same math on a
