@@ -42,8 +42,10 @@ at 512 rows, 18.0 against 12.6 at 128) and measured even to 10 % ahead at batch 
 202.8 against 213.0 / 225.5 us at 4096 rows), so the library path stays there."""
 FLATTEN_MIN_ROWS = 32768
 """From this many rows the tile loop is flattened into the K loop (the next tile's first loads issued
-during this tile's epilogue): it paid at ``M = 65536`` and cost at fewer rows
-(``bench/bench_geglu_gemm.py``)."""
+during this tile's epilogue). It cost at fewer rows in every sweep (``bench/bench_geglu_gemm.py``); at
+``M = 65536`` it measured faster in the first sweep (314.7 against 347.7 us, 4 / 3 stages) and within the
+noise in the second (323.8 / 352.3 against 315.4 / 318.8 us; one plan timed twice in that sweep differed by
+up to 9 %), so this choice is not settled."""
 
 
 @dataclass(frozen=True)
