@@ -286,8 +286,10 @@ def geglu_linear(
 
 def geglu_linear_pays(x: Tensor, weight: Tensor, bias: Tensor | None, backend: Backend = "auto") -> bool:
     """Whether :func:`geglu_linear` with ``backend`` would run the Triton dual GEMM for these arguments and
-    it beats cuBLAS + the separate gating kernel there (``C <= DUAL_GEMM_MAX_CHANNELS``, measured); callers
-    with that unfused path take it otherwise (:class:`~ldm_sdk.accel.fusion.FusedGEGLU`)."""
+    it beats cuBLAS + the separate gating kernel there (measured: ``C <=``
+    :data:`~ldm_sdk.accel.geglu_tma.TMA_MAX_CHANNELS` where the TMA kernel runs, else ``C <=``
+    :data:`DUAL_GEMM_MAX_CHANNELS`); callers with that unfused path take it otherwise
+    (:class:`~ldm_sdk.accel.fusion.FusedGEGLU`)."""
     widest = TMA_MAX_CHANNELS if tma_device(x.device) else DUAL_GEMM_MAX_CHANNELS
     return (
         x.shape[-1] <= widest

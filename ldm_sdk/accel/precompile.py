@@ -123,9 +123,9 @@ def precompile_kernels(
     modules: Sequence[object], call: Callable[[], object], *, threads: int | None = None
 ) -> PrecompileReport:
     """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` (see
-    :func:`recording_modules`) and compile the
-    distinct variants on ``threads`` threads (default :func:`default_threads`); see the module doc.
-    ``call``'s result is discarded. Returns what was done (all zeros when nothing launches fused kernels)."""
+    :func:`recording_modules`) and compile the distinct variants on ``threads`` threads (default
+    :func:`default_threads`); see the module doc. ``call``'s result is discarded. Returns what was done (all
+    zeros when nothing launches fused kernels)."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     fused = recording_modules(modules)
