@@ -9,10 +9,14 @@ unless said otherwise:
   kernels compiled from nothing;
 * ``fused_warm_cache``: the same in a second process that finds ``fused_cold``'s Triton cache (what a user
   sees from the second start on);
-* ``unfused``: no fused kernels (no Triton compilation), channels_last: the library kernels' own start-up.
+* ``unfused``: no fused kernels (no Triton compilation), channels_last: the library kernels' own start-up;
+* ``fused_no_ahead_cold`` (with ``--no-ahead``): as ``fused_cold`` without the decoder's kernels compiled
+  in the background during sampling (``ldm_sdk.accel.compile_ahead``), before and after the others.
 
 Phases (seconds): ``cuda_init`` (context), ``build`` (SD-1.5 UNet + kl-f8 VAE with random weights on the GPU,
-fp16; not part of the first image), ``prepare`` (the fusion pass), ``first_steps`` (two guided DDIM steps
+fp16; not part of the first image), ``prepare`` (the fusion pass), ``ahead`` (the decoder's launches
+recorded and sent to background compile workers, ``ldm_sdk.accel.compile_ahead``, as the task runner does
+before sampling), ``first_steps`` (two guided DDIM steps
 through the guided step's ``CapturedModel`` (``ldm_sdk.accel.guided_step``, as the task runner), whose
 first call pre-compiles the fused kernels in parallel
 (``ldm_sdk.accel.precompile``), warms up -- cuDNN / cuBLAS heuristics -- and captures the graph),
@@ -92,6 +96,13 @@ def child(variant: str) -> dict[str, Any]:
         # halves sharing their input in half precision
         den = guided_denoiser(captured, sched, "eps", c1, u1, 7.5, share_input=True)
         ts = torch.tensor(steps, dtype=torch.float64)
+        # as the task runner: the decoder's kernels start compiling in the background before sampling
+        decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
+        z_like = torch.zeros(1, 4, lat, lat, device=device, dtype=dtype)
+        ahead = variant not in ("unfused", "fused_no_ahead")
+        res["ahead_started"] = phase(
+            "ahead", lambda: ahead and decoder.compile_ahead(z_like, z_like.new_zeros(1), Conditioning())
+        )
         # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
         phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
         res["precompiled_unet"] = den.captured.stats.precompiled
@@ -100,12 +111,12 @@ def child(variant: str) -> dict[str, Any]:
         z = (latents / arch.scale_factor).to(dtype)
 
         # as the task runner: the decode through a CapturedModel (pre-compilation, warm-up, capture, replay)
-        decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
         image = phase("first_decode", lambda: decoder(z, z.new_zeros(1), Conditioning()))
         res["precompiled_decoder"] = decoder.stats.precompiled
         res["precompile_s_decoder"] = decoder.stats.precompile_s
+        res["compiled_ahead_decoder"] = decoder.stats.compiled_ahead
     res["finite"] = bool(torch.isfinite(image).all())
-    parts = ("prepare", "first_steps", "sampling", "first_decode")
+    parts = ("prepare", "ahead", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)
     cache = os.environ.get("TRITON_CACHE_DIR")
     res["triton_compiled"] = (
@@ -135,6 +146,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--no-dual-gemm", action="store_true", help="also a cold run with the GEGLU dual GEMM switched off"
     )
+    p.add_argument(
+        "--no-ahead",
+        action="store_true",
+        help="also cold runs without the decoder compiled ahead, before and after the others",
+    )
     args = p.parse_args(argv)
     if args.child:
         res = child(args.child)
@@ -144,9 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cache = tempfile.mkdtemp(prefix="cold_triton_")
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if args.no_ahead:
+        out["fused_no_ahead_cold"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
     out["fused_cold"] = run_child("fused", cache)
     out["fused_warm_cache"] = run_child("fused", cache)
     out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
+    if args.no_ahead:
+        out["fused_no_ahead_cold_2"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
+        out["fused_cold_2"] = run_child("fused", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_dual_gemm:
         out["fused_no_dual_gemm_cold"] = run_child(
             "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")

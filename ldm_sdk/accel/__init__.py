@@ -25,7 +25,11 @@
   :mod:`ldm_sdk.accel.skip_concat`);
   :func:`prepare_cuda_inference` (:mod:`ldm_sdk.accel.prepare`:
   both fusions + channels_last weights) is what the runtime and :func:`accelerate_denoiser` do to
-  half-precision CUDA models.
+  half-precision CUDA models. The Triton kernels themselves live in :mod:`ldm_sdk.kernels` (torch-free),
+  one module per launching module here.
+- Cold start: :mod:`ldm_sdk.accel.precompile` compiles a call's kernel variants in parallel before its
+  first capture; :mod:`ldm_sdk.accel.compile_ahead` compiles a later call's (the decoder's, while the
+  sampler runs) in background worker processes (:mod:`ldm_sdk.kernels.compile_workers`).
 - :mod:`ldm_sdk.accel.cpu`: :func:`configure_cpu_inference` (bf16 weights where the CPU computes bf16
   natively, channels_last, one torch thread per usable core, the cross-attention K/V cache of
   :mod:`ldm_sdk.accel.kv_cache` and the prepacked weights of :mod:`ldm_sdk.accel.cpu_prepack`) and

@@ -64,6 +64,7 @@ from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import Denoiser, ModelDenoiser, ModelFn
 
 if TYPE_CHECKING:
+    from ldm_sdk.accel.compile_ahead import PendingCompile
     from ldm_sdk.checkpoints.bundle import ModelBundle
 
 CaptureMode = Literal["auto", "graph", "emulate", "off"]
@@ -146,6 +147,7 @@ class CaptureStats:
     evictions: int = 0
     precompiled: int = 0
     precompile_s: float = 0.0  # wall time of those compilations
+    compiled_ahead: int = 0  # variants compiled in the background before a capture (compile_ahead)
     memsets_rewritten: int = 0  # memset nodes replaced by fill kernels (ldm_sdk.accel.graph_memsets)
 
 
@@ -191,6 +193,7 @@ class CapturedModel:
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
         self._companions: dict[Hashable, CapturedModel] = {}
         self._lock = threading.RLock()  # one call at a time through the static buffers
+        self._pending: dict[CallSignature, PendingCompile] = {}  # compile_ahead's, by call signature
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
     # -- public ------------------------------------------------------------------------------------------
@@ -218,6 +221,26 @@ class CapturedModel:
             if out is None:  # pragma: no cover - _capture always sets it
                 raise CaptureError("internal error: a capture has no static output")
             return out.clone() if self.clone_output else out
+
+    def compile_ahead(self, x: Tensor, t: Tensor, cond: Conditioning) -> bool:
+        """Start compiling, in worker processes in the background, the fused kernels a first call with these
+        inputs' signature will need (:mod:`ldm_sdk.accel.compile_ahead`); the inputs are only run through
+        ``fn`` once with its kernels skipped. Returns whether anything was started: not when this signature
+        is captured or pending already, not off CUDA or in emulate / off mode, not without worker
+        processes to start. The capture of that signature waits for the compilation, then only loads."""
+        if self.mode in ("off", "emulate") or not self._active(x):
+            return False
+        signature = self._check(x, t, cond)
+        with self._lock:
+            if signature in self._captures or signature in self._pending:
+                return False
+            from ldm_sdk.accel.compile_ahead import compile_ahead
+
+            pending = compile_ahead([*self.modules, self.fn], lambda: self.fn(x, t, cond))
+            if pending is None:
+                return False
+            self._pending[signature] = pending
+            return True
 
     @property
     def signatures(self) -> list[CallSignature]:
@@ -370,6 +393,12 @@ class CapturedModel:
         else:
             from ldm_sdk.accel.precompile import precompile_kernels
 
+            pending = self._pending.pop(signature, None)
+            if pending is not None:  # compiled ahead in the background: what it compiled only loads now
+                from ldm_sdk.accel.compile_ahead import AHEAD_WAIT_S
+
+                with contextlib.suppress(TimeoutError):  # a stuck worker: compile what is missing here
+                    self.stats.compiled_ahead += pending.wait(AHEAD_WAIT_S).compiled
             # the fused kernels this call shape needs, compiled in parallel before the warm-up reaches them
             # (those of the watched modules and of fn itself, when it launches kernels of its own)
             report = precompile_kernels([*self.modules, self.fn], call)

@@ -20,6 +20,11 @@ kernel ready: cold first image 9.3 -> 4.7 s (``bench/cold_start.py``, H100).
 does it before the first decode of a latent size. Models without fused modules (CPU, float32) are left
 alone: nothing is recorded and the call is not made.
 
+Threads, not processes, by default: worker processes (:mod:`ldm_sdk.kernels.compile_workers`, the
+``processes`` option) compiled the UNet's 53 variants no faster on 16- and 32-core H100 machines (4.2-4.5 s
+against 3.9-5.1 s, ``bench/probe_precompile_threads.py``): the compilation is bound by the cores, not the
+GIL. They pay where the caller has other work meanwhile: :mod:`ldm_sdk.accel.compile_ahead`.
+
 Limits: while it records, the model's fused modules skip their kernels, so the same model must not be
 called from another thread meanwhile (the runtime's job queue runs one job at a time; ``CapturedModel``
 records under its capture lock).
@@ -32,12 +37,15 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch, TensorDescriptor
+
+if TYPE_CHECKING:
+    from ldm_sdk.kernels.compile_workers import CompileWorkers, KernelJob
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,18 @@ class PrecompileReport:
     threads: int
     record_s: float
     compile_s: float
+    processes: int = 0  # worker processes used (ldm_sdk.kernels.compile_workers)
+    in_process: int = 0  # variants compiled on this process's threads (all of them without workers)
+    worker_s: float = 0.0  # seconds of compiling (and building launchers) in the workers, summed
+    slowest_s: float = 0.0  # the slowest variant's seconds (in a worker, or on a thread here)
+    slowest: str = ""  # its kernel
+    load_s: float = 0.0  # seconds loading the workers' variants in this process, summed
 
     def __str__(self) -> str:
+        where = f"{self.processes} worker processes, {self.in_process} variants on " if self.processes else ""
         return (
             f"pre-compiled {self.variants} kernel variants ({self.launches} launches recorded) on "
-            f"{self.threads} threads in {self.compile_s:.2f} s (recording call {self.record_s:.2f} s)"
+            f"{where}{self.threads} threads in {self.compile_s:.2f} s (recording call {self.record_s:.2f} s)"
         )
 
 
@@ -114,23 +129,104 @@ def _compile(launch: Launch) -> None:
 
 
 def default_threads() -> int:
-    """One compile thread per usable core, at most 16."""
+    """One compile thread (or worker process) per usable core, at most 16."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cores))
 
 
-def precompile_kernels(
-    modules: Sequence[object], call: Callable[[], object], *, threads: int | None = None
-) -> PrecompileReport:
-    """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` (see
-    :func:`recording_modules`) and compile the distinct variants on ``threads`` threads (default
-    :func:`default_threads`); see the module doc. ``call``'s result is discarded. Returns what was done (all
-    zeros when nothing launches fused kernels)."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+def default_processes() -> int:
+    """Worker processes a background compilation (:mod:`ldm_sdk.accel.compile_ahead`) starts when it is not
+    told: :func:`default_threads` where CUDA is available, Triton compiles real kernels (not the
+    interpreter) and ``sys.executable`` is a Python interpreter to start them with; else 0 (none)."""
+    from ldm_sdk.kernels.compile_workers import python_executable
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or python_executable() is None:
+        return 0
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 0
+    return default_threads() if torch.cuda.is_available() else 0
+
+
+@dataclass
+class _CompileTimes:
+    worker_s: float = 0.0  # compile + launcher seconds in the workers, summed
+    slowest_s: float = 0.0  # the slowest variant's seconds (in a worker: compile + launcher)
+    slowest: str = ""
+    load_s: float = 0.0  # loading the variants here (binary and launcher from the cache)
+
+
+def _kernel_name(kernel: Any) -> str:
+    return str(getattr(getattr(kernel, "fn", kernel), "__name__", type(kernel).__name__))
+
+
+def _timed_compile(launch: Launch) -> float:
+    start = time.perf_counter()
+    _compile(launch)
+    return time.perf_counter() - start
+
+
+def _compile_on_threads(launches: Sequence[Launch], threads: int, times: _CompileTimes) -> None:
+    with ThreadPoolExecutor(threads, thread_name_prefix="ldm-sdk-compile") as pool:
+        futures = [pool.submit(_timed_compile, launch) for launch in launches]
+        for launch, future in zip(launches, futures, strict=True):
+            spent = future.result()  # re-raise a compile error here, in the caller's thread
+            if spent > times.slowest_s:
+                times.slowest_s, times.slowest = spent, _kernel_name(launch.kernel)
+
+
+def worker_jobs(launches: Sequence[Launch]) -> tuple[dict[KernelJob, Launch], list[Launch]]:
+    """The compile-worker jobs for ``launches`` (one per distinct variant, with a launch of it) and the
+    launches a worker cannot take (not a CUDA launch of an importable JIT function: compiled here). Variants
+    this process has compiled already are in neither."""
+    from ldm_sdk.kernels.compile_workers import KernelJob, current_target, jit_function, specialization_of
+
+    jobs: dict[KernelJob, Launch] = {}
+    left: list[Launch] = []
+    for launch in launches:
+        device = _device(launch)
+        name = jit_function(launch.kernel)
+        if device is None or device.type != "cuda" or name is None:
+            left.append(launch)
+            continue
+        with torch.cuda.device(device):  # Triton specialises for the current device
+            spec = specialization_of(launch.kernel, launch.args, launch.grid, launch.kwargs)
+            if spec is not None:  # None: compiled in this process already
+                jobs.setdefault(KernelJob(*name, spec, current_target(device.index or 0)), launch)
+    return jobs, left
+
+
+def _compile_in_workers(
+    launches: Sequence[Launch], workers: CompileWorkers, times: _CompileTimes
+) -> list[Launch]:
+    """Send the launches' variants to ``workers`` and load each here as it comes back (a cache hit);
+    returns the launches left to compile in this process (no specialization to send, or failed there)."""
+    sent, left = worker_jobs(launches)
+    for job in sent:
+        workers.submit(job)
+    for result in workers.results():
+        launch = sent[result.job]
+        if not result.ok:
+            left.append(launch)
+            continue
+        spent = result.compile_s + result.launcher_s
+        times.worker_s += spent
+        if spent > times.slowest_s:
+            times.slowest_s, times.slowest = spent, result.job.name
+        start = time.perf_counter()
+        _compile(launch)  # Triton finds the binary (and the launcher) in its on-disk cache
+        times.load_s += time.perf_counter() - start
+    return left
+
+
+def record_launches(modules: Sequence[object], call: Callable[[], object]) -> tuple[list[Launch], int, float]:
+    """Run ``call()`` once with the fused modules of ``modules`` recording their Triton launches instead of
+    making them; returns the distinct variants (one launch each, those with matrix products first), the
+    number of launches recorded and the seconds the call took. Nothing is run when no module is fused."""
     fused = recording_modules(modules)
     if not fused:
-        return PrecompileReport(0, 0, 0, 0.0, 0.0)
+        return [], 0, 0.0
     recorder = KernelRecorder()
     start = time.perf_counter()
     for m in fused:
@@ -146,13 +242,71 @@ def precompile_kernels(
     # kernels with matrix products (tl.dot: software pipelines, wgmma) compile several times longer than
     # the elementwise / reduction ones: start them first, so they do not finish alone at the end
     unique.sort(key=lambda launch: "tl.dot" not in getattr(launch.kernel, "src", ""))
-    workers = min(threads or default_threads(), max(1, len(unique)))
-    start = time.perf_counter()
-    if unique:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ldm-sdk-compile") as pool:
-            for future in [pool.submit(_compile, launch) for launch in unique]:
-                future.result()  # re-raise a compile error here, in the caller's thread
-    return PrecompileReport(len(recorder), len(unique), workers, record_s, time.perf_counter() - start)
+    return unique, len(recorder), record_s
+
+
+def precompile_kernels(
+    modules: Sequence[object],
+    call: Callable[[], object],
+    *,
+    threads: int | None = None,
+    processes: int = 0,
+) -> PrecompileReport:
+    """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` (see
+    :func:`recording_modules`) and compile the distinct variants on ``threads`` threads (default
+    :func:`default_threads`); with ``processes`` > 0 in that many worker processes first
+    (:mod:`ldm_sdk.kernels.compile_workers`, started before the recording call so their start-up overlaps
+    it), the threads taking what the workers could not. ``call``'s result is discarded. Returns what was
+    done (all zeros when nothing launches fused kernels).
+
+    Threads are the default: for this synchronous pre-compilation worker processes were no faster on 16-
+    and 32-core H100 machines (the compilation is bound by the cores; ``bench/probe_precompile_threads.py``);
+    they pay for compiling in the background (:mod:`ldm_sdk.accel.compile_ahead`)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    if not recording_modules(modules):
+        return PrecompileReport(0, 0, 0, 0.0, 0.0)
+    workers = _start_workers(processes)
+    started = workers.processes if workers is not None else 0
+    try:
+        unique, launches, record_s = record_launches(modules, call)
+        start = time.perf_counter()
+        times = _CompileTimes()
+        left = _compile_in_workers(unique, workers, times) if workers is not None else unique
+        used = min(threads or default_threads(), max(1, len(left)))
+        if left:
+            _compile_on_threads(left, used, times)
+    finally:
+        if workers is not None:
+            workers.close()
+    return PrecompileReport(
+        launches,
+        len(unique),
+        used if left else 0,
+        record_s,
+        time.perf_counter() - start,
+        processes=started,
+        in_process=len(left),
+        worker_s=times.worker_s,
+        slowest_s=times.slowest_s,
+        slowest=times.slowest,
+        load_s=times.load_s,
+    )
+
+
+def _start_workers(processes: int, *, nice: int = 0) -> CompileWorkers | None:
+    """``processes`` compile workers, or None (none wanted, or they could not be started: the threads
+    compile everything then)."""
+    if processes < 1:
+        return None
+    from ldm_sdk.kernels.compile_workers import CompileWorkers
+
+    try:
+        return CompileWorkers(processes, nice=nice)
+    except (OSError, RuntimeError):
+        return None
 
 
 PRECOMPILED_ATTR = "precompiled_for"
@@ -173,8 +327,11 @@ def precompile_once(
 
 __all__ = [
     "PrecompileReport",
+    "default_processes",
     "default_threads",
     "precompile_kernels",
     "precompile_once",
+    "record_launches",
     "recording_modules",
+    "worker_jobs",
 ]

@@ -30,7 +30,6 @@ from ldm_sdk.accel.triton_kernels import (
     _pow2,
     _use_triton,
     launch,
-    tl,
     triton,
 )
 
@@ -74,18 +73,9 @@ def softmax_triton_(x: Tensor, *, recorder: KernelRecorder | None = None) -> Ten
 
 
 if triton is not None:
-
-    @triton.jit
-    def _softmax_rows_kernel(x_ptr, COLS, BLOCK: tl.constexpr):
-        """Row ``p``: ``x[p] = softmax(x[p])`` in float32, rounded once, written over the input."""
-        row = x_ptr + tl.program_id(0).to(tl.int64) * COLS
-        cols = tl.arange(0, BLOCK)
-        valid = cols < COLS
-        x = tl.load(row + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        e = tl.exp(x - tl.max(x, axis=0))
-        e = tl.where(valid, e, 0.0)
-        y = e * (1.0 / tl.sum(e, axis=0))
-        tl.store(row + cols, y.to(x_ptr.dtype.element_ty), mask=valid)
+    from ldm_sdk.kernels.row_softmax import (
+        _softmax_rows_kernel,
+    )
 
 
 __all__ = ["MAX_ROW", "softmax_", "softmax_triton_"]

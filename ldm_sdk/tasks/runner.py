@@ -10,6 +10,7 @@ manifest (:meth:`Run.finish`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -324,6 +325,8 @@ class Run:
         ``strength``, ``denoiser``). Returns the latents ``[B, C, h, w]``."""
         from ldm_sdk.tasks.sampling import run_sampling
 
+        self.compile_decoder_ahead(shape)
+
         def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
             return run_sampling(
                 self.bundle,
@@ -338,6 +341,29 @@ class Run:
             )
 
         return self.sample(item)
+
+    def compile_decoder_ahead(self, shape: tuple[int, ...]) -> bool:
+        """Start compiling the captured decoder's fused kernels for latents of ``shape`` in background worker
+        processes, so they are ready when sampling ends (:meth:`CapturedModel.compile_ahead
+        <ldm_sdk.accel.graphs.CapturedModel.compile_ahead>`); whether anything was started (not off CUDA,
+        without the fast path, or once that size is captured)."""
+        decoder = self.captured_decoder
+        if decoder is None or self.device.type != "cuda":
+            return False
+        from ldm_sdk.diffusion.conditioning import Conditioning
+
+        z = torch.zeros((1, *shape[1:]), device=self.device, dtype=self.dtype)  # as decode() feeds it
+        try:
+            with torch.inference_mode():
+                return decoder.compile_ahead(z, z.new_zeros(1), Conditioning())
+        except Exception as exc:  # an optimisation only: the first decode compiles what it needs itself
+            warnings.warn(
+                f"compiling the decoder's kernels ahead failed ({type(exc).__name__}: {exc}); they compile "
+                "at the first decode instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
 
     # -- fitting sizes ---------------------------------------------------------------------------------
     def fit_input(
@@ -385,7 +411,8 @@ class Run:
         decoder = self.captured_decoder
         with torch.inference_mode():
             for z in latents.split(1):
-                z = z.to(self.device, self.dtype)
+                # contiguous, as compile_decoder_ahead's latents: the same captured call signature
+                z = z.to(self.device, self.dtype).contiguous()
                 if decoder is not None:  # replayed from a CUDA graph (kernels pre-compiled at capture)
                     from ldm_sdk.diffusion.conditioning import Conditioning
 

@@ -1,0 +1,150 @@
+"""Compile a later call's fused kernels in the background, in worker processes, while the caller works on.
+
+Why: the first image pays two pre-compilations one after the other (:mod:`ldm_sdk.accel.precompile`): the
+UNet's, at its first step, and the decoder's, at the first decode (53 and 22 variants for SD-1.5 at 512 px,
+4.3-4.8 s and 2.0-2.6 s on an H100 machine, ``bench/cold_start.py``). Between them the main thread warms
+up and captures the UNet's graph and runs the 50 steps -- Python and GPU work that leaves the other cores
+idle. Compiled on threads of the same process, the decoder's kernels slowed that main-thread work through
+the GIL as much as they hid (session 8, ``bench/results/cold_start_ahead*_h100.json``); compiled in worker
+processes they do not touch the caller's interpreter at all.
+
+How: :func:`compile_ahead` records the call's Triton launches now
+(:func:`~ldm_sdk.accel.precompile.record_launches`: the call runs once with its kernels skipped), asks
+Triton for each new variant's specialization and hands them to
+:class:`~ldm_sdk.kernels.compile_workers.CompileWorkers` started with a lowered scheduling priority
+(``os.nice``), so whatever the caller compiles or runs itself keeps the cores first. It returns at once
+with a :class:`PendingCompile`; a daemon thread collects the results and ends the workers. The binaries
+land in Triton's on-disk cache, so the later pre-compilation of the same call (which should
+:meth:`~PendingCompile.wait` first) only loads them. :meth:`ldm_sdk.accel.graphs.CapturedModel.compile_ahead`
+does this for a call shape it will capture; the task runner starts the decoder's before sampling.
+
+Limits: only where :func:`~ldm_sdk.accel.precompile.default_processes` finds CUDA, real Triton kernels and
+a Python interpreter to start workers with; otherwise nothing is started (None) and the later
+pre-compilation compiles as before. The recording call must not overlap another call of the same model
+(see :mod:`ldm_sdk.accel.precompile`), and while the variants' specializations are taken Triton's
+``jit_cache_hook`` is set process-wide, so no other thread may launch a not-yet-compiled kernel meanwhile
+(the runtime runs one job at a time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ldm_sdk.accel.precompile import default_processes, record_launches, recording_modules, worker_jobs
+
+#: how much the workers lower their priority: the caller's own compile threads and main thread come first
+AHEAD_NICE = 10
+#: how long a capture waits for a background compilation before compiling what is missing itself
+AHEAD_WAIT_S = 300.0
+
+
+@dataclass(frozen=True)
+class AheadReport:
+    """What a background compilation did: launches recorded, variants sent to workers (those not compiled
+    in this process already), compiled there, failed there (the later pre-compilation compiles those
+    itself), worker processes, the recording call's seconds and the seconds from start to the last
+    result."""
+
+    launches: int
+    sent: int
+    compiled: int
+    failed: int
+    processes: int
+    record_s: float
+    wall_s: float
+
+    def __str__(self) -> str:
+        return (
+            f"compiled {self.compiled} of {self.sent} kernel variants ahead in {self.processes} worker "
+            f"processes in {self.wall_s:.2f} s ({self.failed} failed; recording call {self.record_s:.2f} s)"
+        )
+
+
+class PendingCompile:
+    """Variants compiling in worker processes in the background (made by :func:`compile_ahead`)."""
+
+    def __init__(self, workers: object, sent: int, launches: int, record_s: float, started: float) -> None:
+        from ldm_sdk.kernels.compile_workers import CompileWorkers
+
+        assert isinstance(workers, CompileWorkers)
+        self._workers = workers
+        self._processes = workers.processes
+        self._sent, self._launches, self._record_s, self._started = sent, launches, record_s, started
+        self._compiled = self._failed = 0
+        self._wall_s = 0.0
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._collect, name="ldm-sdk-compile-ahead", daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        try:
+            for result in self._workers.results():
+                if result.ok:
+                    self._compiled += 1
+                else:
+                    self._failed += 1
+                    self.errors.append(result.error)
+        finally:
+            self._wall_s = time.perf_counter() - self._started
+            self._workers.close()
+
+    def done(self) -> bool:
+        """Whether every variant has come back (compiled or failed) and the workers have ended."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> AheadReport:
+        """Block until :meth:`done` (or ``timeout`` seconds: then ``TimeoutError``); the report."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the background compilation of {self._sent} kernel variants is still running")
+        return AheadReport(
+            self._launches,
+            self._sent,
+            self._compiled,
+            self._failed,
+            self._processes,
+            self._record_s,
+            self._wall_s,
+        )
+
+
+def compile_ahead(
+    modules: Sequence[object],
+    call: Callable[[], object],
+    *,
+    processes: int | None = None,
+    nice: int = AHEAD_NICE,
+) -> PendingCompile | None:
+    """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` and start
+    compiling their variants in ``processes`` worker processes (default
+    :func:`~ldm_sdk.accel.precompile.default_processes`; at most one per variant) at priority ``nice``;
+    returns at once. None when nothing was started: no fused modules, no workers to be had, or every
+    variant compiled in this process already. See the module doc."""
+    if processes is not None and processes < 0:
+        raise ValueError(f"processes must be >= 0, got {processes}")
+    wanted = default_processes() if processes is None else processes
+    if wanted < 1 or not recording_modules(modules):
+        return None
+    from ldm_sdk.kernels.compile_workers import CompileWorkers
+
+    started = time.perf_counter()
+    unique, launches, record_s = record_launches(modules, call)
+    # what a worker cannot take, the later pre-compilation compiles; the launches (holding the recording
+    # call's tensors) are dropped here
+    jobs = list(worker_jobs(unique)[0])
+    del unique
+    if not jobs:
+        return None
+    try:
+        workers = CompileWorkers(min(wanted, len(jobs)), nice=nice)
+    except (OSError, RuntimeError):
+        return None
+    for job in jobs:
+        workers.submit(job)
+    return PendingCompile(workers, len(jobs), launches, record_s, started)
+
+
+__all__ = ["AHEAD_NICE", "AHEAD_WAIT_S", "AheadReport", "PendingCompile", "compile_ahead"]

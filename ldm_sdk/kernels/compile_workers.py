@@ -1,0 +1,418 @@
+"""Compile Triton kernel variants in worker processes: the pre-compiler's way past Python's GIL.
+
+Why: :mod:`ldm_sdk.accel.precompile` compiles a model's fused-kernel variants before its first call. On
+threads that stops scaling at about 8: the part of Triton's compiler that runs in Python holds the GIL for
+about 5 s of the SD-1.5 UNet's 53 variants (21.0 s on one thread, 5.1 s on 8, 4.9 s on 16,
+``bench/probe_precompile_threads.py``, H100 machine), and the threads slow whatever else the process does.
+
+How: for each variant the parent asks Triton for its serialized specialization (:func:`specialization_of`:
+the ``jit_cache_hook`` knob, which Triton calls just before it would compile a variant and which may skip
+the compile) and sends it to worker processes (``python -m ldm_sdk.kernels.compile_workers``: one JSON job per
+line on stdin, one JSON reply per line on stdout; no ``multiprocessing``, so a user's script is never
+re-imported and an embedding host's executable is never started). A worker rebuilds the variant from it
+(``JITFunction.preload``, the path Triton offers for compiling a recorded specialization; the kernel's
+module, one of :mod:`ldm_sdk.kernels`, imports Triton alone) for the parent's
+GPU target *without touching the GPU* -- a compile-only stand-in for Triton's driver answers the device and
+target questions (:class:`CompileOnlyDriver`) -- and builds the variant's C launcher. Triton's on-disk cache
+carries both back: the parent's own compile of the variant then finds the binary and the launcher there and
+only loads them.
+
+:class:`CompileWorkers` starts the processes at once (each imports Triton, not torch: 0.44 s for 16 at once
+against 7.2 s with the launching modules, H100 machine; the caller overlaps it with its own work) and hands
+out jobs as workers free up. A job that fails in a worker
+comes back as a failure with the worker's error; the caller compiles that variant itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: modules a worker imports before its first job: Triton's compiler and CUDA back end (no torch: the kernel
+#: modules, ``ldm_sdk.kernels.*``, import Triton alone)
+WARM_IMPORTS = (
+    "triton",
+    "triton.language",
+    "triton.compiler",
+    "triton.backends.nvidia.compiler",
+    "triton.backends.nvidia.driver",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The GPU a variant is compiled for, as Triton names it (``GPUTarget``): backend, architecture (90 for
+    sm_90), warp size; and the device index the parent compiles for."""
+
+    backend: str
+    arch: int
+    warp_size: int
+    device: int = 0
+
+    def gpu_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(self.backend, self.arch, self.warp_size)
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    """One variant to compile: the JIT function (module and qualified name: a worker imports it), Triton's
+    serialized specialization of the variant (JSON) and the target."""
+
+    module: str
+    name: str
+    specialization: str
+    target: Target
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "module": self.module,
+                "name": self.name,
+                "spec": self.specialization,
+                "target": vars(self.target),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> KernelJob:
+        d = json.loads(line)
+        return cls(d["module"], d["name"], d["spec"], Target(**d["target"]))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a worker reported for a job: compiled or not, whether the C launcher was built too, the error,
+    and the seconds the compile and the launcher took there."""
+
+    job: KernelJob
+    ok: bool
+    launcher: bool = False
+    error: str = ""
+    compile_s: float = 0.0
+    launcher_s: float = 0.0
+    torch_loaded: bool = False  # the worker had imported torch by then (it should not: start-up cost)
+
+
+class CompileOnlyDriver:
+    """Answers what Triton's compiler asks its driver (current device, stream, target) for a fixed target,
+    so a process compiles for a GPU it never opens (or that it does not have)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return self.target.device
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0  # never launched on: compile-only
+
+    def get_current_target(self) -> Any:
+        return self.target.gpu_target()
+
+    def get_device_capability(self, device: int | None = None) -> tuple[int, int]:
+        return divmod(self.target.arch, 10)
+
+
+@contextlib.contextmanager
+def compile_only_driver(target: Target) -> Iterator[CompileOnlyDriver]:
+    """Make a :class:`CompileOnlyDriver` Triton's active driver meanwhile; the previous one (or none yet)
+    afterwards."""
+    from triton.runtime.driver import driver
+
+    stand_in = CompileOnlyDriver(target)
+    previous = driver._active  # read without creating one (that needs a GPU)
+    driver.set_active(stand_in)  # type: ignore[arg-type]
+    try:
+        yield stand_in
+    finally:
+        driver._active = previous
+
+
+def jit_function(kernel: Any) -> tuple[str, str] | None:
+    """(module, qualified name) of a Triton JIT function a worker can import and ``preload``; None for
+    anything else (stand-ins, interpreted kernels, functions defined inside functions)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    if not isinstance(kernel, JITFunction) or not hasattr(kernel, "preload"):
+        return None
+    fn = kernel.fn
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<locals>" in name:
+        return None
+    return module, name
+
+
+def specialization_of(
+    kernel: Any, args: tuple[Any, ...], grid: tuple[int, ...], kwargs: dict[str, Any]
+) -> str | None:
+    """Triton's serialized specialization of ``kernel`` launched with these arguments, without compiling
+    it; None when this process has compiled that variant already (Triton then does not ask) or the kernel is
+    not a JIT function."""
+    if jit_function(kernel) is None:
+        return None
+    from triton import knobs
+
+    seen: list[str] = []
+
+    def hook(**info: Any) -> bool:
+        seen.append(info["compile"]["specialization_data"])
+        return True  # skip the compile
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        kernel.warmup(*args, grid=grid, **kwargs)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    return seen[0] if seen else None
+
+
+def current_target(device: int) -> Target:
+    """The target Triton compiles for on CUDA device ``device`` in this process."""
+    from triton.runtime.driver import driver
+
+    t = driver.active.get_current_target()
+    return Target(str(t.backend), int(t.arch), int(t.warp_size), device)
+
+
+# -- the worker side -----------------------------------------------------------------------------------------
+def compile_job(job: KernelJob) -> JobResult:
+    """Compile ``job`` here (Triton's on-disk cache keeps the binary) and build its C launcher (cached there
+    too); the GPU is not used."""
+    if job.target.backend != "cuda":
+        return JobResult(
+            job, False, error=f"only CUDA targets are compiled in workers, got {job.target.backend!r}"
+        )
+    start = time.perf_counter()
+    try:
+        kernel = getattr(importlib.import_module(job.module), job.name)
+        cached = getattr(kernel, "device_caches", {}).get(job.target.device)
+        if cached is not None and cached[2] != job.target.gpu_target():
+            del kernel.device_caches[job.target.device]  # made for another job's target
+        with compile_only_driver(job.target):
+            compiled = kernel.preload(job.specialization)
+    except Exception:
+        return JobResult(job, False, error=traceback.format_exc(limit=8))
+    compiled_at = time.perf_counter()
+    try:  # still under the stand-in: the real driver's start-up would probe the GPU (and import torch)
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        with compile_only_driver(job.target):
+            CudaLauncher(compiled.src, compiled.metadata)  # Triton <= 3.6: compiles the launcher's C source
+        launcher = True
+    except Exception:  # no per-variant launcher to build here (newer Triton) or nothing to link it against
+        launcher = False
+    return JobResult(
+        job, True, launcher, compile_s=compiled_at - start, launcher_s=time.perf_counter() - compiled_at
+    )
+
+
+def worker_main() -> None:
+    """A worker's loop: warm imports, then one job per stdin line, one reply per line, until EOF. Replies go
+    to the stdout the worker was started with; anything else written to stdout (by Python or by native
+    code) goes to stderr instead, so it cannot garble them."""
+    if "--nice" in sys.argv:  # a background compilation: leave the cores to the caller's own work first
+        increment = int(sys.argv[sys.argv.index("--nice") + 1])
+        if increment and hasattr(os, "nice"):
+            os.nice(increment)
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for module in WARM_IMPORTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    print(json.dumps({"ready": True}), file=replies, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        result = compile_job(KernelJob.from_json(line))
+        reply = {
+            "ok": result.ok,
+            "launcher": result.launcher,
+            "error": result.error,
+            "compile_s": result.compile_s,
+            "launcher_s": result.launcher_s,
+            "torch": "torch" in sys.modules,  # diagnostics: a worker must stay torch-free
+        }
+        print(json.dumps(reply), file=replies, flush=True)
+
+
+# -- the parent side -----------------------------------------------------------------------------------------
+def python_executable() -> str | None:
+    """The interpreter to start workers with: ``sys.executable`` when it is a Python interpreter (inside an
+    embedding application it may be the application itself); else None."""
+    exe = sys.executable
+    if not exe or not Path(exe).name.lower().startswith("python"):
+        return None
+    return exe
+
+
+class CompileWorkers:
+    """``processes`` worker processes compiling :class:`KernelJob` s (see the module doc). Start them with
+    the constructor, :meth:`submit` jobs, collect :meth:`results` (in completion order), :meth:`close` (or
+    use as a context manager). ``python``: the interpreter (default :func:`python_executable`); ``nice``:
+    how much the workers lower their scheduling priority (``os.nice``; their compilers inherit it)."""
+
+    def __init__(self, processes: int, *, python: str | None = None, nice: int = 0) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        if nice < 0:
+            raise ValueError(f"nice must be >= 0 (workers may only lower their priority), got {nice}")
+        exe = python or python_executable()
+        if exe is None:
+            raise RuntimeError(
+                f"no Python interpreter to start compile workers with (sys.executable={sys.executable!r})"
+            )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        env.pop("TRITON_INTERPRET", None)  # workers compile real kernels
+        self._jobs: queue.Queue[KernelJob | None] = queue.Queue()
+        self._results: queue.Queue[JobResult] = queue.Queue()
+        self._submitted = 0
+        self._collected = 0
+        self._logs: list[Any] = []
+        self._procs: list[subprocess.Popen[str]] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._last_error = ""
+        try:
+            for _ in range(processes):
+                log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed in close()
+                proc = subprocess.Popen(
+                    [exe, "-m", "ldm_sdk.kernels.compile_workers", "--nice", str(nice)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env=env,
+                    text=True,
+                    bufsize=1,
+                )
+                self._logs.append(log)
+                self._procs.append(proc)
+        except OSError:
+            self.close()
+            raise
+        self._alive = len(self._procs)
+        for i, proc in enumerate(self._procs):
+            thread = threading.Thread(
+                target=self._feed, args=(proc, i), name=f"ldm-sdk-compile-worker-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def processes(self) -> int:
+        return len(self._procs)
+
+    def submit(self, job: KernelJob) -> None:
+        """Queue ``job``; it fails at once (as a result) when no worker is alive."""
+        with self._lock:
+            self._submitted += 1
+            if self._alive:
+                self._jobs.put(job)
+            else:
+                self._results.put(
+                    JobResult(job, False, error=f"no compile worker alive:\n{self._last_error}")
+                )
+
+    def results(self) -> Iterator[JobResult]:
+        """The results of the jobs submitted so far, as they finish."""
+        while self._collected < self._submitted:
+            result = self._results.get()
+            self._collected += 1
+            yield result
+
+    def close(self) -> None:
+        """End the workers (their current job first); idempotent."""
+        for _ in self._procs:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                if proc.stdin:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+        self._procs, self._threads, self._logs = [], [], []
+
+    def __enter__(self) -> CompileWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _log_tail(self, i: int) -> str:
+        log = self._logs[i]
+        log.flush()
+        log.seek(0)
+        return log.read()[-2000:]
+
+    def _feed(self, proc: subprocess.Popen[str], i: int) -> None:
+        """One worker's jobs, one at a time. When the worker dies, its job in hand fails (the caller compiles
+        it itself) and the others go to the workers left; with none left, every queued job fails."""
+        assert proc.stdin is not None and proc.stdout is not None
+        job: KernelJob | None = None
+        if proc.stdout.readline().strip():
+            while (job := self._jobs.get()) is not None:
+                try:
+                    proc.stdin.write(job.to_json() + "\n")
+                    proc.stdin.flush()
+                    reply = proc.stdout.readline()
+                except OSError:
+                    reply = ""
+                if not reply:
+                    break
+                d = json.loads(reply)
+                self._results.put(
+                    JobResult(
+                        job,
+                        bool(d["ok"]),
+                        bool(d.get("launcher")),
+                        str(d.get("error", "")),
+                        float(d.get("compile_s", 0.0)),
+                        float(d.get("launcher_s", 0.0)),
+                        bool(d.get("torch")),
+                    )
+                )
+            else:
+                return  # closed
+        error = f"compile worker {i} exited (code {proc.poll()}):\n{self._log_tail(i)}"
+        with self._lock:
+            self._alive -= 1
+            self._last_error = error
+            if job is not None:
+                self._results.put(JobResult(job, False, error=error))
+            if not self._alive:
+                while True:
+                    try:
+                        left = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if left is not None:
+                        self._results.put(JobResult(left, False, error=error))
+
+
+if __name__ == "__main__":
+    worker_main()
