@@ -339,7 +339,8 @@ class CompileWorkers:
             yield result
 
     def close(self) -> None:
-        """End the workers (their current job first); idempotent."""
+        """End the workers (their current job first; a worker still busy after 30 s is killed, its job
+        failed); idempotent."""
         for _ in self._procs:
             self._jobs.put(None)
         for thread in self._threads:
@@ -353,6 +354,8 @@ class CompileWorkers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for thread in self._threads:
+            thread.join(timeout=10)  # a killed worker's thread returns from its read now
         for log in self._logs:
             log.close()
         self._procs, self._threads, self._logs = [], [], []
@@ -364,27 +367,37 @@ class CompileWorkers:
         self.close()
 
     def _log_tail(self, i: int) -> str:
-        log = self._logs[i]
-        log.flush()
-        log.seek(0)
-        return log.read()[-2000:]
+        """The end of worker ``i``'s stderr ("" once closed)."""
+        try:
+            log = self._logs[i]
+            log.flush()
+            log.seek(0)
+            return str(log.read()[-2000:])
+        except (IndexError, ValueError, OSError):
+            return ""
 
     def _feed(self, proc: subprocess.Popen[str], i: int) -> None:
         """One worker's jobs, one at a time. When the worker dies, its job in hand fails (the caller compiles
         it itself) and the others go to the workers left; with none left, every queued job fails."""
         assert proc.stdin is not None and proc.stdout is not None
         job: KernelJob | None = None
-        if proc.stdout.readline().strip():
+        why = "exited"
+        first = proc.stdout.readline()
+        if _reply(first).get("ready") is True:
             while (job := self._jobs.get()) is not None:
                 try:
                     proc.stdin.write(job.to_json() + "\n")
                     proc.stdin.flush()
-                    reply = proc.stdout.readline()
+                    line = proc.stdout.readline()
                 except OSError:
-                    reply = ""
-                if not reply:
+                    line = ""
+                if not line:
                     break
-                d = json.loads(reply)
+                d = _reply(line)
+                if "ok" not in d:  # the protocol broke: this worker is done
+                    why = f"answered {line.strip()[:200]!r}"
+                    proc.kill()
+                    break
                 self._results.put(
                     JobResult(
                         job,
@@ -398,7 +411,14 @@ class CompileWorkers:
                 )
             else:
                 return  # closed
-        error = f"compile worker {i} exited (code {proc.poll()}):\n{self._log_tail(i)}"
+        elif first:
+            why = f"started with {first.strip()[:200]!r} instead of a ready line"
+            proc.kill()
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        error = f"compile worker {i} {why} (exit code {code}):\n{self._log_tail(i)}"
         with self._lock:
             self._alive -= 1
             self._last_error = error
@@ -412,6 +432,15 @@ class CompileWorkers:
                         break
                     if left is not None:
                         self._results.put(JobResult(left, False, error=error))
+
+
+def _reply(line: str) -> dict[str, Any]:
+    """A worker's JSON line as a dict; {} for anything else."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 if __name__ == "__main__":

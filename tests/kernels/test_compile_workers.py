@@ -18,8 +18,9 @@ start: they copy the environment then). Checked:
   own (Triton keeps a per-device target cache that the worker resets when a job's target differs);
 - a worker that cannot start, or that is killed, fails the jobs it would have had with an error saying it
   exited instead of leaving :meth:`CompileWorkers.results` waiting; with two workers the live one takes the
-  rest; :meth:`CompileWorkers.close` returns promptly afterwards (both guarded by thread time-outs, so a
-  hang fails the test instead of stalling the run);
+  rest; a worker that does not say it is ready, or answers a job with something that is not a reply,
+  fails its job with what it said and is ended; :meth:`CompileWorkers.close` returns promptly afterwards
+  (all guarded by thread time-outs, so a hang fails the test instead of stalling the run);
 - the small pieces: ``KernelJob`` JSON round trip, ``Target.gpu_target``, the stand-in driver's answers, the
   previous driver restored, ``python_executable`` and ``jit_function``.
 
@@ -263,6 +264,40 @@ def test_worker_that_cannot_start_fails_the_jobs(cache: Path) -> None:
         assert not result.ok
         assert "compile worker 0 exited" in result.error
     assert "no compile worker alive" in later[0].error
+
+
+def fake_worker(tmp_path: Path, body: str) -> str:
+    """An executable standing in for the worker's interpreter: a shell script with ``body``."""
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_worker_without_a_ready_line_fails_the_jobs(cache: Path, tmp_path: Path) -> None:
+    workers = CompileWorkers(1, python=fake_worker(tmp_path, "echo hello; sleep 60"))
+    try:
+        workers.submit(ping_job())
+        [failed] = collect(workers, timeout=60)
+    finally:
+        close_promptly(workers)
+    assert not failed.ok
+    assert "started with 'hello' instead of a ready line" in failed.error
+
+
+def test_worker_with_a_garbled_reply_is_ended_and_its_job_failed(cache: Path, tmp_path: Path) -> None:
+    body = 'echo \'{"ready": true}\'; read job; echo "not json"; sleep 60'
+    workers = CompileWorkers(1, python=fake_worker(tmp_path, body))
+    try:
+        workers.submit(ping_job())
+        [failed] = collect(workers, timeout=60)
+        workers.submit(ping_job())
+        [after] = collect(workers, timeout=60)
+    finally:
+        close_promptly(workers)  # the stuck worker was killed: no 60 s wait
+    assert not failed.ok
+    assert "answered 'not json'" in failed.error
+    assert "no compile worker alive" in after.error
 
 
 def test_killed_worker_fails_its_job_instead_of_hanging(cache: Path) -> None:
