@@ -319,13 +319,18 @@ class Run:
         latents = self.sample_latents(guided, self.latent_shape(height, width))
         return self.finish(self.decode(latents), latents)
 
-    def sample_latents(self, guided: Guided, shape: tuple[int, ...], **options: Any) -> Tensor:
+    def sample_latents(
+        self, guided: Guided, shape: tuple[int, ...], *, whole_decode: bool = True, **options: Any
+    ) -> Tensor:
         """Sample every batch item with :func:`~ldm_sdk.tasks.sampling.run_sampling` for ``guided`` at the
         latent ``shape``; ``options``: its task-specific arguments (``mask`` / ``x0``, ``init`` /
-        ``strength``, ``denoiser``). Returns the latents ``[B, C, h, w]``."""
+        ``strength``, ``denoiser``). Returns the latents ``[B, C, h, w]``. ``whole_decode``: the latents
+        will be decoded whole (:meth:`decode`), so the decoder's kernels for ``shape`` start compiling now
+        (:meth:`compile_decoder_ahead`); False for a decode through windows."""
         from ldm_sdk.tasks.sampling import run_sampling
 
-        self.compile_decoder_ahead(shape)
+        if whole_decode:
+            self.compile_decoder_ahead(shape)
 
         def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
             return run_sampling(

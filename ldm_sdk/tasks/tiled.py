@@ -205,7 +205,12 @@ def sample_latents(run: Run, guided: Guided, shape: tuple[int, int, int, int], t
     :func:`~ldm_sdk.tasks.sampling.run_sampling`) with the plan's :class:`~ldm_sdk.tiling.TiledDenoiser`;
     an untiled run is exactly the plain sampling run.
     """
-    return run.sample_latents(guided, shape, denoiser=_denoiser(run, guided, tiling, (shape[2], shape[3])))
+    return run.sample_latents(
+        guided,
+        shape,
+        whole_decode=tiling.decode_tile is None,  # a decode through windows compiles nothing ahead
+        denoiser=_denoiser(run, guided, tiling, (shape[2], shape[3])),
+    )
 
 
 def render(

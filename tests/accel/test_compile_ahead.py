@@ -623,3 +623,24 @@ def test_sample_latents_starts_decoder_compilation(emulated: Any, monkeypatch: p
     assert len(result.images) == 1 and sampled
     f = bundle.downsampling_factor
     assert shapes == [(1, bundle.latent_channels, 32 // f, 32 // f)]
+
+
+@pytest.mark.parametrize(("decode_tile", "whole"), [(None, True), ((16, 16), False)])
+def test_tiled_tasks_compile_the_decoder_ahead_only_for_a_whole_decode(
+    decode_tile: tuple[int, int] | None, whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode through windows never calls the captured decoder on the whole latent: recording that call
+    would allocate the very activations the windows avoid, so nothing is compiled ahead for it."""
+    from ldm_sdk.tasks import tiled
+
+    seen: list[dict[str, Any]] = []
+
+    class FakeRun:
+        def sample_latents(self, guided: Any, shape: Any, **kwargs: Any) -> Tensor:
+            seen.append(kwargs)
+            return torch.zeros(shape)
+
+    monkeypatch.setattr(tiled, "_denoiser", lambda *args: "windows")
+    plan = tiled.Tiling((8, 8), 2, decode_tile, 2, 8, "request")
+    tiled.sample_latents(FakeRun(), None, (1, 4, 32, 32), plan)  # type: ignore[arg-type]
+    assert seen == [{"whole_decode": whole, "denoiser": "windows"}]
