@@ -21,9 +21,8 @@ does this for a call shape it will capture; the task runner starts the decoder's
 Limits: only where :func:`~ldm_sdk.accel.precompile.default_processes` finds CUDA, real Triton kernels and
 a Python interpreter to start workers with; otherwise nothing is started (None) and the later
 pre-compilation compiles as before. The recording call must not overlap another call of the same model
-(see :mod:`ldm_sdk.accel.precompile`), and while the variants' specializations are taken Triton's
-``jit_cache_hook`` is set process-wide, so no other thread may launch a not-yet-compiled kernel meanwhile
-(the runtime runs one job at a time).
+(see :mod:`ldm_sdk.accel.precompile`; the runtime runs one job at a time). Triton's ``jit_cache_hook``, set
+while the specializations are taken, acts only in the asking thread.
 """
 
 from __future__ import annotations

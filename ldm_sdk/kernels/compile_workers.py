@@ -159,29 +159,46 @@ def jit_function(kernel: Any) -> tuple[str, str] | None:
     return module, name
 
 
+class _SpecializationHook:
+    """Triton's ``jit_cache_hook`` while :func:`specialization_of` asks: in the asking thread it keeps the
+    variant's specialization and skips the compile; in any other thread it is not there (the hook installed
+    before answers, or none: that thread compiles as usual)."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+        self.owner = threading.get_ident()
+        self.seen: list[str] = []
+
+    def __call__(self, **info: Any) -> Any:
+        if threading.get_ident() != self.owner:
+            return self.previous(**info) if self.previous is not None else None
+        self.seen.append(info["compile"]["specialization_data"])
+        return True  # skip the compile
+
+
+#: Triton's hook is one process-wide setting: one asker at a time installs and restores it (without this, two
+#: interleaved askers could restore each other's hook and leave one installed for good)
+_HOOK_LOCK = threading.Lock()
+
+
 def specialization_of(
     kernel: Any, args: tuple[Any, ...], grid: tuple[int, ...], kwargs: dict[str, Any]
 ) -> str | None:
     """Triton's serialized specialization of ``kernel`` launched with these arguments, without compiling
     it; None when this process has compiled that variant already (Triton then does not ask) or the kernel is
-    not a JIT function."""
+    not a JIT function. Other threads compile as usual meanwhile (:class:`_SpecializationHook`)."""
     if jit_function(kernel) is None:
         return None
     from triton import knobs
 
-    seen: list[str] = []
-
-    def hook(**info: Any) -> bool:
-        seen.append(info["compile"]["specialization_data"])
-        return True  # skip the compile
-
-    previous = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = hook
-    try:
-        kernel.warmup(*args, grid=grid, **kwargs)
-    finally:
-        knobs.runtime.jit_cache_hook = previous
-    return seen[0] if seen else None
+    with _HOOK_LOCK:
+        hook = _SpecializationHook(knobs.runtime.jit_cache_hook)
+        knobs.runtime.jit_cache_hook = hook
+        try:
+            kernel.warmup(*args, grid=grid, **kwargs)
+        finally:
+            knobs.runtime.jit_cache_hook = hook.previous
+    return hook.seen[0] if hook.seen else None
 
 
 def current_target(device: int) -> Target:

@@ -405,3 +405,29 @@ def test_jit_function() -> None:
         pass
 
     assert jit_function(local_kernel) is None  # a worker could not import it
+
+
+def test_specialization_hook_is_only_there_for_the_asking_thread() -> None:
+    """While one thread asks for a specialization, Triton's process-wide hook must not skip (or record) the
+    compiles of other threads: there it hands over to the hook installed before, or to none."""
+    from ldm_sdk.kernels.compile_workers import _SpecializationHook
+
+    calls: list[str] = []
+
+    def before(**info: Any) -> str:
+        calls.append(threading.current_thread().name)
+        return "previous hook's answer"
+
+    info = {"compile": {"specialization_data": "{spec}"}}
+    hook = _SpecializationHook(before)
+    assert hook(**info) is True and hook.seen == ["{spec}"]  # the asking thread: kept, compile skipped
+    answers: list[Any] = []
+    other = threading.Thread(target=lambda: answers.append(hook(**info)), name="other")
+    other.start()
+    other.join(10)
+    assert answers == ["previous hook's answer"] and calls == ["other"] and hook.seen == ["{spec}"]
+    bare = _SpecializationHook(None)
+    other = threading.Thread(target=lambda: answers.append(bare(**info)))
+    other.start()
+    other.join(10)
+    assert answers[-1] is None and bare.seen == []  # no hook before: that thread compiles as usual
