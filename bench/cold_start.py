@@ -103,6 +103,7 @@ def child(variant: str) -> dict[str, Any]:
         res["ahead_started"] = phase(
             "ahead", lambda: ahead and decoder.compile_ahead(z_like, z_like.new_zeros(1), Conditioning())
         )
+        pending = next(iter(decoder.pending_compiles.values()), None)
         # the first two steps alone: the pre-compilation of the fused kernels, warm-up and graph capture
         phase("first_steps", lambda: ddim_sample(den, noise, ts[-2:]))
         res["precompiled_unet"] = den.captured.stats.precompiled
@@ -115,6 +116,14 @@ def child(variant: str) -> dict[str, Any]:
         res["precompiled_decoder"] = decoder.stats.precompiled
         res["precompile_s_decoder"] = decoder.stats.precompile_s
         res["compiled_ahead_decoder"] = decoder.stats.compiled_ahead
+        if pending is not None:  # where the main thread's "ahead" seconds went, and the workers' wall time
+            report = pending.wait()
+            res.update(
+                ahead_record_s=report.record_s,
+                ahead_spec_s=report.spec_s,
+                ahead_start_s=report.start_s,
+                ahead_wall_s=report.wall_s,
+            )
     res["finite"] = bool(torch.isfinite(image).all())
     parts = ("prepare", "ahead", "first_steps", "sampling", "first_decode")
     res["first_image"] = sum(res[p] for p in parts)

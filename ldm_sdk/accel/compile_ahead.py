@@ -13,8 +13,8 @@ How: :func:`compile_ahead` records the call's Triton launches now
 Triton for each new variant's specialization and hands them to
 :class:`~ldm_sdk.kernels.compile_workers.CompileWorkers` started with a lowered scheduling priority
 (``os.nice``), so whatever the caller compiles or runs itself keeps the cores first. It returns at once
-with a :class:`PendingCompile`; a daemon thread collects the results and ends the workers. The binaries
-land in Triton's on-disk cache, so the later pre-compilation of the same call (which should
+with a :class:`PendingCompile`; a daemon thread starts the workers, collects the results and ends them.
+The binaries land in Triton's on-disk cache, so the later pre-compilation of the same call (which should
 :meth:`~PendingCompile.wait` first) only loads them. :meth:`ldm_sdk.accel.graphs.CapturedModel.compile_ahead`
 does this for a call shape it will capture; the task runner starts the decoder's before sampling.
 
@@ -31,8 +31,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ldm_sdk.accel.precompile import default_processes, record_launches, recording_modules, worker_jobs
+
+if TYPE_CHECKING:
+    from ldm_sdk.kernels.compile_workers import CompileWorkers, KernelJob
 
 #: how much the workers lower their priority: the caller's own compile threads and main thread come first
 AHEAD_NICE = 10
@@ -44,8 +48,9 @@ AHEAD_WAIT_S = 300.0
 class AheadReport:
     """What a background compilation did: launches recorded, variants sent to workers (those not compiled
     in this process already), compiled there, failed there (the later pre-compilation compiles those
-    itself), worker processes, the recording call's seconds and the seconds from start to the last
-    result."""
+    itself), worker processes; seconds of the recording call and of taking the specializations (both on
+    the caller's thread), of starting the workers (on the background thread) and from the start to the
+    last result."""
 
     launches: int
     sent: int
@@ -54,33 +59,60 @@ class AheadReport:
     processes: int
     record_s: float
     wall_s: float
+    spec_s: float = 0.0
+    start_s: float = 0.0
 
     def __str__(self) -> str:
         return (
             f"compiled {self.compiled} of {self.sent} kernel variants ahead in {self.processes} worker "
-            f"processes in {self.wall_s:.2f} s ({self.failed} failed; recording call {self.record_s:.2f} s)"
+            f"processes in {self.wall_s:.2f} s ({self.failed} failed; recording call {self.record_s:.2f} s, "
+            f"specializations {self.spec_s:.2f} s, starting the workers {self.start_s:.2f} s)"
         )
 
 
 class PendingCompile:
-    """Variants compiling in worker processes in the background (made by :func:`compile_ahead`)."""
+    """Variants compiling in worker processes in the background (made by :func:`compile_ahead`): a daemon
+    thread starts the workers (``make_workers(processes)``; starting 16 processes from a large one takes a
+    while), submits ``jobs``, collects the results and ends the workers. ``launches``, ``record_s``,
+    ``spec_s``, ``started`` (a ``time.perf_counter`` stamp): for the report."""
 
-    def __init__(self, workers: object, sent: int, launches: int, record_s: float, started: float) -> None:
-        from ldm_sdk.kernels.compile_workers import CompileWorkers
-
-        assert isinstance(workers, CompileWorkers)
-        self._workers = workers
-        self._processes = workers.processes
-        self._sent, self._launches, self._record_s, self._started = sent, launches, record_s, started
+    def __init__(
+        self,
+        jobs: Sequence[KernelJob],
+        make_workers: Callable[[int], CompileWorkers],
+        processes: int,
+        *,
+        launches: int = 0,
+        record_s: float = 0.0,
+        spec_s: float = 0.0,
+        started: float | None = None,
+    ) -> None:
+        self._jobs = list(jobs)
+        self._make_workers, self._processes = make_workers, processes
+        self._launches, self._record_s, self._spec_s = launches, record_s, spec_s
+        self._started = time.perf_counter() if started is None else started
         self._compiled = self._failed = 0
-        self._wall_s = 0.0
+        self._wall_s = self._start_s = 0.0
         self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._collect, name="ldm-sdk-compile-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ldm-sdk-compile-ahead", daemon=True)
         self._thread.start()
 
-    def _collect(self) -> None:
+    def _run(self) -> None:
+        start = time.perf_counter()
         try:
-            for result in self._workers.results():
+            workers = self._make_workers(self._processes)
+        except (OSError, RuntimeError) as exc:  # no workers: the later pre-compilation compiles them all
+            self._failed = len(self._jobs)
+            self.errors.append(f"compile workers did not start: {exc}")
+            self._processes = 0
+            self._wall_s = time.perf_counter() - self._started
+            return
+        self._start_s = time.perf_counter() - start
+        self._processes = workers.processes
+        try:
+            for job in self._jobs:
+                workers.submit(job)
+            for result in workers.results():
                 if result.ok:
                     self._compiled += 1
                 else:
@@ -88,7 +120,7 @@ class PendingCompile:
                     self.errors.append(result.error)
         finally:
             self._wall_s = time.perf_counter() - self._started
-            self._workers.close()
+            workers.close()
 
     def done(self) -> bool:
         """Whether every variant has come back (compiled or failed) and the workers have ended."""
@@ -98,15 +130,19 @@ class PendingCompile:
         """Block until :meth:`done` (or ``timeout`` seconds: then ``TimeoutError``); the report."""
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise TimeoutError(f"the background compilation of {self._sent} kernel variants is still running")
+            raise TimeoutError(
+                f"the background compilation of {len(self._jobs)} kernel variants is still running"
+            )
         return AheadReport(
             self._launches,
-            self._sent,
+            len(self._jobs),
             self._compiled,
             self._failed,
             self._processes,
             self._record_s,
             self._wall_s,
+            self._spec_s,
+            self._start_s,
         )
 
 
@@ -131,19 +167,22 @@ def compile_ahead(
 
     started = time.perf_counter()
     unique, launches, record_s = record_launches(modules, call)
+    spec_at = time.perf_counter()
     # what a worker cannot take, the later pre-compilation compiles; the launches (holding the recording
     # call's tensors) are dropped here
     jobs = list(worker_jobs(unique)[0])
     del unique
     if not jobs:
         return None
-    try:
-        workers = CompileWorkers(min(wanted, len(jobs)), nice=nice)
-    except (OSError, RuntimeError):
-        return None
-    for job in jobs:
-        workers.submit(job)
-    return PendingCompile(workers, len(jobs), launches, record_s, started)
+    return PendingCompile(
+        jobs,
+        lambda n: CompileWorkers(n, nice=nice),
+        min(wanted, len(jobs)),
+        launches=launches,
+        record_s=record_s,
+        spec_s=time.perf_counter() - spec_at,
+        started=started,
+    )
 
 
 __all__ = ["AHEAD_NICE", "AHEAD_WAIT_S", "AheadReport", "PendingCompile", "compile_ahead"]

@@ -243,6 +243,12 @@ class CapturedModel:
             return True
 
     @property
+    def pending_compiles(self) -> dict[CallSignature, PendingCompile]:
+        """Background compilations started by :meth:`compile_ahead` whose signature is not captured yet."""
+        with self._lock:
+            return dict(self._pending)
+
+    @property
     def signatures(self) -> list[CallSignature]:
         """Signatures with a live capture, least recently used first."""
         with self._lock:

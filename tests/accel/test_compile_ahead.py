@@ -322,8 +322,8 @@ def test_workers_run_at_lowered_priority(
     cache: Path, kernel: Any, as_cuda: list[Any], started: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The workers really run niced (``nice=`` is passed on, checked above too): read while they are alive,
-    before the collecting thread (which closes them) starts; a worker lowers its priority itself at start-up,
-    so it is polled for a while."""
+    right after the background thread started them (it closes them at the end); a worker lowers its priority
+    itself at start-up, so it is polled for a while."""
     if not hasattr(os, "getpriority"):
         pytest.skip("no os.getpriority")
     own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -331,13 +331,17 @@ def test_workers_run_at_lowered_priority(
     niceness: list[int] = []
     original = PendingCompile.__init__
 
-    def spy(self: PendingCompile, workers: Any, *args: Any) -> None:
-        [pid] = workers.pids
-        deadline = time.monotonic() + 20
-        while (now := os.getpriority(os.PRIO_PROCESS, pid)) != wanted and time.monotonic() < deadline:
-            time.sleep(0.02)
-        niceness.append(now)
-        original(self, workers, *args)
+    def spy(self: PendingCompile, jobs: Any, make_workers: Any, *args: Any, **kwargs: Any) -> None:
+        def make(processes: int) -> Any:  # on the background thread, before any job is submitted
+            workers = make_workers(processes)
+            [pid] = workers.pids
+            deadline = time.monotonic() + 20
+            while (now := os.getpriority(os.PRIO_PROCESS, pid)) != wanted and time.monotonic() < deadline:
+                time.sleep(0.02)
+            niceness.append(now)
+            return workers
+
+        original(self, jobs, make, *args, **kwargs)
 
     monkeypatch.setattr(PendingCompile, "__init__", spy)
     fused = Softmaxes()
@@ -355,15 +359,20 @@ def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> N
     script = tmp_path / "python-asleep"
     script.write_text(f"#!/bin/sh\nexec {sleep} 60\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    workers = CompileWorkers(1, python=str(script))  # never says it is ready, never answers the job
+    made: list[CompileWorkers] = []
+
+    def make(processes: int) -> CompileWorkers:
+        made.append(CompileWorkers(processes, python=str(script)))  # never ready, never answers the job
+        return made[-1]
+
     job = KernelJob("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel", "{}", TARGET)
-    workers.submit(job)
-    pending = PendingCompile(workers, 1, 1, 0.0, time.perf_counter())
+    pending = PendingCompile([job], make, 1)
     try:
         with pytest.raises(TimeoutError, match="1 kernel variants is still running"):
             within(lambda: pending.wait(timeout=0.3), 20)
         assert not pending.done()
     finally:
+        [workers] = made  # started on the background thread
         workers._procs[0].kill()  # the job in hand fails with the worker's exit
     report = wait_report(pending)
     assert pending.done()
@@ -371,6 +380,16 @@ def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> N
     [error] = pending.errors
     assert "compile worker 0 exited" in error
     assert workers._procs == []  # the collecting thread closed the workers
+
+
+def test_workers_that_cannot_start_fail_every_job_for_the_later_precompilation() -> None:
+    def make(processes: int) -> CompileWorkers:
+        raise RuntimeError("no Python interpreter to start compile workers with")
+
+    name = ("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel")
+    jobs = [KernelJob(*name, str(i), TARGET) for i in range(3)]
+    report = wait_report(PendingCompile(jobs, make, 2))
+    assert (report.sent, report.compiled, report.failed, report.processes) == (3, 0, 3, 0)
 
 
 def test_a_job_that_fails_in_the_worker_is_reported(

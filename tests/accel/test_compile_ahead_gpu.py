@@ -41,7 +41,7 @@ z = torch.randn(1, 4, 40, 48, generator=g, device="cuda").half()
 decoder = CapturedModel(lambda z, t, c: vae.decode(z), mode="graph", modules=[vae])
 with torch.inference_mode():
     started = decoder.compile_ahead(z, z.new_zeros(1), Conditioning())
-pending = next(iter(decoder._pending.values()))
+pending = next(iter(decoder.pending_compiles.values()))
 report = pending.wait(timeout=300)
 
 def no_compile(*args, **kwargs):
