@@ -27,13 +27,23 @@ while the specializations are taken, acts only in the asking thread.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ldm_sdk.accel.precompile import default_processes, record_launches, recording_modules, worker_jobs
+from torch import Tensor
+
+from ldm_sdk.accel.precompile import (
+    default_processes,
+    record_launches,
+    recording_modules,
+    worker_job,
+    worker_target,
+)
+from ldm_sdk.accel.triton_kernels import Launch, TensorDescriptor
 
 if TYPE_CHECKING:
     from ldm_sdk.kernels.compile_workers import CompileWorkers, KernelJob
@@ -48,9 +58,9 @@ AHEAD_WAIT_S = 300.0
 class AheadReport:
     """What a background compilation did: launches recorded, variants sent to workers (those not compiled
     in this process already), compiled there, failed there (the later pre-compilation compiles those
-    itself), worker processes; seconds of the recording call and of taking the specializations (both on
-    the caller's thread), of starting the workers (on the background thread) and from the start to the
-    last result."""
+    itself), worker processes; seconds of the recording call (on the caller's thread), of taking the
+    specializations and of starting the workers (on the background thread) and from the start to the last
+    result."""
 
     launches: int
     sent: int
@@ -71,46 +81,58 @@ class AheadReport:
 
 
 class PendingCompile:
-    """Variants compiling in worker processes in the background (made by :func:`compile_ahead`): a daemon
-    thread starts the workers (``make_workers(processes)``; starting 16 processes from a large one takes a
-    while), submits ``jobs``, collects the results and ends the workers. ``launches``, ``record_s``,
-    ``spec_s``, ``started`` (a ``time.perf_counter`` stamp): for the report."""
+    """Variants compiling in worker processes in the background (made by :func:`compile_ahead`). A daemon
+    thread takes the jobs (``make_jobs()``: Triton's specializations, the caller's thread spared them),
+    starts ``make_workers(n)`` with ``n`` = ``processes`` or fewer (one per job at most; starting 16
+    processes from a large one takes a while), submits the jobs, collects the results and ends the workers.
+    ``launches``, ``record_s``, ``started`` (a ``time.perf_counter`` stamp): for the report."""
 
     def __init__(
         self,
-        jobs: Sequence[KernelJob],
+        make_jobs: Callable[[], Sequence[KernelJob]],
         make_workers: Callable[[int], CompileWorkers],
         processes: int,
         *,
         launches: int = 0,
         record_s: float = 0.0,
-        spec_s: float = 0.0,
         started: float | None = None,
     ) -> None:
-        self._jobs = list(jobs)
-        self._make_workers, self._processes = make_workers, processes
-        self._launches, self._record_s, self._spec_s = launches, record_s, spec_s
+        self._make_jobs, self._make_workers, self._wanted = make_jobs, make_workers, processes
+        self._launches, self._record_s = launches, record_s
         self._started = time.perf_counter() if started is None else started
-        self._compiled = self._failed = 0
-        self._wall_s = self._start_s = 0.0
+        self._sent = self._compiled = self._failed = self._processes = 0
+        self._wall_s = self._spec_s = self._start_s = 0.0
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, name="ldm-sdk-compile-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._compile()
+        except Exception as exc:  # the later pre-compilation compiles whatever is missing
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._wall_s = time.perf_counter() - self._started
+
+    def _compile(self) -> None:
+        start = time.perf_counter()
+        jobs = list(dict.fromkeys(self._make_jobs()))
+        self._make_jobs = lambda: ()  # drop what it holds
+        self._sent = len(jobs)
+        self._spec_s = time.perf_counter() - start
+        if not jobs:
+            return
         start = time.perf_counter()
         try:
-            workers = self._make_workers(self._processes)
+            workers = self._make_workers(min(self._wanted, len(jobs)))
         except (OSError, RuntimeError) as exc:  # no workers: the later pre-compilation compiles them all
-            self._failed = len(self._jobs)
+            self._failed = len(jobs)
             self.errors.append(f"compile workers did not start: {exc}")
-            self._processes = 0
-            self._wall_s = time.perf_counter() - self._started
             return
         self._start_s = time.perf_counter() - start
         self._processes = workers.processes
         try:
-            for job in self._jobs:
+            for job in jobs:
                 workers.submit(job)
             for result in workers.results():
                 if result.ok:
@@ -119,7 +141,6 @@ class PendingCompile:
                     self._failed += 1
                     self.errors.append(result.error)
         finally:
-            self._wall_s = time.perf_counter() - self._started
             workers.close()
 
     def done(self) -> bool:
@@ -130,12 +151,10 @@ class PendingCompile:
         """Block until :meth:`done` (or ``timeout`` seconds: then ``TimeoutError``); the report."""
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise TimeoutError(
-                f"the background compilation of {len(self._jobs)} kernel variants is still running"
-            )
+            raise TimeoutError("the background compilation of kernel variants is still running")
         return AheadReport(
             self._launches,
-            len(self._jobs),
+            self._sent,
             self._compiled,
             self._failed,
             self._processes,
@@ -156,8 +175,10 @@ def compile_ahead(
     """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` and start
     compiling their variants in ``processes`` worker processes (default
     :func:`~ldm_sdk.accel.precompile.default_processes`; at most one per variant) at priority ``nice``;
-    returns at once. None when nothing was started: no fused modules, no workers to be had, or every
-    variant compiled in this process already. See the module doc."""
+    returns once the call is recorded (the specializations are taken on the background thread, from
+    stand-ins that keep no tensor memory). None when nothing was started: no fused modules, no workers to
+    be had, no launch a worker could take. Variants this process has compiled already are not sent (the
+    report's ``sent`` may be 0). See the module doc."""
     if processes is not None and processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
     wanted = default_processes() if processes is None else processes
@@ -167,21 +188,55 @@ def compile_ahead(
 
     started = time.perf_counter()
     unique, launches, record_s = record_launches(modules, call)
-    spec_at = time.perf_counter()
-    # what a worker cannot take, the later pre-compilation compiles; the launches (holding the recording
-    # call's tensors) are dropped here
-    jobs = list(worker_jobs(unique)[0])
+    # what a worker cannot take, the later pre-compilation compiles; the others keep only what Triton
+    # specialises on (no tensor memory) for the background thread
+    sendable = [(_stand_ins(launch), *where) for launch in unique if (where := worker_target(launch))]
     del unique
-    if not jobs:
+    if not sendable:
         return None
+
+    def make_jobs() -> list[KernelJob]:
+        return [job for launch, device, name in sendable if (job := worker_job(launch, device, name))]
+
     return PendingCompile(
-        jobs,
+        make_jobs,
         lambda n: CompileWorkers(n, nice=nice),
-        min(wanted, len(jobs)),
+        wanted,
         launches=launches,
         record_s=record_s,
-        spec_s=time.perf_counter() - spec_at,
         started=started,
+    )
+
+
+class _TensorStandIn:
+    """What Triton's specialization reads of a tensor argument -- its dtype and address (alignment) --
+    without keeping its memory alive."""
+
+    __slots__ = ("_ptr", "dtype")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.dtype = tensor.dtype
+        self._ptr = tensor.data_ptr()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def _stand_in(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return _TensorStandIn(value)
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return dataclasses.replace(value, base=_TensorStandIn(value.base))
+    return value
+
+
+def _stand_ins(launch: Launch) -> Launch:
+    """``launch`` with its tensors (and TMA descriptors' bases) replaced by :class:`_TensorStandIn` s."""
+    return Launch(
+        launch.kernel,
+        launch.grid,
+        tuple(_stand_in(a) for a in launch.args),
+        {k: _stand_in(v) for k, v in launch.kwargs.items()},
     )
 
 

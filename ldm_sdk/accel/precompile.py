@@ -176,24 +176,40 @@ def _compile_on_threads(launches: Sequence[Launch], threads: int, times: _Compil
                 times.slowest_s, times.slowest = spent, _kernel_name(launch.kernel)
 
 
+def worker_target(launch: Launch) -> tuple[torch.device, tuple[str, str]] | None:
+    """Where a compile worker could compile ``launch``'s variant: its CUDA device and the JIT function's
+    (module, name); None when a worker cannot take it (not a CUDA launch of an importable JIT function)."""
+    from ldm_sdk.kernels.compile_workers import jit_function
+
+    device = _device(launch)
+    name = jit_function(launch.kernel)
+    if device is None or device.type != "cuda" or name is None:
+        return None
+    return device, name
+
+
+def worker_job(launch: Launch, device: torch.device, name: tuple[str, str]) -> KernelJob | None:
+    """The compile-worker job for ``launch`` (see :func:`worker_target`); None when this process has
+    compiled that variant already."""
+    from ldm_sdk.kernels.compile_workers import KernelJob, current_target, specialization_of
+
+    with torch.cuda.device(device):  # Triton specialises for the current device
+        spec = specialization_of(launch.kernel, launch.args, launch.grid, launch.kwargs)
+        return None if spec is None else KernelJob(*name, spec, current_target(device.index or 0))
+
+
 def worker_jobs(launches: Sequence[Launch]) -> tuple[dict[KernelJob, Launch], list[Launch]]:
     """The compile-worker jobs for ``launches`` (one per distinct variant, with a launch of it) and the
-    launches a worker cannot take (not a CUDA launch of an importable JIT function: compiled here). Variants
-    this process has compiled already are in neither."""
-    from ldm_sdk.kernels.compile_workers import KernelJob, current_target, jit_function, specialization_of
-
+    launches a worker cannot take (compiled here). Variants this process has compiled already are in
+    neither."""
     jobs: dict[KernelJob, Launch] = {}
     left: list[Launch] = []
     for launch in launches:
-        device = _device(launch)
-        name = jit_function(launch.kernel)
-        if device is None or device.type != "cuda" or name is None:
+        where = worker_target(launch)
+        if where is None:
             left.append(launch)
-            continue
-        with torch.cuda.device(device):  # Triton specialises for the current device
-            spec = specialization_of(launch.kernel, launch.args, launch.grid, launch.kwargs)
-            if spec is not None:  # None: compiled in this process already
-                jobs.setdefault(KernelJob(*name, spec, current_target(device.index or 0)), launch)
+        elif (job := worker_job(launch, *where)) is not None:
+            jobs.setdefault(job, launch)
     return jobs, left
 
 
@@ -333,5 +349,7 @@ __all__ = [
     "precompile_once",
     "record_launches",
     "recording_modules",
+    "worker_job",
     "worker_jobs",
+    "worker_target",
 ]

@@ -4,8 +4,11 @@ What is checked, and against what:
 
 - :func:`compile_ahead` starts nothing (returns None) with ``processes=0`` (the recording call is not even
   made), for models without fused modules (call not made), for launches that are not CUDA launches of an
-  importable JIT kernel (the call is made, no worker is started), and when every variant is compiled in this
-  process already; negative ``processes`` raise ``ValueError`` naming the value.
+  importable JIT kernel (the call is made, no worker is started); when every variant is compiled in this
+  process already it sends nothing and starts no worker (known only on its background thread: the report
+  says ``sent == 0``); negative ``processes`` raise ``ValueError`` naming the value. The stand-ins the
+  background thread takes the specializations from (no tensor memory kept) give Triton's specialization of
+  the real arguments: aligned and misaligned tensors, a TMA descriptor.
 - The end-to-end flow against Triton itself, with real worker processes compiling the real row-softmax
   kernel (``ldm_sdk.kernels.row_softmax._softmax_rows_kernel``) for sm_90 into this test's own Triton cache
   (``TRITON_CACHE_DIR``, set before the workers start). The recorded call makes three launches, one a
@@ -278,11 +281,12 @@ def test_compiles_the_recorded_variants_in_workers(
     assert not pending.done(), "compile_ahead must return while the workers compile"
     assert fused.calls == 3 and all(isinstance(r, KernelRecorder) for r in fused.seen)
     assert fused.kernel_recorder is None and "kernel_recorder" not in fused.__dict__
+
+    report = wait_report(pending)
+    # specializations and worker start-up on the background thread, for the launches' device
     assert as_cuda and all(d == torch.device("cuda", 0) for d in as_cuda)
     [(processes, options)] = started
     assert processes == 2 and options == {"nice": AHEAD_NICE}
-
-    report = wait_report(pending)
     assert pending.errors == []
     assert (report.launches, report.sent, report.compiled, report.failed) == (3, 2, 2, 0)
     assert report.processes == 2
@@ -309,10 +313,12 @@ def test_compiles_the_recorded_variants_in_workers(
     assert (third.launches, third.sent, third.compiled, third.failed) == (3, 1, 1, 0)
     assert third.processes == 1 and started[-1][0] == 1
 
-    # both variants here: nothing to send, nothing started (the call was still recorded)
+    # both variants here: nothing to send, no worker started (the call was still recorded; what is left to
+    # send is only known on the background thread)
     in_process_warmup(x, 128)
     calls = fused.calls
-    assert compile_ahead([fused], three_launches(fused, x), processes=2) is None
+    nothing = wait_report(compile_ahead([fused], three_launches(fused, x), processes=2))
+    assert (nothing.sent, nothing.compiled, nothing.failed, nothing.processes) == (0, 0, 0, 0)
     assert fused.calls == calls + 3
     assert len(started) == 3
     assert len(list(cache.rglob("_softmax_rows_kernel.cubin"))) == 2
@@ -366,9 +372,9 @@ def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> N
         return made[-1]
 
     job = KernelJob("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel", "{}", TARGET)
-    pending = PendingCompile([job], make, 1)
+    pending = PendingCompile(lambda: [job], make, 1)
     try:
-        with pytest.raises(TimeoutError, match="1 kernel variants is still running"):
+        with pytest.raises(TimeoutError, match="kernel variants is still running"):
             within(lambda: pending.wait(timeout=0.3), 20)
         assert not pending.done()
     finally:
@@ -388,7 +394,7 @@ def test_workers_that_cannot_start_fail_every_job_for_the_later_precompilation()
 
     name = ("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel")
     jobs = [KernelJob(*name, str(i), TARGET) for i in range(3)]
-    report = wait_report(PendingCompile(jobs, make, 2))
+    report = wait_report(PendingCompile(lambda: jobs, make, 2))
     assert (report.sent, report.compiled, report.failed, report.processes) == (3, 0, 3, 0)
 
 
@@ -663,3 +669,42 @@ def test_tiled_tasks_compile_the_decoder_ahead_only_for_a_whole_decode(
     plan = tiled.Tiling((8, 8), 2, decode_tile, 2, 8, "request")
     tiled.sample_latents(FakeRun(), None, (1, 4, 32, 32), plan)  # type: ignore[arg-type]
     assert seen == [{"whole_decode": whole, "denoiser": "windows"}]
+
+
+def test_stand_ins_specialise_as_the_real_arguments() -> None:
+    """The background thread asks Triton for specializations from stand-ins that keep a tensor's dtype and
+    address but not its memory: the answer must be the real arguments' (alignment included)."""
+    from ldm_sdk.accel.compile_ahead import _stand_ins
+    from ldm_sdk.accel.triton_kernels import Launch, TensorDescriptor
+    from ldm_sdk.kernels.compile_workers import specialization_of
+    from ldm_sdk.kernels.geglu_tma import _geglu_tma_kernel
+
+    x = torch.zeros(1000, dtype=torch.float16)
+    with compile_only_driver(TARGET):
+        for t in (x, x[1:], x[8:]):  # 16-byte aligned, not, aligned again
+            real = Launch(_softmax_rows_kernel, (64,), (t, 4096), {"BLOCK": 4096, "num_warps": 8})
+            stand_in = _stand_ins(real)
+            assert not any(isinstance(a, Tensor) for a in stand_in.args)
+            assert specialization_of(*_parts(stand_in)) == specialization_of(*_parts(real))
+        if TensorDescriptor is None:
+            return
+        a, w, y = (torch.zeros(r, 320, dtype=torch.float16) for r in (256, 640, 256))
+        args = (
+            TensorDescriptor.from_tensor(a, [128, 64]),
+            TensorDescriptor.from_tensor(w, [128, 64]),
+            TensorDescriptor.from_tensor(y, [128, 128]),
+            torch.zeros(640, dtype=torch.float16),
+            256,
+            320,
+            320,
+        )
+        options = {"PROGRAMS": 132, "HAS_BIAS": True, "BF16": False, "BLOCK_M": 128, "BLOCK_N": 128}
+        options |= {"BLOCK_K": 64, "GROUP_M": 8, "FLATTEN": False, "STAGES": 3, "num_warps": 8}
+        real = Launch(_geglu_tma_kernel, (132,), args, options)
+        stand_in = _stand_ins(real)
+        assert not any(isinstance(getattr(a, "base", a), Tensor) for a in stand_in.args)
+        assert specialization_of(*_parts(stand_in)) == specialization_of(*_parts(real)) is not None
+
+
+def _parts(launch: Any) -> tuple[Any, Any, Any, Any]:
+    return launch.kernel, launch.args, launch.grid, launch.kwargs
