@@ -122,6 +122,7 @@ def child(variant: str) -> dict[str, Any]:
                 ahead_record_s=report.record_s,
                 ahead_spec_s=report.spec_s,
                 ahead_start_s=report.start_s,
+                ahead_key_s=report.key_s,
                 ahead_wall_s=report.wall_s,
             )
     res["finite"] = bool(torch.isfinite(image).all())

@@ -60,7 +60,8 @@ class AheadReport:
     in this process already), compiled there, failed there (the later pre-compilation compiles those
     itself), worker processes; seconds of the recording call (on the caller's thread), of taking the
     specializations and of starting the workers (on the background thread) and from the start to the last
-    result."""
+    result; and of computing Triton's installation key there (``triton_install_key``, which primes this
+    process's compile threads too)."""
 
     launches: int
     sent: int
@@ -71,6 +72,7 @@ class AheadReport:
     wall_s: float
     spec_s: float = 0.0
     start_s: float = 0.0
+    key_s: float = 0.0
 
     def __str__(self) -> str:
         return (
@@ -82,15 +84,16 @@ class AheadReport:
 
 class PendingCompile:
     """Variants compiling in worker processes in the background (made by :func:`compile_ahead`). A daemon
-    thread takes the jobs (``make_jobs()``: Triton's specializations, the caller's thread spared them),
-    starts ``make_workers(n)`` with ``n`` = ``processes`` or fewer (one per job at most; starting 16
+    thread computes Triton's installation key (:func:`~ldm_sdk.kernels.compile_workers.triton_install_key`),
+    takes the jobs (``make_jobs()``: Triton's specializations, the caller's thread spared them), starts
+    ``make_workers(n, key)`` with ``n`` = ``processes`` or fewer (one per job at most; starting 16
     processes from a large one takes a while), submits the jobs, collects the results and ends the workers.
     ``launches``, ``record_s``, ``started`` (a ``time.perf_counter`` stamp): for the report."""
 
     def __init__(
         self,
         make_jobs: Callable[[], Sequence[KernelJob]],
-        make_workers: Callable[[int], CompileWorkers],
+        make_workers: Callable[[int, tuple[str, str]], CompileWorkers],
         processes: int,
         *,
         launches: int = 0,
@@ -101,7 +104,7 @@ class PendingCompile:
         self._launches, self._record_s = launches, record_s
         self._started = time.perf_counter() if started is None else started
         self._sent = self._compiled = self._failed = self._processes = 0
-        self._wall_s = self._spec_s = self._start_s = 0.0
+        self._wall_s = self._spec_s = self._start_s = self._key_s = 0.0
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, name="ldm-sdk-compile-ahead", daemon=True)
         self._thread.start()
@@ -115,6 +118,13 @@ class PendingCompile:
             self._wall_s = time.perf_counter() - self._started
 
     def _compile(self) -> None:
+        from ldm_sdk.kernels.compile_workers import triton_install_key
+
+        start = time.perf_counter()
+        # first: the caller's own compile threads need this key soon (about 1 s to compute the first time),
+        # and the workers take it instead of computing it each
+        key = triton_install_key()
+        self._key_s = time.perf_counter() - start
         start = time.perf_counter()
         jobs = list(dict.fromkeys(self._make_jobs()))
         self._make_jobs = lambda: ()  # drop what it holds
@@ -124,7 +134,7 @@ class PendingCompile:
             return
         start = time.perf_counter()
         try:
-            workers = self._make_workers(min(self._wanted, len(jobs)))
+            workers = self._make_workers(min(self._wanted, len(jobs)), key)
         except (OSError, RuntimeError) as exc:  # no workers: the later pre-compilation compiles them all
             self._failed = len(jobs)
             self.errors.append(f"compile workers did not start: {exc}")
@@ -162,6 +172,7 @@ class PendingCompile:
             self._wall_s,
             self._spec_s,
             self._start_s,
+            self._key_s,
         )
 
 
@@ -200,7 +211,7 @@ def compile_ahead(
 
     return PendingCompile(
         make_jobs,
-        lambda n: CompileWorkers(n, nice=nice),
+        lambda n, key: CompileWorkers(n, nice=nice, triton_key=key),
         wanted,
         launches=launches,
         record_s=record_s,

@@ -32,6 +32,7 @@ records under its capture lock).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -168,6 +169,10 @@ def _timed_compile(launch: Launch) -> float:
 
 
 def _compile_on_threads(launches: Sequence[Launch], threads: int, times: _CompileTimes) -> None:
+    from ldm_sdk.kernels.compile_workers import triton_install_key
+
+    with contextlib.suppress(ImportError):
+        triton_install_key()  # once here: every thread that found it missing would hash Triton's library
     with ThreadPoolExecutor(threads, thread_name_prefix="ldm-sdk-compile") as pool:
         futures = [pool.submit(_timed_compile, launch) for launch in launches]
         for launch, future in zip(launches, futures, strict=True):

@@ -209,6 +209,39 @@ def current_target(device: int) -> Target:
     return Target(str(t.backend), int(t.arch), int(t.warp_size), device)
 
 
+def triton_install_key() -> tuple[str, str]:
+    """This process's Triton: the file of its package and the key Triton's on-disk cache prefixes every
+    entry with (``triton.runtime.cache.triton_key``: a hash of Triton's sources and of its 0.5 GB compiler
+    library -- about 1 s the first time in a process, then cached). Call it once before compiling on many
+    threads: each thread that finds the key missing hashes the library again."""
+    import triton
+    from triton.runtime import cache
+
+    return str(Path(triton.__file__).resolve()), str(cache.triton_key())
+
+
+#: environment variables a worker reads the parent's Triton key from (see :func:`adopt_triton_key`)
+TRITON_FILE_ENV, TRITON_KEY_ENV = "LDM_SDK_TRITON_FILE", "LDM_SDK_TRITON_KEY"
+
+
+def adopt_triton_key(environ: dict[str, str] | None = None) -> bool:
+    """In a worker: take the parent's Triton key (:func:`triton_install_key`, passed in the environment)
+    instead of hashing the installation again, when the worker runs the very same Triton package (same
+    file); returns whether it did. The key only names cache entries, so with the same installation it is
+    the same string either way."""
+    environ = os.environ if environ is None else environ  # type: ignore[assignment]
+    file, key = environ.get(TRITON_FILE_ENV), environ.get(TRITON_KEY_ENV)
+    if not file or not key:
+        return False
+    import triton
+    from triton.runtime import cache
+
+    if str(Path(triton.__file__).resolve()) != file:
+        return False
+    cache.triton_key = lambda: key  # this process only: the worker's own cache lookups
+    return True
+
+
 # -- the worker side -----------------------------------------------------------------------------------------
 def compile_job(job: KernelJob) -> JobResult:
     """Compile ``job`` here (Triton's on-disk cache keeps the binary) and build its C launcher (cached there
@@ -255,6 +288,8 @@ def worker_main() -> None:
     for module in WARM_IMPORTS:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+    with contextlib.suppress(ImportError):
+        adopt_triton_key()
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -285,9 +320,18 @@ class CompileWorkers:
     """``processes`` worker processes compiling :class:`KernelJob` s (see the module doc). Start them with
     the constructor, :meth:`submit` jobs, collect :meth:`results` (in completion order), :meth:`close` (or
     use as a context manager). ``python``: the interpreter (default :func:`python_executable`); ``nice``:
-    how much the workers lower their scheduling priority (``os.nice``; their compilers inherit it)."""
+    how much the workers lower their scheduling priority (``os.nice``; their compilers inherit it);
+    ``triton_key``: this process's :func:`triton_install_key`, which workers running the same Triton take
+    instead of computing it (:func:`adopt_triton_key`)."""
 
-    def __init__(self, processes: int, *, python: str | None = None, nice: int = 0) -> None:
+    def __init__(
+        self,
+        processes: int,
+        *,
+        python: str | None = None,
+        nice: int = 0,
+        triton_key: tuple[str, str] | None = None,
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         if nice < 0:
@@ -299,6 +343,8 @@ class CompileWorkers:
             )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         env.pop("TRITON_INTERPRET", None)  # workers compile real kernels
+        if triton_key is not None:  # spares each worker ~1 s of hashing Triton's installation
+            env[TRITON_FILE_ENV], env[TRITON_KEY_ENV] = triton_key
         self._jobs: queue.Queue[KernelJob | None] = queue.Queue()
         self._results: queue.Queue[JobResult] = queue.Queue()
         self._submitted = 0

@@ -82,6 +82,7 @@ from ldm_sdk.kernels.compile_workers import (
     KernelJob,
     Target,
     compile_only_driver,
+    triton_install_key,
 )
 from ldm_sdk.kernels.row_softmax import _softmax_rows_kernel
 
@@ -286,7 +287,7 @@ def test_compiles_the_recorded_variants_in_workers(
     # specializations and worker start-up on the background thread, for the launches' device
     assert as_cuda and all(d == torch.device("cuda", 0) for d in as_cuda)
     [(processes, options)] = started
-    assert processes == 2 and options == {"nice": AHEAD_NICE}
+    assert processes == 2 and options == {"nice": AHEAD_NICE, "triton_key": triton_install_key()}
     assert pending.errors == []
     assert (report.launches, report.sent, report.compiled, report.failed) == (3, 2, 2, 0)
     assert report.processes == 2
@@ -338,8 +339,8 @@ def test_workers_run_at_lowered_priority(
     original = PendingCompile.__init__
 
     def spy(self: PendingCompile, jobs: Any, make_workers: Any, *args: Any, **kwargs: Any) -> None:
-        def make(processes: int) -> Any:  # on the background thread, before any job is submitted
-            workers = make_workers(processes)
+        def make(processes: int, key: Any) -> Any:  # on the background thread, before any job is submitted
+            workers = make_workers(processes, key)
             [pid] = workers.pids
             deadline = time.monotonic() + 20
             while (now := os.getpriority(os.PRIO_PROCESS, pid)) != wanted and time.monotonic() < deadline:
@@ -353,7 +354,7 @@ def test_workers_run_at_lowered_priority(
     fused = Softmaxes()
     report = wait_report(compile_ahead([fused], lambda: fused(rows(), 64), processes=2, nice=7))
     assert (report.sent, report.compiled, report.processes) == (1, 1, 1)
-    assert started[-1] == (1, {"nice": 7})
+    assert started[-1] == (1, {"nice": 7, "triton_key": triton_install_key()})
     assert niceness == [wanted]
 
 
@@ -367,7 +368,7 @@ def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> N
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     made: list[CompileWorkers] = []
 
-    def make(processes: int) -> CompileWorkers:
+    def make(processes: int, key: Any) -> CompileWorkers:
         made.append(CompileWorkers(processes, python=str(script)))  # never ready, never answers the job
         return made[-1]
 
@@ -389,7 +390,7 @@ def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> N
 
 
 def test_workers_that_cannot_start_fail_every_job_for_the_later_precompilation() -> None:
-    def make(processes: int) -> CompileWorkers:
+    def make(processes: int, key: Any) -> CompileWorkers:
         raise RuntimeError("no Python interpreter to start compile workers with")
 
     name = ("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel")

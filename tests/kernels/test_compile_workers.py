@@ -431,3 +431,28 @@ def test_specialization_hook_is_only_there_for_the_asking_thread() -> None:
     other.start()
     other.join(10)
     assert answers[-1] is None and bare.seen == []  # no hook before: that thread compiles as usual
+
+
+def test_worker_adopts_the_parents_triton_key_only_for_the_same_installation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker takes the parent's key of Triton's installation instead of hashing Triton's 0.5 GB library
+    again -- only when it runs the same Triton package (the key names cache entries the parent loads)."""
+    from triton.runtime import cache
+
+    from ldm_sdk.kernels.compile_workers import (
+        TRITON_FILE_ENV,
+        TRITON_KEY_ENV,
+        adopt_triton_key,
+        triton_install_key,
+    )
+
+    monkeypatch.setattr(cache, "triton_key", cache.triton_key)  # restored afterwards
+    file, key = triton_install_key()
+    assert key == cache.triton_key() and file.endswith("__init__.py")
+    assert adopt_triton_key({}) is False
+    elsewhere = {TRITON_FILE_ENV: "/elsewhere/triton/__init__.py", TRITON_KEY_ENV: "other"}
+    assert adopt_triton_key(elsewhere) is False
+    assert cache.triton_key() == key
+    assert adopt_triton_key({TRITON_FILE_ENV: file, TRITON_KEY_ENV: "the parent's key"}) is True
+    assert cache.triton_key() == "the parent's key"
