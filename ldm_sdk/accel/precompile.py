@@ -322,11 +322,11 @@ def _start_workers(processes: int, *, nice: int = 0) -> CompileWorkers | None:
     compile everything then)."""
     if processes < 1:
         return None
-    from ldm_sdk.kernels.compile_workers import CompileWorkers
+    from ldm_sdk.kernels.compile_workers import CompileWorkers, triton_install_key
 
-    try:
-        return CompileWorkers(processes, nice=nice)
-    except (OSError, RuntimeError):
+    try:  # the workers take this process's Triton key instead of hashing Triton's library each
+        return CompileWorkers(processes, nice=nice, triton_key=triton_install_key())
+    except (OSError, RuntimeError, ImportError):
         return None
 
 
