@@ -1,9 +1,11 @@
-"""Compile Triton kernel variants in worker processes: the pre-compiler's way past Python's GIL.
+"""Compile Triton kernel variants in worker processes: compilation that leaves the caller's interpreter alone.
 
-Why: :mod:`ldm_sdk.accel.precompile` compiles a model's fused-kernel variants before its first call. On
-threads that stops scaling at about 8: the part of Triton's compiler that runs in Python holds the GIL for
-about 5 s of the SD-1.5 UNet's 53 variants (21.0 s on one thread, 5.1 s on 8, 4.9 s on 16,
-``bench/probe_precompile_threads.py``, H100 machine), and the threads slow whatever else the process does.
+Why: compiled on threads of the caller's process, Triton's compiler takes turns at the GIL with whatever
+else the caller runs -- compiling the decoder's kernels on threads while the UNet is captured slowed the
+capture as much as it hid (``bench/results/cold_start_ahead*_h100.json``). In worker processes the
+compilation only competes for cores: :mod:`ldm_sdk.accel.compile_ahead` compiles the decoder's variants
+this way while the sampler runs. (For a compilation the caller just waits for, workers are no faster than
+threads: it is bound by the cores -- ``bench/probe_precompile_threads.py``, docs/benchmarks.md.)
 
 How: for each variant the parent asks Triton for its serialized specialization (:func:`specialization_of`:
 the ``jit_cache_hook`` knob, which Triton calls just before it would compile a variant and which may skip
