@@ -1,6 +1,8 @@
-"""Shared pytest setup: deterministic CPU defaults and the `gpu` mark."""
+"""Shared pytest setup: deterministic CPU defaults, the `gpu` mark, an empty Triton cache per test."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +26,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@pytest.fixture
+def triton_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Triton on-disk cache for this test (``TRITON_CACHE_DIR``; compile workers started afterwards
+    inherit it)."""
+    folder = tmp_path / "triton-cache"
+    folder.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(folder))
+    return folder

@@ -158,15 +158,6 @@ def wait_report(pending: PendingCompile | None) -> AheadReport:
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Triton on-disk cache for this test (workers started afterwards inherit it)."""
-    folder = tmp_path / "triton-cache"
-    folder.mkdir()
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(folder))
-    return folder
-
-
-@pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The real row-softmax kernel with an empty in-process cache (the original is restored afterwards)."""
     monkeypatch.setattr(
@@ -246,7 +237,7 @@ def test_default_processes_without_cuda_start_nothing(monkeypatch: pytest.Monkey
 
 
 def test_cpu_launches_are_left_to_the_later_precompilation(
-    cache: Path, kernel: Any, started: list[Any], monkeypatch: pytest.MonkeyPatch
+    triton_cache: Path, kernel: Any, started: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without the patches the launches are on the CPU: recorded (the call runs once, recording), but
     nothing is sent and no worker is started."""
@@ -271,7 +262,7 @@ def test_kernels_a_worker_cannot_import_are_not_sent(
 
 # -- the real flow -------------------------------------------------------------------------------------------
 def test_compiles_the_recorded_variants_in_workers(
-    cache: Path, kernel: Any, as_cuda: list[Any], started: list[Any], monkeypatch: pytest.MonkeyPatch
+    triton_cache: Path, kernel: Any, as_cuda: list[Any], started: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ASTSource, "make_ir", refuse_compile)  # this process compiles nothing itself
     fused, x = Softmaxes(), rows()
@@ -297,7 +288,7 @@ def test_compiles_the_recorded_variants_in_workers(
     assert "0 failed" in str(report)
     assert pending.done()
     assert pending.wait(timeout=0) == report  # waiting again gives the same report at once
-    cubins = list(cache.rglob("_softmax_rows_kernel.cubin"))
+    cubins = list(triton_cache.rglob("_softmax_rows_kernel.cubin"))
     assert len(cubins) == 2, cubins
 
     # the disk cache does not make a variant "compiled in this process": both are sent again, on at most
@@ -322,11 +313,11 @@ def test_compiles_the_recorded_variants_in_workers(
     assert (nothing.sent, nothing.compiled, nothing.failed, nothing.processes) == (0, 0, 0, 0)
     assert fused.calls == calls + 3
     assert len(started) == 3
-    assert len(list(cache.rglob("_softmax_rows_kernel.cubin"))) == 2
+    assert len(list(triton_cache.rglob("_softmax_rows_kernel.cubin"))) == 2
 
 
 def test_workers_run_at_lowered_priority(
-    cache: Path, kernel: Any, as_cuda: list[Any], started: list[Any], monkeypatch: pytest.MonkeyPatch
+    triton_cache: Path, kernel: Any, as_cuda: list[Any], started: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The workers really run niced (``nice=`` is passed on, checked above too): read while they are alive,
     right after the background thread started them (it closes them at the end); a worker lowers its priority
@@ -359,7 +350,7 @@ def test_workers_run_at_lowered_priority(
 
 
 # -- waiting and failures ------------------------------------------------------------------------------------
-def test_wait_times_out_while_a_worker_is_busy(cache: Path, tmp_path: Path) -> None:
+def test_wait_times_out_while_a_worker_is_busy(triton_cache: Path, tmp_path: Path) -> None:
     sleep = shutil.which("sleep")
     if sleep is None:
         pytest.skip("no `sleep` program to stand in for a worker that never answers")
@@ -400,7 +391,7 @@ def test_workers_that_cannot_start_fail_every_job_for_the_later_precompilation()
 
 
 def test_a_job_that_fails_in_the_worker_is_reported(
-    cache: Path, kernel: Any, as_cuda: list[Any], monkeypatch: pytest.MonkeyPatch
+    triton_cache: Path, kernel: Any, as_cuda: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
         workers_module, "jit_function", lambda k: ("ldm_sdk.kernels.row_softmax", "_no_such_kernel")
@@ -413,7 +404,7 @@ def test_a_job_that_fails_in_the_worker_is_reported(
     assert "(1 failed" in str(report)
     [error] = pending.errors
     assert "AttributeError" in error and "_no_such_kernel" in error
-    assert not list(cache.rglob("*.cubin"))
+    assert not list(triton_cache.rglob("*.cubin"))
 
 
 # -- CapturedModel.compile_ahead -----------------------------------------------------------------------------

@@ -72,13 +72,6 @@ KERNEL_NAME = ("ldm_sdk.kernels.row_softmax", "_softmax_rows_kernel")
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Triton on-disk cache for this test (workers started afterwards inherit it)."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The real row-softmax kernel with an empty in-process cache (the original is restored afterwards)."""
     monkeypatch.setattr(
@@ -135,12 +128,12 @@ def refuse_compile(*args: Any, **kwargs: Any) -> Any:
 
 # -- compiling -----------------------------------------------------------------------------------------------
 def test_worker_compiles_into_the_cache_and_the_parent_only_loads(
-    cache: Path, kernel: Any, monkeypatch: pytest.MonkeyPatch
+    triton_cache: Path, kernel: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = spec_of(kernel, 4096, num_warps=8)
     assert spec is not None
     assert json.loads(spec)["name"] == "ldm_sdk.kernels.row_softmax._softmax_rows_kernel"
-    assert not list(cache.rglob("*.cubin")), "asking for the specialization must not compile"
+    assert not list(triton_cache.rglob("*.cubin")), "asking for the specialization must not compile"
     job = job_for(kernel, spec)
 
     with CompileWorkers(1) as workers:
@@ -152,7 +145,7 @@ def test_worker_compiles_into_the_cache_and_the_parent_only_loads(
     assert result.error == ""
     assert result.compile_s > 0
     assert result.launcher_s >= 0
-    cubins = list(cache.rglob("_softmax_rows_kernel.cubin"))
+    cubins = list(triton_cache.rglob("_softmax_rows_kernel.cubin"))
     assert len(cubins) == 1
 
     monkeypatch.setattr(ASTSource, "make_ir", refuse_compile)
@@ -162,10 +155,10 @@ def test_worker_compiles_into_the_cache_and_the_parent_only_loads(
     assert compiled.metadata.name == "_softmax_rows_kernel"
     assert compiled.metadata.num_warps == 8
     assert compiled.asm["cubin"] == cubins[0].read_bytes()
-    assert len(list(cache.rglob("*.cubin"))) == 1
+    assert len(list(triton_cache.rglob("*.cubin"))) == 1
 
 
-def test_variants_have_their_own_specializations_and_compile(cache: Path, kernel: Any) -> None:
+def test_variants_have_their_own_specializations_and_compile(triton_cache: Path, kernel: Any) -> None:
     small, large = spec_of(kernel, 1024), spec_of(kernel, 4096)
     assert small is not None and large is not None
     assert small != large
@@ -174,7 +167,7 @@ def test_variants_have_their_own_specializations_and_compile(cache: Path, kernel
     # asking again gives the same string (the parent de-duplicates jobs by it) and compiled nothing
     assert spec_of(kernel, 1024) == small
     assert spec_of(kernel, 4096) == large
-    assert not list(cache.rglob("*.cubin"))
+    assert not list(triton_cache.rglob("*.cubin"))
 
     with CompileWorkers(2) as workers:
         workers.submit(job_for(kernel, small))
@@ -183,7 +176,7 @@ def test_variants_have_their_own_specializations_and_compile(cache: Path, kernel
 
     assert sorted(r.job.specialization for r in results) == sorted([small, large])
     assert all(r.ok for r in results), [r.error for r in results]
-    assert len(list(cache.rglob("_softmax_rows_kernel.cubin"))) == 2
+    assert len(list(triton_cache.rglob("_softmax_rows_kernel.cubin"))) == 2
 
     warmup(kernel, 1024)  # this process now has the small variant (from the cache)
     assert spec_of(kernel, 1024) is None  # Triton does not ask for a variant it has
@@ -191,7 +184,7 @@ def test_variants_have_their_own_specializations_and_compile(cache: Path, kernel
 
 
 # -- bad jobs ------------------------------------------------------------------------------------------------
-def test_bad_jobs_fail_with_their_error_and_the_worker_goes_on(cache: Path, kernel: Any) -> None:
+def test_bad_jobs_fail_with_their_error_and_the_worker_goes_on(triton_cache: Path, kernel: Any) -> None:
     spec = spec_of(kernel, 2048)
     good = job_for(kernel, spec)
     unknown_kernel = KernelJob("ldm_sdk.kernels.row_softmax", "_no_such_kernel", good.specialization, TARGET)
@@ -214,10 +207,10 @@ def test_bad_jobs_fail_with_their_error_and_the_worker_goes_on(cache: Path, kern
     assert "only CUDA targets" in results[other_backend].error
     assert "'hip'" in results[other_backend].error
     assert results[good].ok, results[good].error
-    assert list(cache.rglob("_softmax_rows_kernel.cubin"))
+    assert list(triton_cache.rglob("_softmax_rows_kernel.cubin"))
 
 
-def test_specialization_for_another_target_fails(cache: Path, kernel: Any) -> None:
+def test_specialization_for_another_target_fails(triton_cache: Path, kernel: Any) -> None:
     """A job whose target (sm_80) is not the one its specialization was made for (sm_90) is refused by
     Triton's ``preload`` in the worker (checked as the worker's first job: see the next test)."""
     mismatched = job_for(kernel, spec_of(kernel, 2048), Target("cuda", 80, 32, 0))
@@ -226,10 +219,12 @@ def test_specialization_for_another_target_fails(cache: Path, kernel: Any) -> No
         [result] = collect(workers)
     assert not result.ok
     assert "Specialization data is for" in result.error
-    assert not list(cache.rglob("*.cubin"))
+    assert not list(triton_cache.rglob("*.cubin"))
 
 
-def test_worker_honours_each_jobs_target(cache: Path, kernel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_honours_each_jobs_target(
+    triton_cache: Path, kernel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     jobs = []
     for arch in (80, 90):
         target = Target("cuda", arch, 32, 0)
@@ -246,7 +241,7 @@ def test_worker_honours_each_jobs_target(cache: Path, kernel: Any, monkeypatch: 
 
 
 # -- dying workers -------------------------------------------------------------------------------------------
-def test_worker_that_cannot_start_fails_the_jobs(cache: Path) -> None:
+def test_worker_that_cannot_start_fails_the_jobs(triton_cache: Path) -> None:
     exits_at_once = shutil.which("false")
     if exits_at_once is None:
         pytest.skip("no `false` program to stand in for a worker that exits at once")
@@ -274,7 +269,7 @@ def fake_worker(tmp_path: Path, body: str) -> str:
     return str(script)
 
 
-def test_worker_without_a_ready_line_fails_the_jobs(cache: Path, tmp_path: Path) -> None:
+def test_worker_without_a_ready_line_fails_the_jobs(triton_cache: Path, tmp_path: Path) -> None:
     workers = CompileWorkers(1, python=fake_worker(tmp_path, "echo hello; sleep 60"))
     try:
         workers.submit(ping_job())
@@ -285,7 +280,7 @@ def test_worker_without_a_ready_line_fails_the_jobs(cache: Path, tmp_path: Path)
     assert "started with 'hello' instead of a ready line" in failed.error
 
 
-def test_worker_with_a_garbled_reply_is_ended_and_its_job_failed(cache: Path, tmp_path: Path) -> None:
+def test_worker_with_a_garbled_reply_is_ended_and_its_job_failed(triton_cache: Path, tmp_path: Path) -> None:
     body = 'echo \'{"ready": true}\'; read job; echo "not json"; sleep 60'
     workers = CompileWorkers(1, python=fake_worker(tmp_path, body))
     try:
@@ -300,7 +295,7 @@ def test_worker_with_a_garbled_reply_is_ended_and_its_job_failed(cache: Path, tm
     assert "no compile worker alive" in after.error
 
 
-def test_killed_worker_fails_its_job_instead_of_hanging(cache: Path) -> None:
+def test_killed_worker_fails_its_job_instead_of_hanging(triton_cache: Path) -> None:
     workers = CompileWorkers(1)
     try:
         workers.submit(ping_job())
@@ -321,7 +316,7 @@ def test_killed_worker_fails_its_job_instead_of_hanging(cache: Path) -> None:
     assert "no compile worker alive" in after.error
 
 
-def test_live_worker_takes_the_jobs_of_a_killed_one(cache: Path) -> None:
+def test_live_worker_takes_the_jobs_of_a_killed_one(triton_cache: Path) -> None:
     workers = CompileWorkers(2)
     try:
         workers._procs[0].kill()
