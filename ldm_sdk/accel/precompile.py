@@ -317,7 +317,7 @@ def precompile_kernels(
     )
 
 
-def _start_workers(processes: int, *, nice: int = 0) -> CompileWorkers | None:
+def _start_workers(processes: int) -> CompileWorkers | None:
     """``processes`` compile workers, or None (none wanted, or they could not be started: the threads
     compile everything then)."""
     if processes < 1:
@@ -325,7 +325,7 @@ def _start_workers(processes: int, *, nice: int = 0) -> CompileWorkers | None:
     from ldm_sdk.kernels.compile_workers import CompileWorkers, triton_install_key
 
     try:  # the workers take this process's Triton key instead of hashing Triton's library each
-        return CompileWorkers(processes, nice=nice, triton_key=triton_install_key())
+        return CompileWorkers(processes, triton_key=triton_install_key())
     except (OSError, RuntimeError, ImportError):
         return None
 
