@@ -19,7 +19,10 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
       h = silu(norm2(h + s))                          # one fused GroupNorm with a per-(n, c) shift
       out = (conv2(h) + conv2.bias) + (skip(x) + skip.bias)   # one bias + residual kernel
 
-* first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding);
+* first-stage ``ResnetBlock`` -> :class:`FusedResnetBlock` (the same, with ``temb_proj`` as the embedding;
+  on Hopper, on maps at least :data:`~ldm_sdk.accel.implicit_conv.EPILOGUE_MIN_WIDTH` wide, ``conv2``, its
+  bias, the skip and the next norm's statistics are one convolution kernel of our own,
+  :mod:`ldm_sdk.accel.implicit_conv`);
 * ``BasicTransformerBlock`` -> :class:`FusedTransformerBlock`: ``norm1`` is the LayerNorm row kernel; the
   residual add after ``attn1`` / ``attn2`` and the following LayerNorm are one
   :func:`~ldm_sdk.accel.residual_kernels.add_layer_norm`; the feed-forward's output GEMM accumulates into
@@ -71,8 +74,9 @@ from ldm_sdk.accel.context_projections import (
 )
 from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
+from ldm_sdk.accel.implicit_conv import EPILOGUE_MIN_WIDTH, conv3x3_fused, fused_conv_fits, stats_fit
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
-from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
+from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm, wants_stats
 from ldm_sdk.accel.residual_kernels import add_layer_norm, layer_norm
 from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
 from ldm_sdk.accel.skip_concat import FusedUNetModel
@@ -81,7 +85,13 @@ from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable
 from ldm_sdk.accel.thin_conv import FusedThinConv2d, thin_conv_fusable
 from ldm_sdk.accel.time_embedding import EmbeddingShifts, share_embedding_projection
-from ldm_sdk.accel.triton_kernels import BACKENDS, Backend, KernelRecorder, _use_triton, group_norm_act
+from ldm_sdk.accel.triton_kernels import (
+    BACKENDS,
+    Backend,
+    KernelRecorder,
+    _use_triton,
+    group_norm_act,
+)
 from ldm_sdk.accel.vae_attention import FusedAttnBlock, attn_block_fusable, prepare_attn_block
 from ldm_sdk.models import autoencoder, unet
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer, repeat_batch
@@ -223,12 +233,15 @@ class FusedResnetBlock(ResnetBlock):
     norm_handoff: NormHandoff | None = None  # shared with the decoder's norms (link_decoder)
     feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics (link_decoder)
 
+    implicit_conv: bool = True  # conv2 + its epilogue as ldm_sdk.accel.implicit_conv where that pays
+
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         norm1, norm2 = _silu_norm(self.norm1), _silu_norm(self.norm2)
         if self.training or norm1 is None or norm2 is None:
             return ResnetBlock.forward(self, x, temb)
         backend = _backend(self)
-        h = _conv_no_bias(self.conv1, norm1(x), self.kernel_recorder)  # norm1 takes x's offered statistics
+        rec = self.kernel_recorder
+        h = _conv_no_bias(self.conv1, norm1(x), rec)  # norm1 takes x's offered statistics
         conv1_bias = cast(Tensor, self.conv1.bias)
         if temb is not None:
             if not hasattr(self, "temb_proj"):
@@ -239,14 +252,15 @@ class FusedResnetBlock(ResnetBlock):
             shift = torch.addmm(conv1_bias + proj.bias, F.silu(temb), proj.weight.t())
         else:
             shift = conv1_bias.expand(h.shape[0], -1)
-        h = _norm_shift(norm2, h, shift, backend, self.kernel_recorder)
-        h = _conv_no_bias(self.conv2, h, self.kernel_recorder)
+        h = _norm_shift(norm2, h, shift, backend, rec)
         skip: nn.Module | None = None
         if self.in_channels != self.out_channels:
             skip = self.conv_shortcut if self.use_conv_shortcut else self.nin_shortcut
-        residual, skip_bias = _skip(skip, x)
-        rec = self.kernel_recorder
         handoff = self.norm_handoff if self.feeds_norm else None
+        if self._implicit_conv2_pays(h, backend):
+            return self._conv2_epilogue(h, x, skip, handoff)
+        h = _conv_no_bias(self.conv2, h, rec)
+        residual, skip_bias = _skip(skip, x)
         return residual_add_for_norm(
             h,
             self.conv2.bias,
@@ -256,6 +270,43 @@ class FusedResnetBlock(ResnetBlock):
             backend=backend,
             recorder=rec,
         )
+
+    def _implicit_conv2_pays(self, h: Tensor, backend: Backend) -> bool:
+        """Whether ``conv2`` runs as :func:`~ldm_sdk.accel.implicit_conv.conv3x3_fused` on ``h``: it fits
+        (Hopper or the interpreter, half precision, channels_last, the Triton backend; ``implicit_conv``
+        on) and the map is at least :data:`~ldm_sdk.accel.implicit_conv.EPILOGUE_MIN_WIDTH` wide."""
+        if not self.implicit_conv or h.shape[-1] < EPILOGUE_MIN_WIDTH:
+            return False
+        return _use_triton(backend, "conv3x3_fused", h) and fused_conv_fits(h, self.conv2) is None
+
+    def _conv2_epilogue(
+        self, h: Tensor, x: Tensor, skip: nn.Module | None, handoff: NormHandoff | None
+    ) -> Tensor:
+        """``conv2(h) + bias + skip(x)`` as one kernel that also takes the next norm's statistics (offered
+        to ``handoff``) -- the convolution, the bias + residual pass and the statistics pass of the
+        cuDNN path in one."""
+        residual, skip_bias = _skip(skip, x)
+        if residual.stride() != h.stride():
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        groups = None
+        if (
+            handoff is not None
+            and wants_stats(handoff, tuple(h.shape))
+            and stats_fit(h.shape[1], handoff.groups)
+        ):
+            groups = handoff.groups
+        out, stats = conv3x3_fused(
+            h,
+            self.conv2.weight,
+            self.conv2.bias,
+            residual=residual,
+            residual_bias=skip_bias,
+            stats_groups=groups,
+            recorder=self.kernel_recorder,
+        )
+        if handoff is not None and stats is not None:
+            handoff.offer(out, stats)
+        return out
 
 
 def _resnet_fusable(block: ResnetBlock) -> str | None:

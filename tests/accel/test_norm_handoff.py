@@ -261,10 +261,13 @@ def test_handoff_in_the_interpreter() -> None:
 
 # -- GPU -----------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_kl_f8_decoder_same_bits_with_the_handoff() -> None:
+def test_kl_f8_decoder_same_bits_with_the_handoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics kernel's handoff (cuDNN convolutions): the same bits as each norm's own pass."""
+    from ldm_sdk.accel.block_fusion import FusedResnetBlock
     from ldm_sdk.accel.prepare import prepare_cuda_inference
     from ldm_sdk.benchmarks import common as C
 
+    monkeypatch.setattr(FusedResnetBlock, "implicit_conv", False)
     eng, _ = C.build_ours(C.ARCHS["sd15"], torch.device("cuda"), torch.float16, 0)
     vae = eng.vae.to(memory_format=torch.channels_last)
     prepare_cuda_inference(vae)
@@ -279,6 +282,53 @@ def test_kl_f8_decoder_same_bits_with_the_handoff() -> None:
             if hasattr(module, "feeds_norm"):
                 module.feeds_norm = False
         assert torch.equal(vae.decode(z), linked)
+
+
+@pytest.mark.gpu
+def test_kl_f8_decoder_handoff_from_the_implicit_convolution() -> None:
+    """With the decoder's wide ``conv2`` s as our own convolution (statistics merged per column in its
+    epilogue, not the norm's own pass): every handoff is still taken, and the decode equals the one
+    without handoffs to float32 rounding of the statistics (a few fp16 ulps at most) and the float32 decode
+    to half precision."""
+    import copy
+
+    from ldm_sdk.accel import block_fusion
+    from ldm_sdk.accel.prepare import prepare_cuda_inference
+    from ldm_sdk.benchmarks import common as C
+
+    eng, _ = C.build_ours(C.ARCHS["sd15"], torch.device("cuda"), torch.float16, 0)
+    reference = copy.deepcopy(eng.vae).float()
+    vae = eng.vae.to(memory_format=torch.channels_last)
+    prepare_cuda_inference(vae)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator("cuda").manual_seed(1), device="cuda").half()
+    decoder = next(m for m in vae.modules() if isinstance(m, Decoder))
+    calls = []
+    real = block_fusion.conv3x3_fused
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("stats_groups"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    block_fusion.conv3x3_fused = counted  # type: ignore[assignment]
+    try:
+        with torch.inference_mode():
+            linked = vae.decode(z)
+            handoff = decoder.norm_out.norm_handoff  # type: ignore[union-attr]
+            assert handoff is not None and handoff.taken == 15, handoff and handoff.taken
+            # the 512 and 256 px levels: 3 blocks each; all but the last block of the 256 px level (it
+            # feeds the upsampling) hand statistics on
+            assert len(calls) == 6 and calls.count(None) == 1, calls
+            for module in decoder.modules():
+                if hasattr(module, "feeds_norm"):
+                    module.feeds_norm = False
+            alone = vae.decode(z)
+            with C.true_float32():
+                expected = reference.decode(z.float())
+    finally:
+        block_fusion.conv3x3_fused = real  # type: ignore[assignment]
+    scale = expected.abs().max()
+    assert (linked.float() - alone.float()).abs().max() <= 4e-3 * scale
+    assert (linked.float() - expected).abs().max() <= 5e-3 * scale
 
 
 @pytest.mark.gpu

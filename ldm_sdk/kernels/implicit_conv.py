@@ -1,0 +1,144 @@
+"""The Triton kernels of :mod:`ldm_sdk.accel.implicit_conv` (which launches them; see its doc for what they
+compute). Kernel modules import Triton and nothing of torch, so compile workers
+(:mod:`ldm_sdk.kernels.compile_workers`) load them in a fraction of a second."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "PROGRAMS"])
+def _conv3x3_fused_kernel(
+    x_desc,
+    w_desc,
+    y_desc,
+    r_desc,
+    bias_ptr,
+    rbias_ptr,
+    mean_ptr,
+    m2_ptr,
+    count_ptr,
+    N,
+    H,
+    W,
+    C,
+    CO,
+    PROGRAMS,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    STATS: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """A 3x3 convolution (stride 1, zero padding 1) of a channels_last map with the epilogue of the block
+    that follows it. Output tiles are ``BLOCK_W`` consecutive pixels of one image row times ``BLOCK_N``
+    output channels (column tiles fastest, so programs running together share their input tile in L2);
+    program ``p`` computes tiles ``p, p + PROGRAMS, ...`` (with ``FLATTEN`` the tile loop is flattened
+    into the K loop: the next tile's first loads are issued during this tile's epilogue).
+
+    Per tile, one loop of ``9 C / BLOCK_K`` steps: the input tile is one 4-D TMA copy of the map shifted
+    by the tap (pixels outside the map arrive as zeros: the zero padding), the weight tile one 2-D TMA copy
+    of the ``(CO, 9 C)`` tap-major weight matrix (the channels_last weight's own memory order).
+    Epilogue, in float32 on the accumulators: ``(acc + bias[c]) + (residual + rbias[c])`` (terms by the
+    flags, the residual tile one TMA copy), rounded once and written by a TMA store clipped at the map's
+    edge. With ``STATS`` each column of the tile's rounded values also gives one partial -- its count,
+    mean and sum of squared deviations from that mean -- at ``(n T + t) CO + c``, ``t`` the tile's index
+    among the ``T = H ceil(W / BLOCK_W)`` of its sample (merged per group by
+    :func:`_merge_partials_kernel`)."""
+    tiles_n = tl.cdiv(CO, BLOCK_N)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    per_sample = H * tiles_w
+    tiles = N * per_sample * tiles_n
+    c_steps = C // BLOCK_K
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, num_stages=STAGES):
+        col = tile % tiles_n
+        row_tile = tile // tiles_n
+        t = row_tile % per_sample
+        n = row_tile // per_sample
+        y0 = t // tiles_w
+        x0 = (t % tiles_w) * BLOCK_W
+        co0 = col * BLOCK_N
+        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for kk in range(9 * c_steps):
+            tap = kk // c_steps
+            c0 = (kk - tap * c_steps) * BLOCK_K
+            a = x_desc.load([n, y0 + tap // 3 - 1, x0 + tap % 3 - 1, c0]).reshape(BLOCK_W, BLOCK_K)
+            acc = tl.dot(a, w_desc.load([co0, tap * C + c0]).T, acc)
+        cols = co0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < CO
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            r = r_desc.load([n, y0, x0, co0]).reshape(BLOCK_W, BLOCK_N).to(tl.float32)
+            if HAS_RBIAS:
+                r = r + tl.load(rbias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc = acc + r
+        rounded = acc.to(tl.bfloat16 if BF16 else tl.float16)
+        y_desc.store([n, y0, x0, co0], rounded.reshape(1, 1, BLOCK_W, BLOCK_N))
+        if STATS:
+            row_ok = (x0 + tl.arange(0, BLOCK_W)) < W
+            vals = tl.where(row_ok[:, None], rounded.to(tl.float32), 0.0)
+            rows = tl.minimum(W - x0, BLOCK_W).to(tl.float32)
+            col_mean = tl.sum(vals, axis=0) / rows
+            d = tl.where(row_ok[:, None], vals - col_mean[None, :], 0.0)
+            at = (n * per_sample + t) * CO + cols
+            tl.store(mean_ptr + at, col_mean, mask=col_ok)
+            tl.store(m2_ptr + at, tl.sum(d * d, axis=0), mask=col_ok)
+            tl.store(count_ptr + at, tl.zeros([BLOCK_N], dtype=tl.float32) + rows, mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["T", "CO", "SLOTS"])
+def _merge_partials_kernel(
+    mean_ptr,
+    m2_ptr,
+    count_ptr,
+    out_mean_ptr,
+    out_m2_ptr,
+    out_count_ptr,
+    T,
+    CO,
+    SLOTS,
+    CG: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_SLOTS: tl.constexpr,
+):
+    """Program ``q = n G + g`` merges the per-column partials (count, mean, M2 at ``(n T + t) CO + c``)
+    of group ``g``'s ``CG`` columns over the ``T`` tiles of sample ``n`` by the parallel (Chan) formula --
+    the total count and mean first, then ``M2 = sum M2_i + sum n_i (mean_i - mean)^2`` -- and writes the
+    result into slot 0 of its ``SLOTS`` output slots, the others empty (count 0): the layout of a
+    GroupNorm launch plan's partials, which its apply pass merges the same way."""
+    q = tl.program_id(0).to(tl.int64)
+    groups = CO // CG
+    n = q // groups
+    g = q % groups
+    ts = tl.arange(0, BLOCK_T)
+    cs = g * CG + tl.arange(0, CG)
+    total = tl.zeros([BLOCK_T, CG], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK_T, CG], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        ok = (start + ts < T)[:, None]
+        at = (n * T + start + ts)[:, None] * CO + cs[None, :]
+        cnt = tl.load(count_ptr + at, mask=ok, other=0.0)
+        total += cnt
+        weighted += cnt * tl.load(mean_ptr + at, mask=ok, other=0.0)
+    count = tl.sum(tl.sum(total, axis=1), axis=0)
+    mean = tl.sum(tl.sum(weighted, axis=1), axis=0) / tl.maximum(count, 1.0)
+    spread = tl.zeros([BLOCK_T, CG], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        ok = (start + ts < T)[:, None]
+        at = (n * T + start + ts)[:, None] * CO + cs[None, :]
+        cnt = tl.load(count_ptr + at, mask=ok, other=0.0)
+        d = tl.where(cnt > 0, tl.load(mean_ptr + at, mask=ok, other=0.0) - mean, 0.0)
+        spread += tl.load(m2_ptr + at, mask=ok, other=0.0) + cnt * d * d
+    m2 = tl.sum(tl.sum(spread, axis=1), axis=0)
+    slots = tl.arange(0, BLOCK_SLOTS)
+    first = slots == 0
+    out = q * SLOTS + slots
+    ok_slots = slots < SLOTS
+    tl.store(out_mean_ptr + out, tl.where(first, mean, 0.0), mask=ok_slots)
+    tl.store(out_m2_ptr + out, tl.where(first, m2, 0.0), mask=ok_slots)
+    tl.store(out_count_ptr + out, tl.where(first, count, 0.0), mask=ok_slots)
