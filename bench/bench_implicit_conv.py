@@ -8,9 +8,12 @@ the next norm's statistics in the convolution's epilogue) against cuDNN + the se
    (with the bias as its shift), against ``conv3x3_fused`` with the bias and the statistics (merge
    included); ``conv2`` -- cuDNN without bias + the bias + skip + statistics pass, against
    ``conv3x3_fused`` with both biases, the skip and the statistics.
+   The upsamplings (``upsample_conv_fused``, the sub-pixel form with the interleave, bias and statistics
+   in its epilogue) against the phase kernels + cuDNN + the interleave with statistics.
 2. The whole decode (SD-1.5's kl-f8 decoder, random weights, prepared and captured as the runtime runs
-   it), ``FusedResnetBlock.implicit_conv`` off and on, alternately over ``--rounds`` rounds; each output
-   against the float32 eager decoder (max abs error over max abs value) and against each other.
+   it) with ``FusedResnetBlock.implicit_conv`` / ``FusedFirstStageUpsample.implicit_conv`` off / on
+   (``VARIANTS``), alternately over ``--rounds`` rounds; each output against the float32 eager decoder
+   (max abs error over max abs value) and against the cuDNN variant.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from bench.op_roofline import graph_us
 from ldm_sdk.accel import triton_kernels as K
 from ldm_sdk.accel.block_fusion import FusedResnetBlock
 from ldm_sdk.accel.graphs import CapturedModel
-from ldm_sdk.accel.implicit_conv import ConvPlan, conv3x3_fused, plan_conv
-from ldm_sdk.accel.norm_handoff import bias_residual_add_with_stats
+from ldm_sdk.accel.implicit_conv import ConvPlan, conv3x3_fused, plan_conv, upsample_conv_fused
+from ldm_sdk.accel.norm_handoff import NormHandoff, bias_residual_add_with_stats
 from ldm_sdk.accel.prepare import prepare_cuda_inference
+from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, _interleave_with_stats, _phase_kernels_triton
 from ldm_sdk.benchmarks import common as C
 from ldm_sdk.diffusion.conditioning import Conditioning
 
@@ -44,6 +48,22 @@ PLANS = [
     ConvPlan(block_w=64, block_n=128, num_warps=4, stages=4),
     ConvPlan(block_w=128, block_n=256, num_warps=8, stages=3, persistent=True),
 ]
+# decode variants: (FusedResnetBlock.implicit_conv, FusedFirstStageUpsample.implicit_conv)
+VARIANTS = {
+    "cudnn": (False, False),
+    "implicit_conv": (True, False),
+    "upsample": (False, True),
+    "both": (True, True),
+}
+# the decoder's upsamplings: C, H = W of the small map (the output is 2H x 2W)
+UPSAMPLINGS = [("up_64to128_512", 512, 64), ("up_128to256_512", 512, 128), ("up_256to512_256", 256, 256)]
+UPSAMPLE_PLANS = [
+    ConvPlan(block_w=256, block_n=128, num_warps=8, stages=3),
+    ConvPlan(block_w=128, block_n=128, num_warps=4, stages=4),
+    ConvPlan(block_w=128, block_n=128, num_warps=8, stages=3),
+    ConvPlan(block_w=64, block_n=128, num_warps=4, stages=4),
+    ConvPlan(block_w=128, block_n=256, num_warps=8, stages=3),
+]
 # label, C in, C out, H = W (the decoder's residual blocks at a 512 px image)
 SITES = [
     ("512px_128", 128, 128, 512),
@@ -53,6 +73,46 @@ SITES = [
     ("128px_512", 512, 512, 128),
     ("64px_512", 512, 512, 64),
 ]
+
+
+def upsampling_timings(reps: int, iters: int) -> list[dict[str, Any]]:
+    """The sub-pixel upsampling: phase kernels + cuDNN + the interleave with statistics, against the phase
+    kernels + ``upsample_conv_fused`` with statistics, per plan."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(dev).manual_seed(1)
+    rows = []
+    for label, c, size in UPSAMPLINGS:
+        cl = torch.channels_last
+        x = torch.randn(1, c, size, size, generator=gen, device=dev).half().to(memory_format=cl)
+        weight = (torch.randn(c, c, 3, 3, generator=gen, device=dev) * 0.02).half().to(memory_format=cl)
+        bias = torch.randn(c, generator=gen, device=dev).half()
+        handoff = NormHandoff(32)
+
+        def old(x=x, weight=weight, bias=bias, c=c, size=size, handoff=handoff) -> None:
+            kernels = _phase_kernels_triton(weight, None)
+            full = F.conv2d(x, kernels, None, padding=1).contiguous(memory_format=torch.channels_last)
+            _interleave_with_stats(full, bias, c, size, size, handoff, None)
+
+        row: dict[str, Any] = {"site": label, "old": graph_us(old, reps, iters)}
+        for plan in (None, *UPSAMPLE_PLANS):
+
+            def new(x=x, weight=weight, bias=bias, plan=plan) -> None:
+                kernels = _phase_kernels_triton(weight, None)
+                upsample_conv_fused(x, kernels, bias, stats_groups=32, plan=plan)
+
+            key = (
+                "new_default"
+                if plan is None
+                else f"new_{plan.block_w}x{plan.block_n}_w{plan.num_warps}_s{plan.stages}"
+            )
+            try:
+                new()
+                row[key] = graph_us(new, reps, iters)
+            except Exception as exc:  # a plan that does not fit (shared memory) is reported
+                row[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        rows.append(row)
+    return rows
 
 
 def site_timings(reps: int, iters: int) -> list[dict[str, Any]]:
@@ -141,12 +201,13 @@ def decode_ab(rounds: int, iters: int) -> dict[str, Any]:
     with torch.inference_mode():
         with C.true_float32():
             ref = ref_vae.decode(z.float())
-        for name, on in (("cudnn", False), ("implicit_conv", True)):
-            FusedResnetBlock.implicit_conv = on
+        for name, (blocks, upsamplings) in VARIANTS.items():
+            FusedResnetBlock.implicit_conv = blocks
+            FusedFirstStageUpsample.implicit_conv = upsamplings
             decode = CapturedModel(lambda z, t, c: vae.decode(z), modules=[vae])
             outs[name] = decode(z, z.new_zeros(1), Conditioning()).float().clone()
             graphs[name] = next(iter(decode._captures.values())).graph
-        FusedResnetBlock.implicit_conv = True
+        FusedResnetBlock.implicit_conv = FusedFirstStageUpsample.implicit_conv = True
         times: dict[str, list[float]] = {name: [] for name in graphs}
         for _ in range(rounds):
             for name, graph in graphs.items():
@@ -157,6 +218,7 @@ def decode_ab(rounds: int, iters: int) -> dict[str, Any]:
         "decode_ms_median": {k: C.median(v) for k, v in times.items()},
         "err_vs_fp32": {k: (o - ref).abs().max().item() / scale for k, o in outs.items()},
         "implicit_vs_cudnn": (outs["implicit_conv"] - outs["cudnn"]).abs().max().item() / scale,
+        "both_vs_cudnn": (outs["both"] - outs["cudnn"]).abs().max().item() / scale,
     }
     print(json.dumps(res), flush=True)
     return res
@@ -172,6 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.no_sites:
+        out["upsamplings"] = upsampling_timings(args.reps, args.iters)
         out["sites"] = site_timings(args.reps, args.iters)
     out["decode"] = decode_ab(args.rounds, 50)
     if args.out:

@@ -39,13 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ldm_sdk.accel.geglu_tma import check_plan_fields
 from ldm_sdk.accel.triton_kernels import (
     GroupNormStats,
     KernelRecorder,
     TensorDescriptor,
     _interpreting,
-    _memory_format,
     _pow2,
     default_plan,
     launch,
@@ -80,7 +78,12 @@ class ConvPlan:
     flatten: bool = False
 
     def __post_init__(self) -> None:
-        check_plan_fields(_PlanFields(self.block_w, self.block_n, BLOCK_K, self.stages), ("stages",))
+        for name in ("block_w", "block_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise ValueError(f"stages must be an int >= 1, got {self.stages!r}")
         if self.num_warps not in (4, 8):
             raise ValueError(f"num_warps must be 4 or 8 (one or two warpgroups), got {self.num_warps!r}")
         if self.flatten and not self.persistent:
@@ -89,14 +92,6 @@ class ConvPlan:
     def tiles(self, n: int, h: int, w: int, co: int) -> int:
         """Output tiles of an ``(n, co, h, w)`` result."""
         return n * h * triton.cdiv(w, self.block_w) * triton.cdiv(co, self.block_n)
-
-
-@dataclass(frozen=True)
-class _PlanFields:
-    block_m: int
-    block_n: int
-    block_k: int
-    stages: int
 
 
 def plan_conv(width: int) -> ConvPlan:
@@ -110,9 +105,8 @@ def plan_conv(width: int) -> ConvPlan:
     return ConvPlan(block_w=64, block_n=128, num_warps=4, stages=4)
 
 
-def fused_conv_fits(x: Tensor, conv: nn.Conv2d) -> str | None:
-    """Why :func:`conv3x3_fused` cannot run ``conv`` on an input like ``x`` (its device, dtype and layout;
-    the channel counts are ``conv``'s), or None."""
+def _input_reason(x: Tensor, weight_dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot read ``x`` (with weights of ``weight_dtype``) on its device, or None."""
     if triton is None or TensorDescriptor is None:
         return "Triton with TensorDescriptor (>= 3.4) is not available"
     if x.is_cuda:
@@ -120,10 +114,50 @@ def fused_conv_fits(x: Tensor, conv: nn.Conv2d) -> str | None:
             return "the GPU is older than Hopper (compute capability 9.0: no TMA)"
     elif not _interpreting():
         return "x is not on a CUDA device (and the Triton interpreter is off)"
-    if x.dim() != 4 or _memory_format(x) != torch.channels_last:
+    if not _channels_last_map(x):
         return "x is not a 4-D channels_last map"
-    if x.dtype not in (torch.float16, torch.bfloat16) or conv.weight.dtype != x.dtype:
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight_dtype != x.dtype:
         return "x and the weight are not fp16 / bf16 of one dtype"
+    if not x.is_cuda and x.dtype == torch.bfloat16:
+        return INTERPRETER_BF16
+    return None
+
+
+INTERPRETER_BF16 = (
+    "the Triton interpreter multiplies bf16 tl.dot operands wrongly (as their bit patterns): run the "
+    "convolution kernels on fp16 there, or on a GPU"
+)
+
+
+def _channels_last_map(x: Tensor) -> bool:
+    """A 4-D map whose memory is channels_last (also when it is contiguous too: 1 x 1 maps, one channel)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_input(x: Tensor, what: str) -> None:
+    if not _channels_last_map(x):
+        raise ValueError(
+            f"{what}: x must be a 4-D channels_last map, got shape {tuple(x.shape)}, strides {x.stride()}"
+        )
+    if not x.is_cuda and x.dtype == torch.bfloat16:
+        raise ValueError(f"{what}: {INTERPRETER_BF16}")
+
+
+def upsample_conv_fits(x: Tensor, weight: Tensor) -> str | None:
+    """Why :func:`upsample_conv_fused` cannot run the 3x3 ``weight`` after a 2x upsampling of ``x``, or
+    None."""
+    reason = _input_reason(x, weight.dtype)
+    if reason is None and (weight.shape[1] % BLOCK_K or weight.shape[0] % 8):
+        return f"input channels not a multiple of {BLOCK_K} or output channels not a multiple of 8"
+    return reason
+
+
+def fused_conv_fits(x: Tensor, conv: nn.Conv2d) -> str | None:
+    """Why :func:`conv3x3_fused` cannot run ``conv`` on an input like ``x`` (its device, dtype and layout;
+    the channel counts are ``conv``'s), or None."""
+    reason = _input_reason(x, conv.weight.dtype)
+    if reason is not None:
+        return reason
     if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1):
         return "not a 3x3 convolution with stride 1 and padding 1"
     if conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
@@ -169,10 +203,7 @@ def conv3x3_fused(
     default :func:`plan_conv`; ``sms``: programs of a persistent plan at most (default the SM count)."""
     if TensorDescriptor is None or triton is None:
         raise RuntimeError("conv3x3_fused needs Triton with TensorDescriptor (>= 3.4)")
-    if x.dim() != 4 or _memory_format(x) != torch.channels_last:
-        raise ValueError(
-            f"x must be a 4-D channels_last map, got shape {tuple(x.shape)}, strides {x.stride()}"
-        )
+    _check_input(x, "conv3x3_fused")
     n, c, h, w = x.shape
     co = weight.shape[0]
     if (
@@ -186,9 +217,7 @@ def conv3x3_fused(
         )
     if c % BLOCK_K or co % 8:
         raise ValueError(f"C must be a multiple of {BLOCK_K} and CO of 8, got C={c}, CO={co}")
-    if residual is not None and (
-        residual.shape != (n, co, h, w) or _memory_format(residual) != torch.channels_last
-    ):
+    if residual is not None and (residual.shape != (n, co, h, w) or not _channels_last_map(residual)):
         raise ValueError(
             f"residual must be a channels_last ({n}, {co}, {h}, {w}) map, got {tuple(residual.shape)} "
             f"with strides {residual.stride()}"
@@ -263,6 +292,90 @@ def conv3x3_fused(
     return out, merge_partials(mean, m2, count, out, stats_groups, per_sample, recorder)
 
 
+def upsample_conv_fused(
+    x: Tensor,
+    phase_weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stats_groups: int | None = None,
+    plan: ConvPlan | None = None,
+    recorder: KernelRecorder | None = None,
+) -> tuple[Tensor, GroupNormStats | None]:
+    """Nearest 2x upsampling + 3x3 convolution + ``bias`` of a channels_last ``x`` ``(N, C, H, W)`` in the
+    sub-pixel form, as one kernel writing the channels_last ``(N, CO, 2H, 2W)`` output (with
+    ``stats_groups``: and its statistics, as :func:`conv3x3_fused`). ``phase_weight``: the four phases'
+    2x2 kernels as one ``(4 CO, C, 2, 2)`` convolution weight, phase ``2a + b`` major
+    (:func:`ldm_sdk.accel.subpixel.phase_kernels`; channels_last keeps its matrix a view). ``plan``:
+    default :func:`plan_conv` of ``W`` (one program per tile; ``persistent`` plans are refused)."""
+    if TensorDescriptor is None or triton is None:
+        raise RuntimeError("upsample_conv_fused needs Triton with TensorDescriptor (>= 3.4)")
+    _check_input(x, "upsample_conv_fused")
+    n, c, h, w = x.shape
+    co = phase_weight.shape[0] // 4
+    if phase_weight.shape != (4 * co, c, 2, 2) or phase_weight.dtype != x.dtype:
+        raise ValueError(
+            f"phase_weight must be (4 CO, {c}, 2, 2) of x's dtype {x.dtype}, got {tuple(phase_weight.shape)} "
+            f"{phase_weight.dtype}"
+        )
+    if x.dtype not in (torch.float16, torch.bfloat16) or c % BLOCK_K or co % 8:
+        raise ValueError(
+            f"x must be fp16 / bf16 with C a multiple of {BLOCK_K}, CO a multiple of 8; got {x.dtype}, "
+            f"C={c}, CO={co}"
+        )
+    if bias is not None and bias.shape != (co,):
+        raise ValueError(f"bias must have shape ({co},), got {tuple(bias.shape)}")
+    plan = plan or plan_conv(w)
+    if plan.persistent:
+        raise ValueError("upsample_conv_fused runs one program per tile: pass a plan with persistent=False")
+    if stats_groups is not None:
+        _stats_layout(co, stats_groups)
+    out = torch.empty(
+        (n, co, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
+    )
+    if out.numel() == 0:
+        return out, None
+    w2 = phase_weight.permute(0, 2, 3, 1).reshape(4 * co, 4 * c)
+    x_desc = TensorDescriptor.from_tensor(x.permute(0, 2, 3, 1), [1, 1, plan.block_w, BLOCK_K])
+    w_desc = TensorDescriptor.from_tensor(w2, [plan.block_n, BLOCK_K])
+    # the big map as (N H, 2, W, 2, CO): output pixel (2i + a, 2j + b) at [n H + i, a, j, b]
+    big = out.permute(0, 2, 3, 1).reshape(n * h, 2, w, 2, co)
+    y_desc = TensorDescriptor.from_tensor(big, [1, 1, plan.block_w, 1, plan.block_n])
+    per_sample = 4 * h * triton.cdiv(w, plan.block_w)
+    if stats_groups is not None:
+        partials = torch.empty((3, n * per_sample * co), device=x.device, dtype=torch.float32)
+        mean, m2, count = partials[0], partials[1], partials[2]
+    else:
+        mean = m2 = count = out  # dummy pointers
+    launch(
+        _subpixel_conv_kernel,
+        (n * per_sample * triton.cdiv(co, plan.block_n),),
+        recorder,
+        x_desc,
+        w_desc,
+        y_desc,
+        bias if bias is not None else out,
+        mean,
+        m2,
+        count,
+        n,
+        h,
+        w,
+        c,
+        co,
+        HAS_BIAS=bias is not None,
+        STATS=stats_groups is not None,
+        BF16=x.dtype == torch.bfloat16,
+        BLOCK_W=plan.block_w,
+        BLOCK_N=plan.block_n,
+        BLOCK_K=BLOCK_K,
+        STAGES=plan.stages,
+        num_warps=plan.num_warps,
+    )
+    if stats_groups is None:
+        return out, None
+    return out, merge_partials(mean, m2, count, out, stats_groups, per_sample, recorder)
+
+
 def merge_partials(
     mean: Tensor,
     m2: Tensor,
@@ -301,7 +414,11 @@ def merge_partials(
 
 
 if triton is not None:
-    from ldm_sdk.kernels.implicit_conv import _conv3x3_fused_kernel, _merge_partials_kernel
+    from ldm_sdk.kernels.implicit_conv import (
+        _conv3x3_fused_kernel,
+        _merge_partials_kernel,
+        _subpixel_conv_kernel,
+    )
 
 
 __all__ = [
@@ -313,4 +430,6 @@ __all__ = [
     "merge_partials",
     "plan_conv",
     "stats_fit",
+    "upsample_conv_fits",
+    "upsample_conv_fused",
 ]

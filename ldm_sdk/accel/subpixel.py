@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.conv_checks import plain_conv
+from ldm_sdk.accel.implicit_conv import stats_fit, upsample_conv_fits, upsample_conv_fused
 from ldm_sdk.accel.norm_handoff import NormHandoff, wants_stats
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
@@ -53,6 +54,14 @@ INTERLEAVE_TILE = 4096
 """Elements per program of the phase interleave."""
 PHASE_BLOCK = 256
 """Input channels per program of the phase-kernel kernel."""
+SUBPIXEL_MIN_WIDTH = 128
+"""Narrowest small map where the phases' convolution, interleave, bias and statistics run as one kernel of
+our own (:func:`~ldm_sdk.accel.implicit_conv.upsample_conv_fused`) rather than cuDNN + the interleave with
+the statistics. H100, fp16, graph replay, with the phase kernels (``bench/bench_implicit_conv.py``,
+``bench/results/bench_implicit_conv_upsample_h100.json``): 128 -> 256 px x 512 263.2 against 275.9 us,
+256 -> 512 px x 256 312.9 against 340.0; 64 -> 128 px lost (109.6 against 95.9). The whole decode, nine
+rounds alternating (``bench_implicit_conv_decode_ab_h100.json``): 5.065 ms with it and the residual
+blocks' ``conv2`` as our own, 5.112 with the latter alone, 5.192 with neither (medians)."""
 
 
 def _combine(w: Tensor, dim: int) -> Tensor:
@@ -78,6 +87,7 @@ def upsample_conv(
     backend: Backend = "auto",
     recorder: KernelRecorder | None = None,
     handoff: NormHandoff | None = None,
+    implicit: bool = True,
 ) -> Tensor:
     """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for a 3x3
     ``weight``, computed in the sub-pixel form (see the module doc); the output has ``x``'s memory format.
@@ -85,7 +95,9 @@ def upsample_conv(
     how its output is interleaved into the big map: the Triton kernel (channels_last CUDA maps, ``"auto"``)
     or four strided copies (anything else, ``"reference"``). With ``handoff`` (a GroupNorm reads the output
     next) the Triton interleave runs as that norm's statistics kernel and offers it the statistics
-    (:mod:`ldm_sdk.accel.norm_handoff`)."""
+    (:mod:`ldm_sdk.accel.norm_handoff`). With ``implicit`` (on Hopper, small maps at least
+    :data:`SUBPIXEL_MIN_WIDTH` wide) the convolution, the interleave, the bias and the statistics are one
+    kernel of our own instead (:func:`~ldm_sdk.accel.implicit_conv.upsample_conv_fused`)."""
     n, _, h, w = x.shape
     c_out = weight.shape[0]
     fits = _channels_last(x) and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
@@ -97,6 +109,16 @@ def upsample_conv(
         )
     if fits and _use_triton(backend, "subpixel", x, weight, bias):
         kernels = _phase_kernels_triton(weight, recorder)
+        if implicit and w >= SUBPIXEL_MIN_WIDTH and upsample_conv_fits(x, weight) is None:
+            groups = None
+            if wants_stats(handoff, (n, c_out, 2 * h, 2 * w)) and stats_fit(
+                c_out, cast(NormHandoff, handoff).groups
+            ):
+                groups = cast(NormHandoff, handoff).groups
+            out, stats = upsample_conv_fused(x, kernels, bias, stats_groups=groups, recorder=recorder)
+            if stats is not None:
+                cast(NormHandoff, handoff).offer(out, stats)
+            return out
         full = F.conv2d(x, kernels, None, padding=1)  # the bias is added by the interleave
         full = full.contiguous(memory_format=torch.channels_last)
         if wants_stats(handoff, (n, c_out, 2 * h, 2 * w)):
@@ -211,6 +233,7 @@ class FusedFirstStageUpsample(autoencoder.Upsample):
     kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
     norm_handoff: NormHandoff | None = None  # shared with the decoder's norms (block_fusion.link_decoder)
     feeds_norm: bool = False  # the output goes straight into a norm: offer its statistics
+    implicit_conv: bool = True  # upsample_conv's implicit= (our own convolution where it fits and pays)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or x.dim() != 4:
@@ -222,6 +245,7 @@ class FusedFirstStageUpsample(autoencoder.Upsample):
             backend=self.fusion_backend,
             recorder=self.kernel_recorder,
             handoff=self.norm_handoff if self.feeds_norm else None,
+            implicit=self.implicit_conv,
         )
 
 

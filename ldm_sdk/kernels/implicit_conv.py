@@ -80,15 +80,86 @@ def _conv3x3_fused_kernel(
         rounded = acc.to(tl.bfloat16 if BF16 else tl.float16)
         y_desc.store([n, y0, x0, co0], rounded.reshape(1, 1, BLOCK_W, BLOCK_N))
         if STATS:
-            row_ok = (x0 + tl.arange(0, BLOCK_W)) < W
-            vals = tl.where(row_ok[:, None], rounded.to(tl.float32), 0.0)
-            rows = tl.minimum(W - x0, BLOCK_W).to(tl.float32)
-            col_mean = tl.sum(vals, axis=0) / rows
-            d = tl.where(row_ok[:, None], vals - col_mean[None, :], 0.0)
-            at = (n * per_sample + t) * CO + cols
-            tl.store(mean_ptr + at, col_mean, mask=col_ok)
-            tl.store(m2_ptr + at, tl.sum(d * d, axis=0), mask=col_ok)
-            tl.store(count_ptr + at, tl.zeros([BLOCK_N], dtype=tl.float32) + rows, mask=col_ok)
+            _column_partials(
+                rounded, x0, W, (n * per_sample + t) * CO + cols, col_ok, mean_ptr, m2_ptr, count_ptr, BLOCK_W
+            )
+
+
+@triton.jit
+def _column_partials(rounded, x0, W, at, col_ok, mean_ptr, m2_ptr, count_ptr, BLOCK_W: tl.constexpr):
+    """Per column of a tile of rounded outputs (pixels ``x0 + [0, BLOCK_W)`` of a row ``W`` wide; those
+    past its end left out): count, mean and sum of squared deviations from that mean, stored at ``at``."""
+    row_ok = (x0 + tl.arange(0, BLOCK_W)) < W
+    vals = tl.where(row_ok[:, None], rounded.to(tl.float32), 0.0)
+    rows = tl.minimum(W - x0, BLOCK_W).to(tl.float32)
+    col_mean = tl.sum(vals, axis=0) / rows
+    d = tl.where(row_ok[:, None], vals - col_mean[None, :], 0.0)
+    tl.store(mean_ptr + at, col_mean, mask=col_ok)
+    tl.store(m2_ptr + at, tl.sum(d * d, axis=0), mask=col_ok)
+    tl.store(count_ptr + at, tl.zeros_like(col_mean) + rows, mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W"])
+def _subpixel_conv_kernel(
+    x_desc,
+    w_desc,
+    y_desc,
+    bias_ptr,
+    mean_ptr,
+    m2_ptr,
+    count_ptr,
+    N,
+    H,
+    W,
+    C,
+    CO,
+    HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Nearest 2x upsampling + 3x3 convolution in the sub-pixel form (:mod:`ldm_sdk.accel.subpixel`), written
+    straight into the big channels_last map. Program ``p``: phase ``(a, b)``, ``BLOCK_N`` output channels,
+    pixels ``j0 + [0, BLOCK_W)`` of input row ``i`` of sample ``n`` (phases and column tiles fastest, so
+    programs running together share their input tiles in L2). Output pixel ``(2i + a, 2j + b)`` is
+    ``sum over (u, v) in 2 x 2, c: x[n, i + a + u - 1, j + b + v - 1, c] w[(2a + b) CO + co, (2u + v) C + c]``
+    for the phase-major ``(4 CO, 4 C)`` tap-major kernel matrix: one loop of ``4 C / BLOCK_K`` steps, each
+    input tile one 4-D TMA copy of the small map shifted by the tap (zeros outside: the padding). Epilogue:
+    ``+ bias[co]`` in float32, one rounding, one TMA store through the ``(N H, 2, W, 2, CO)`` view of the
+    big map (the phase's pixels of output row ``2i + a`` at stride 2); with ``STATS`` per-column partials
+    as :func:`_conv3x3_fused_kernel`'s, tile index ``t = 4 (i ceil(W / BLOCK_W) + tx) + 2a + b``."""
+    tiles_n = tl.cdiv(CO, BLOCK_N)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    pid = tl.program_id(0)
+    col = pid % tiles_n
+    phase = (pid // tiles_n) % 4
+    row_tile = pid // (4 * tiles_n)
+    t = row_tile % (H * tiles_w)
+    n = row_tile // (H * tiles_w)
+    i = t // tiles_w
+    j0 = (t % tiles_w) * BLOCK_W
+    pa = phase // 2
+    pb = phase % 2
+    co0 = col * BLOCK_N
+    c_steps = C // BLOCK_K
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    for kk in tl.range(0, 4 * c_steps, num_stages=STAGES):
+        tap = kk // c_steps
+        c0 = (kk - tap * c_steps) * BLOCK_K
+        a = x_desc.load([n, i + pa + tap // 2 - 1, j0 + pb + tap % 2 - 1, c0]).reshape(BLOCK_W, BLOCK_K)
+        acc = tl.dot(a, w_desc.load([phase * CO + co0, tap * C + c0]).T, acc)
+    cols = co0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < CO
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    rounded = acc.to(tl.bfloat16 if BF16 else tl.float16)
+    y_desc.store([n * H + i, pa, j0, pb, co0], rounded.reshape(1, 1, BLOCK_W, 1, BLOCK_N))
+    if STATS:
+        at = (n * (4 * H * tiles_w) + 4 * t + phase) * CO + cols
+        _column_partials(rounded, j0, W, at, col_ok, mean_ptr, m2_ptr, count_ptr, BLOCK_W)
 
 
 @triton.jit(do_not_specialize=["T", "CO", "SLOTS"])

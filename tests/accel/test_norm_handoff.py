@@ -265,9 +265,11 @@ def test_kl_f8_decoder_same_bits_with_the_handoff(monkeypatch: pytest.MonkeyPatc
     """The statistics kernel's handoff (cuDNN convolutions): the same bits as each norm's own pass."""
     from ldm_sdk.accel.block_fusion import FusedResnetBlock
     from ldm_sdk.accel.prepare import prepare_cuda_inference
+    from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
     from ldm_sdk.benchmarks import common as C
 
     monkeypatch.setattr(FusedResnetBlock, "implicit_conv", False)
+    monkeypatch.setattr(FusedFirstStageUpsample, "implicit_conv", False)
     eng, _ = C.build_ours(C.ARCHS["sd15"], torch.device("cuda"), torch.float16, 0)
     vae = eng.vae.to(memory_format=torch.channels_last)
     prepare_cuda_inference(vae)
@@ -286,10 +288,10 @@ def test_kl_f8_decoder_same_bits_with_the_handoff(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.gpu
 def test_kl_f8_decoder_handoff_from_the_implicit_convolution() -> None:
-    """With the decoder's wide ``conv2`` s as our own convolution (statistics merged per column in its
-    epilogue, not the norm's own pass): every handoff is still taken, and the decode equals the one
-    without handoffs to float32 rounding of the statistics (a few fp16 ulps at most) and the float32 decode
-    to half precision."""
+    """With the decoder's wide ``conv2`` s and its upsamplings as our own convolutions (statistics merged
+    per column in their epilogues, not the norm's own pass): every handoff is still taken, and the decode
+    equals the one without handoffs to float32 rounding of the statistics (a few fp16 ulps at most) and
+    the float32 decode to half precision."""
     import copy
 
     from ldm_sdk.accel import block_fusion

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -120,10 +121,24 @@ def test_triton_backend_refuses_other_layouts() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_path_on_cuda_at_the_decoder_shapes(dtype: torch.dtype) -> None:
+def test_triton_path_on_cuda_at_the_decoder_shapes(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """kl-f8 decoder upsamplings at 512 px: the Triton phase kernels bit for bit against the torch form, the
-    whole path bit for bit against the same bias-free convolution plus the bias rounded once, and within a
-    few half-precision ulps of float64 upsample + conv; replayed under a CUDA graph."""
+    cuDNN + interleave path bit for bit against the same bias-free convolution plus the bias rounded once,
+    it and our own convolution (``implicit``, on Hopper from 128 px small maps) within a few
+    half-precision ulps of float64 upsample + conv; replayed under a CUDA graph."""
+    from ldm_sdk.accel import subpixel
+    from ldm_sdk.accel.implicit_conv import upsample_conv_fits
+
+    fused_calls: list[int] = []
+    real = subpixel.upsample_conv_fused
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fused_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subpixel, "upsample_conv_fused", counted)
     from ldm_sdk.accel.subpixel import _phase_kernels_triton
 
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -138,12 +153,17 @@ def test_triton_path_on_cuda_at_the_decoder_shapes(dtype: torch.dtype) -> None:
             b = (0.2 * torch.randn(c, generator=g, device="cuda")).to(dtype)
             k = _phase_kernels_triton(w, None)
             assert torch.equal(k, phase_kernels(w).to(dtype).reshape(4 * c, c, 2, 2))
-            out = upsample_conv(x, w, b, backend="triton")
+            out = upsample_conv(x, w, b, backend="triton", implicit=False)
             same_conv = upsample_conv(x, w, None, backend="reference")
             assert torch.equal(out, (same_conv.float() + b.float().view(1, -1, 1, 1)).to(dtype))
             truth = plain(x.double(), w.double(), b.double())
-            err = ((out.double() - truth).abs().max() / truth.abs().max()).item()
-            assert err < 8 * torch.finfo(dtype).eps, (c, hw, err)
+            calls = len(fused_calls)
+            ours = upsample_conv(x, w, b, backend="triton")
+            takes_ours = hw >= subpixel.SUBPIXEL_MIN_WIDTH and upsample_conv_fits(x, w) is None
+            assert len(fused_calls) == calls + takes_ours, (c, hw)
+            for result in (out, ours):
+                err = ((result.double() - truth).abs().max() / truth.abs().max()).item()
+                assert err < 8 * torch.finfo(dtype).eps, (c, hw, err)
             static_x = x.clone()
             graph = torch.cuda.CUDAGraph()
             upsample_conv(static_x, w, b)  # warm-up outside the capture
