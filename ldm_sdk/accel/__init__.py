@@ -16,7 +16,9 @@
   :mod:`ldm_sdk.accel.time_embedding`; the GEGLU dual GEMM, :mod:`ldm_sdk.accel.geglu_gemm`, on Hopper
   as a persistent TMA kernel, :mod:`ldm_sdk.accel.geglu_tma`; upsampling
   kernels, :mod:`ldm_sdk.accel.nearest_upsample` and :mod:`ldm_sdk.accel.subpixel`; thin-output convolutions,
-  :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`; the
+  :mod:`ldm_sdk.accel.thin_conv`; tiny-map convolutions as im2col + GEMM, :mod:`ldm_sdk.accel.small_conv`;
+  on Hopper the decoder's wide convolutions and upsamplings as our own implicit GEMMs ending in the bias,
+  residual and next norm's statistics, :mod:`ldm_sdk.accel.implicit_conv`; the
   first stage's attention block, :mod:`ldm_sdk.accel.vae_attention`, with its softmax,
   :mod:`ldm_sdk.accel.row_softmax`; norm statistics produced by the kernel that writes the map before the
   norm, :mod:`ldm_sdk.accel.norm_handoff`; attention over short key sequences as one Triton tile,

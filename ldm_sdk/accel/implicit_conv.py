@@ -54,13 +54,15 @@ BLOCK_K = 64
 """Input channels per K step (the loop runs ``9 C / BLOCK_K`` steps): ``C`` must be a multiple."""
 EPILOGUE_MIN_WIDTH = 256
 """Narrowest map where the decoder's ``conv2`` with its epilogue (bias, skip, the next norm's statistics)
-measured faster than cuDNN + the bias / residual / statistics pass (H100, fp16, graph replay,
-``bench/bench_implicit_conv.py``, ``bench/results/bench_implicit_conv_h100.json``): 512 x 512 x 128
-180.7 against 194.3 us, from the 256 -> 128 block's 185.2 against 202.8; 256 x 256 x 256 146.6 against
-145.5 / 153.1 against 158.6 (plain / after the 512 -> 256 block). At 128 x 128 x 512 it lost (125.3
-against 121.5), at 64 x 64 too (40.3 against 35.3). Taking the norm's statistics in ``conv1``'s
-epilogue as well lost or tied at every size (the statistics pass it saves is cheaper than what the
-kernel gives up against cuDNN), so ``conv1`` stays with cuDNN."""
+measured faster than cuDNN + the bias / residual / statistics pass (H100, fp16, graph replay, the
+default plans, ``bench/bench_implicit_conv.py``, ``bench/results/bench_implicit_conv_h100.json``): 512 x
+512 x 128 186.1 against 195.1 us, after the 256 -> 128 block's first convolution 188.7 against 212.1;
+256 x 256 x 256 147.8 against 149.4, after 512 -> 256 150.8 against 161.8. At 128 x 128 x 512 the
+default plan lost (164.9 against 132.6; the best plan swept, 122.6, won in that run and lost in the
+one before, ``bench_implicit_conv_run1_h100.json``: 125.3 against 121.5), at 64 x 64 x 512 every plan
+lost (41.0 against 35.2). Taking the norm's statistics in ``conv1``'s epilogue as well lost at every
+size (166.7 against 161.6 us at 512 px, 129.7 against 119.7 at 256 px: the statistics pass it saves is
+cheaper than what the kernel gives up against cuDNN), so ``conv1`` stays with cuDNN."""
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,23 @@ from ldm_sdk.benchmarks.common import true_float32
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("cin", "cout", "size"), [(128, 128, 512), (256, 128, 512), (256, 256, 256)])
-def test_decoder_shapes_match_float32(cin: int, cout: int, size: int) -> None:
+def test_decoder_shapes_match_float32(cin: int, cout: int, size: int, dtype: torch.dtype) -> None:
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs a Hopper GPU (TMA)")
     g = torch.Generator("cuda").manual_seed(cin + size)
     cl = torch.channels_last
-    x = torch.randn(1, cin, size, size, generator=g, device="cuda").half().to(memory_format=cl)
+    x = torch.randn(1, cin, size, size, generator=g, device="cuda").to(dtype).to(memory_format=cl)
     w = (
         (torch.randn(cout, cin, 3, 3, generator=g, device="cuda") / (3 * cin**0.5))
-        .half()
+        .to(dtype)
         .to(memory_format=cl)
     )
-    bias, rbias = (torch.randn(cout, generator=g, device="cuda").half() for _ in range(2))
-    skip = torch.randn(1, cout, size, size, generator=g, device="cuda").half().to(memory_format=cl)
+    bias, rbias = (torch.randn(cout, generator=g, device="cuda").to(dtype) for _ in range(2))
+    skip = torch.randn(1, cout, size, size, generator=g, device="cuda").to(dtype).to(memory_format=cl)
     out, stats = conv3x3_fused(x, w, bias, residual=skip, residual_bias=rbias, stats_groups=32)
-    assert out.is_contiguous(memory_format=cl) and out.dtype == torch.float16
+    assert out.is_contiguous(memory_format=cl) and out.dtype == dtype
     with true_float32():
         ref = F.conv2d(x.float(), w.float(), bias.float(), padding=1)
     ref = ref + skip.float() + rbias.float()[:, None, None]
