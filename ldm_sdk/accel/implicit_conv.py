@@ -248,11 +248,7 @@ def conv3x3_fused(
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         programs = max(1, min(sms, tiles))
     per_sample = h * triton.cdiv(w, plan.block_w)
-    if stats_groups is not None:
-        partials = torch.empty((3, n * per_sample * co), device=x.device, dtype=torch.float32)
-        mean, m2, count = partials[0], partials[1], partials[2]
-    else:
-        mean = m2 = count = out  # dummy pointers
+    mean, m2, count = _partials(out, n * per_sample, stats_groups)
     r_desc = y_desc
     if residual is not None:
         r_desc = TensorDescriptor.from_tensor(
@@ -289,9 +285,7 @@ def conv3x3_fused(
         STAGES=plan.stages,
         num_warps=plan.num_warps,
     )
-    if stats_groups is None:
-        return out, None
-    return out, merge_partials(mean, m2, count, out, stats_groups, per_sample, recorder)
+    return out, _merged(out, (mean, m2, count), stats_groups, per_sample, recorder)
 
 
 def upsample_conv_fused(
@@ -343,11 +337,7 @@ def upsample_conv_fused(
     big = out.permute(0, 2, 3, 1).reshape(n * h, 2, w, 2, co)
     y_desc = TensorDescriptor.from_tensor(big, [1, 1, plan.block_w, 1, plan.block_n])
     per_sample = 4 * h * triton.cdiv(w, plan.block_w)
-    if stats_groups is not None:
-        partials = torch.empty((3, n * per_sample * co), device=x.device, dtype=torch.float32)
-        mean, m2, count = partials[0], partials[1], partials[2]
-    else:
-        mean = m2 = count = out  # dummy pointers
+    mean, m2, count = _partials(out, n * per_sample, stats_groups)
     launch(
         _subpixel_conv_kernel,
         (n * per_sample * triton.cdiv(co, plan.block_n),),
@@ -373,9 +363,29 @@ def upsample_conv_fused(
         STAGES=plan.stages,
         num_warps=plan.num_warps,
     )
+    return out, _merged(out, (mean, m2, count), stats_groups, per_sample, recorder)
+
+
+def _partials(out: Tensor, tiles: int, stats_groups: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' per-column statistics buffers (mean, M2, count) for ``tiles`` output tiles per column of
+    ``out``, or ``out`` three times (dummy pointers) without statistics."""
     if stats_groups is None:
-        return out, None
-    return out, merge_partials(mean, m2, count, out, stats_groups, per_sample, recorder)
+        return out, out, out
+    partials = torch.empty((3, tiles * out.shape[1]), device=out.device, dtype=torch.float32)
+    return partials[0], partials[1], partials[2]
+
+
+def _merged(
+    out: Tensor,
+    partials: tuple[Tensor, Tensor, Tensor],
+    stats_groups: int | None,
+    per_sample: int,
+    recorder: KernelRecorder | None,
+) -> GroupNormStats | None:
+    """:func:`merge_partials` of the kernels' buffers, or None without statistics."""
+    if stats_groups is None:
+        return None
+    return merge_partials(*partials, out, stats_groups, per_sample, recorder)
 
 
 def merge_partials(
