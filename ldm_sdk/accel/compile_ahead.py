@@ -15,8 +15,12 @@ Triton for each new variant's specialization and hands them to
 (``os.nice``), so whatever the caller compiles or runs itself keeps the cores first. It returns at once
 with a :class:`PendingCompile`; a daemon thread starts the workers, collects the results and ends them.
 The binaries land in Triton's on-disk cache, so the later pre-compilation of the same call (which should
-:meth:`~PendingCompile.wait` first) only loads them. :meth:`ldm_sdk.accel.graphs.CapturedModel.compile_ahead`
-does this for a call shape it will capture; the task runner starts the decoder's before sampling.
+:meth:`~PendingCompile.wait` first) only loads them; each variant a worker compiled is also marked in that
+cache (:func:`~ldm_sdk.kernels.compile_workers.compiled_mark`), so a later process with the same cache
+starts no workers for it (with a warm cache, none at all: starting them and loading Triton there took
+longer than the sampler, and the first decode waited for them).
+:meth:`ldm_sdk.accel.graphs.CapturedModel.compile_ahead` does this for a call shape it will capture; the
+task runner starts the decoder's before sampling.
 
 Limits: only where :func:`~ldm_sdk.accel.precompile.default_processes` finds CUDA, real Triton kernels and
 a Python interpreter to start workers with; otherwise nothing is started (None) and the later
@@ -57,11 +61,12 @@ AHEAD_WAIT_S = 300.0
 @dataclass(frozen=True)
 class AheadReport:
     """What a background compilation did: launches recorded, variants sent to workers (those not compiled
-    in this process already), compiled there, failed there (the later pre-compilation compiles those
-    itself), worker processes; seconds of the recording call (on the caller's thread), of taking the
-    specializations and of starting the workers (on the background thread) and from the start to the last
-    result; and of computing Triton's installation key there (``triton_install_key``, which primes this
-    process's compile threads too)."""
+    in this process already nor marked as compiled into Triton's cache by earlier workers: ``cached``),
+    compiled there, failed there (the later pre-compilation compiles those itself), worker processes;
+    seconds of the recording call (on the caller's thread), of taking the specializations and of starting
+    the workers (on the background thread) and from the start to the last result; and of computing
+    Triton's installation key there (``triton_install_key``, which primes this process's compile threads
+    too)."""
 
     launches: int
     sent: int
@@ -73,12 +78,14 @@ class AheadReport:
     spec_s: float = 0.0
     start_s: float = 0.0
     key_s: float = 0.0
+    cached: int = 0
 
     def __str__(self) -> str:
         return (
             f"compiled {self.compiled} of {self.sent} kernel variants ahead in {self.processes} worker "
-            f"processes in {self.wall_s:.2f} s ({self.failed} failed; recording call {self.record_s:.2f} s, "
-            f"specializations {self.spec_s:.2f} s, starting the workers {self.start_s:.2f} s)"
+            f"processes in {self.wall_s:.2f} s ({self.failed} failed, {self.cached} compiled into the cache "
+            f"by earlier workers; recording call {self.record_s:.2f} s, specializations {self.spec_s:.2f} s, "
+            f"starting the workers {self.start_s:.2f} s)"
         )
 
 
@@ -103,7 +110,7 @@ class PendingCompile:
         self._make_jobs, self._make_workers, self._wanted = make_jobs, make_workers, processes
         self._launches, self._record_s = launches, record_s
         self._started = time.perf_counter() if started is None else started
-        self._sent = self._compiled = self._failed = self._processes = 0
+        self._sent = self._compiled = self._failed = self._processes = self._cached = 0
         self._wall_s = self._spec_s = self._start_s = self._key_s = 0.0
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, name="ldm-sdk-compile-ahead", daemon=True)
@@ -118,7 +125,7 @@ class PendingCompile:
             self._wall_s = time.perf_counter() - self._started
 
     def _compile(self) -> None:
-        from ldm_sdk.kernels.compile_workers import triton_install_key
+        from ldm_sdk.kernels.compile_workers import compiled_mark, leave_mark, triton_install_key
 
         start = time.perf_counter()
         # first: the caller's own compile threads need this key soon (about 1 s to compute the first time),
@@ -128,6 +135,10 @@ class PendingCompile:
         start = time.perf_counter()
         jobs = list(dict.fromkeys(self._make_jobs()))
         self._make_jobs = lambda: ()  # drop what it holds
+        # what earlier workers compiled into this cache is only loaded later: no workers started for it
+        marks = {job: compiled_mark(job, key[1]) for job in jobs}
+        jobs = [job for job in jobs if (mark := marks[job]) is None or not mark.exists()]
+        self._cached = len(marks) - len(jobs)
         self._sent = len(jobs)
         self._spec_s = time.perf_counter() - start
         if not jobs:
@@ -147,6 +158,7 @@ class PendingCompile:
             for result in workers.results():
                 if result.ok:
                     self._compiled += 1
+                    leave_mark(marks.get(result.job))
                 else:
                     self._failed += 1
                     self.errors.append(result.error)
@@ -173,6 +185,7 @@ class PendingCompile:
             self._spec_s,
             self._start_s,
             self._key_s,
+            self._cached,
         )
 
 
@@ -189,7 +202,8 @@ def compile_ahead(
     returns once the call is recorded (the specializations are taken on the background thread, from
     stand-ins that keep no tensor memory). None when nothing was started: no fused modules, no workers to
     be had, no launch a worker could take. Variants this process has compiled already are not sent (the
-    report's ``sent`` may be 0). See the module doc."""
+    report's ``sent`` may be 0), nor those earlier workers marked as compiled into this Triton cache (its
+    ``cached``: with a warm cache no worker starts). See the module doc."""
     if processes is not None and processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
     wanted = default_processes() if processes is None else processes

@@ -28,6 +28,7 @@ comes back as a failure with the worker's error; the caller compiles that varian
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -242,6 +243,47 @@ def adopt_triton_key(environ: dict[str, str] | None = None) -> bool:
         return False
     cache.triton_key = lambda: key  # this process only: the worker's own cache lookups
     return True
+
+
+#: the folder, inside Triton's on-disk cache, of the marks left for variants workers compiled into it
+MARKS_FOLDER = "ldm_sdk_compiled"
+
+
+def compiled_mark(job: KernelJob, triton_key: str) -> Path | None:
+    """The file whose existence says a worker compiled ``job`` into this process's Triton cache (so a later
+    process need not start workers to find it there): inside that cache, so clearing the cache clears the
+    marks, named by a hash of Triton's installation key (:func:`triton_install_key`), the kernel's source
+    key (``JITFunction.cache_key``: its source and what it calls) and the job. None where the cache folder or
+    the kernel cannot be found."""
+    try:
+        source_key = str(getattr(importlib.import_module(job.module), job.name).cache_key)
+        folder = _cache_folder()
+    except Exception:  # an unimportable kernel, a Triton without these: no mark, the job is sent
+        return None
+    if folder is None:
+        return None
+    digest = hashlib.sha256("\n".join((triton_key, source_key, job.to_json())).encode()).hexdigest()
+    return folder / MARKS_FOLDER / digest
+
+
+def leave_mark(mark: Path | None) -> None:
+    """Create ``mark`` (:func:`compiled_mark`); a cache folder that cannot be written leaves none."""
+    if mark is None:
+        return
+    with contextlib.suppress(OSError):
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+
+
+def _cache_folder() -> Path | None:
+    """Triton's on-disk cache folder as this process sees it (``TRITON_CACHE_DIR`` or Triton's default)."""
+    try:
+        from triton import knobs
+
+        folder = knobs.cache.dir
+    except (ImportError, AttributeError):  # Triton before its knobs
+        folder = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
+    return Path(folder) if folder else None
 
 
 # -- the worker side -----------------------------------------------------------------------------------------

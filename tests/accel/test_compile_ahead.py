@@ -78,6 +78,7 @@ from ldm_sdk.accel.graphs import CapturedModel, CaptureError
 from ldm_sdk.accel.triton_kernels import KernelRecorder, launch
 from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.kernels.compile_workers import (
+    MARKS_FOLDER,
     CompileWorkers,
     KernelJob,
     Target,
@@ -291,28 +292,46 @@ def test_compiles_the_recorded_variants_in_workers(
     cubins = list(triton_cache.rglob("_softmax_rows_kernel.cubin"))
     assert len(cubins) == 2, cubins
 
-    # the disk cache does not make a variant "compiled in this process": both are sent again, on at most
-    # one process per variant
-    again = compile_ahead([fused], three_launches(fused, x), processes=8)
-    second = wait_report(again)
-    assert (second.launches, second.sent, second.compiled, second.failed) == (3, 2, 2, 0)
-    assert second.processes == 2 and started[-1][0] == 2
+    # what the workers compiled into this cache is marked there: a later call (in another process, say)
+    # starts no workers for it -- the capture only loads it
+    marks = sorted((triton_cache / MARKS_FOLDER).iterdir())
+    assert len(marks) == 2, marks
+    second = wait_report(compile_ahead([fused], three_launches(fused, x), processes=8))
+    assert (second.launches, second.sent, second.cached, second.compiled, second.failed) == (3, 0, 2, 0, 0)
+    assert second.processes == 0 and len(started) == 1
+    assert "2 compiled into the cache by earlier workers" in str(second)
 
-    # this process loads one variant (a cache hit: the front end refuses to compile) -> only the other goes
+    # the marks gone (the disk cache alone does not make a variant "compiled in this process"): both are
+    # sent again, on at most one process per variant, and marked again
+    for mark in marks:
+        mark.unlink()
+    third = wait_report(compile_ahead([fused], three_launches(fused, x), processes=8))
+    assert (third.launches, third.sent, third.cached, third.compiled, third.failed) == (3, 2, 0, 2, 0)
+    assert third.processes == 2 and started[-1][0] == 2
+    assert sorted((triton_cache / MARKS_FOLDER).iterdir()) == marks
+
+    # this process loads one variant (a cache hit: the front end refuses to compile) -> only the other is
+    # left, and it is marked
     compiled = in_process_warmup(x, 64)
     assert compiled.metadata.name == "_softmax_rows_kernel"
-    third = wait_report(compile_ahead([fused], three_launches(fused, x), processes=2))
-    assert (third.launches, third.sent, third.compiled, third.failed) == (3, 1, 1, 0)
-    assert third.processes == 1 and started[-1][0] == 1
+    fourth = wait_report(compile_ahead([fused], three_launches(fused, x), processes=2))
+    assert (fourth.launches, fourth.sent, fourth.cached, fourth.compiled) == (3, 0, 1, 0)
+    assert fourth.processes == 0 and len(started) == 2
 
     # both variants here: nothing to send, no worker started (the call was still recorded; what is left to
     # send is only known on the background thread)
     in_process_warmup(x, 128)
     calls = fused.calls
     nothing = wait_report(compile_ahead([fused], three_launches(fused, x), processes=2))
-    assert (nothing.sent, nothing.compiled, nothing.failed, nothing.processes) == (0, 0, 0, 0)
+    assert (nothing.sent, nothing.cached, nothing.compiled, nothing.failed, nothing.processes) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     assert fused.calls == calls + 3
-    assert len(started) == 3
+    assert len(started) == 2
     assert len(list(triton_cache.rglob("_softmax_rows_kernel.cubin"))) == 2
 
 

@@ -41,6 +41,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -55,13 +56,16 @@ from triton.compiler.compiler import ASTSource
 from triton.runtime.driver import driver
 
 from ldm_sdk.kernels.compile_workers import (
+    MARKS_FOLDER,
     CompileOnlyDriver,
     CompileWorkers,
     JobResult,
     KernelJob,
     Target,
     compile_only_driver,
+    compiled_mark,
     jit_function,
+    leave_mark,
     python_executable,
     specialization_of,
 )
@@ -343,6 +347,45 @@ def test_kernel_job_json_round_trip() -> None:
     assert back == job
     assert back.target == Target("cuda", 89, 32, 3)
     assert hash(back) == hash(job)  # jobs key the parent's de-duplication
+
+
+def test_compiled_marks_name_the_installation_the_source_and_the_job(triton_cache: Path) -> None:
+    job = KernelJob(*KERNEL_NAME, '{"a": 1}', TARGET)
+    mark = compiled_mark(job, "key-1")
+    assert mark is not None and mark.parent == triton_cache / MARKS_FOLDER
+    assert len(mark.name) == 64 and int(mark.name, 16) >= 0  # a sha256
+    assert compiled_mark(KernelJob.from_json(job.to_json()), "key-1") == mark  # the same job, again
+    assert compiled_mark(job, "key-2") != mark  # another Triton installation
+    assert compiled_mark(KernelJob(*KERNEL_NAME, '{"a": 2}', TARGET), "key-1") != mark  # another variant
+    assert compiled_mark(KernelJob(*KERNEL_NAME, '{"a": 1}', Target("cuda", 89, 32, 0)), "key-1") != mark
+    with pytest.MonkeyPatch.context() as mp:  # the kernel's source changed (an upgrade): another mark
+        mp.setattr(sys.modules[KERNEL_NAME[0]], KERNEL_NAME[1], SimpleNamespace(cache_key="changed"))
+        assert compiled_mark(job, "key-1") not in (mark, None)
+    assert compiled_mark(job, "key-1") == mark
+    # a kernel the parent cannot import gets no mark (its job is always sent)
+    assert (
+        compiled_mark(KernelJob("ldm_sdk.kernels.row_softmax", "_no_such_kernel", "{}", TARGET), "k") is None
+    )
+    assert not mark.exists()
+    leave_mark(mark)
+    assert mark.is_file()
+    leave_mark(mark)  # again: no error
+    leave_mark(None)
+
+
+def test_compiled_marks_follow_the_cache_and_an_unwritable_cache_leaves_none(
+    triton_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = KernelJob(*KERNEL_NAME, "{}", TARGET)
+    mark = compiled_mark(job, "key")
+    other = tmp_path / "other-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(other))
+    moved = compiled_mark(job, "key")
+    assert moved is not None and mark is not None
+    assert moved.parent == other / MARKS_FOLDER and moved.name == mark.name
+    other.write_text("a file where the cache folder should be")
+    leave_mark(moved)  # cannot be written: no mark, no error
+    assert not moved.exists()
 
 
 def test_target_and_compile_only_driver() -> None:
