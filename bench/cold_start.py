@@ -25,8 +25,9 @@ runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, captu
 ``first_image`` is the sum from ``prepare`` to ``first_decode`` (two steps more than one image).
 ``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
 ``precompiled_*`` the variants the recording passes found, ``precompile_s_*`` the seconds their parallel
-compilation took. ``--no-dual-gemm`` adds a cold run with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``)
-switched off.
+compilation took. ``--no-implicit-conv`` adds cold runs with the decoder's convolutions all cuDNN
+(``ldm_sdk.accel.implicit_conv`` off), before and after the others. ``--no-dual-gemm`` adds a cold run
+with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``) switched off.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def child(variant: str) -> dict[str, Any]:
             from ldm_sdk.accel.fusion import FusedGEGLU
 
             FusedGEGLU.one_gemm = False
+        if variant == "fused_no_implicit":  # the decoder's convolutions all cuDNN (before session 10)
+            from ldm_sdk.accel.block_fusion import FusedResnetBlock
+            from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
+
+            FusedResnetBlock.implicit_conv = FusedFirstStageUpsample.implicit_conv = False
         from ldm_sdk.accel.prepare import prepare_cuda_inference
 
         phase("prepare", lambda: [prepare_cuda_inference(m) for m in (unet, vae)])
@@ -161,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="also cold runs without the decoder compiled ahead, before and after the others",
     )
+    p.add_argument(
+        "--no-implicit-conv",
+        action="store_true",
+        help="also cold runs with the decoder's convolutions all cuDNN, before and after the others",
+    )
     args = p.parse_args(argv)
     if args.child:
         res = child(args.child)
@@ -172,12 +183,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.no_ahead:
         out["fused_no_ahead_cold"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
+    if args.no_implicit_conv:
+        out["fused_no_implicit_cold"] = run_child(
+            "fused_no_implicit", tempfile.mkdtemp(prefix="cold_triton_")
+        )
     out["fused_cold"] = run_child("fused", cache)
     out["fused_warm_cache"] = run_child("fused", cache)
     out["unfused"] = run_child("unfused", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_ahead:
         out["fused_no_ahead_cold_2"] = run_child("fused_no_ahead", tempfile.mkdtemp(prefix="cold_triton_"))
         out["fused_cold_2"] = run_child("fused", tempfile.mkdtemp(prefix="cold_triton_"))
+    if args.no_implicit_conv:
+        out["fused_no_implicit_cold_2"] = run_child(
+            "fused_no_implicit", tempfile.mkdtemp(prefix="cold_triton_")
+        )
+        if not args.no_ahead:
+            out["fused_cold_2"] = run_child("fused", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_dual_gemm:
         out["fused_no_dual_gemm_cold"] = run_child(
             "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")
