@@ -26,7 +26,8 @@ runner makes it: through a ``CapturedModel``, so pre-compilation, warm-up, captu
 ``triton_compiled`` counts the kernels the process compiled (entries of its Triton cache),
 ``precompiled_*`` the variants the recording passes found, ``precompile_s_*`` the seconds their parallel
 compilation took. ``--no-implicit-conv`` adds cold runs with the decoder's convolutions all cuDNN
-(``ldm_sdk.accel.implicit_conv`` off), before and after the others. ``--no-dual-gemm`` adds a cold run
+(``ldm_sdk.accel.implicit_conv`` off), before and after the others; ``--ahead-nice N`` cold runs with the
+background compile workers at nice ``N``, alternating with the default. ``--no-dual-gemm`` adds a cold run
 with the GEGLU dual GEMM (``ldm_sdk.accel.geglu_gemm``) switched off.
 """
 
@@ -80,6 +81,10 @@ def child(variant: str) -> dict[str, Any]:
             from ldm_sdk.accel.fusion import FusedGEGLU
 
             FusedGEGLU.one_gemm = False
+        if variant == "fused_nice":  # the background workers at another priority (--ahead-nice)
+            from ldm_sdk.accel import compile_ahead
+
+            compile_ahead.AHEAD_NICE = int(os.environ["LDM_SDK_BENCH_AHEAD_NICE"])
         if variant == "fused_no_implicit":  # the decoder's convolutions all cuDNN (before session 10)
             from ldm_sdk.accel.block_fusion import FusedResnetBlock
             from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
@@ -143,8 +148,8 @@ def child(variant: str) -> dict[str, Any]:
     return res
 
 
-def run_child(variant: str, cache: str) -> dict[str, Any]:
-    env = {**os.environ, "TRITON_CACHE_DIR": cache}
+def run_child(variant: str, cache: str, **extra_env: str) -> dict[str, Any]:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache, **extra_env}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", variant], env=env, capture_output=True, text=True, timeout=900
@@ -171,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--no-implicit-conv",
         action="store_true",
         help="also cold runs with the decoder's convolutions all cuDNN, before and after the others",
+    )
+    p.add_argument(
+        "--ahead-nice",
+        type=int,
+        default=None,
+        help="also cold runs with the background workers at this nice level, alternating with the default",
     )
     args = p.parse_args(argv)
     if args.child:
@@ -199,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         if not args.no_ahead:
             out["fused_cold_2"] = run_child("fused", tempfile.mkdtemp(prefix="cold_triton_"))
+    if args.ahead_nice is not None:
+        nice = {"LDM_SDK_BENCH_AHEAD_NICE": str(args.ahead_nice)}
+        for i in (1, 2):
+            out[f"fused_nice{args.ahead_nice}_cold_{i}"] = run_child(
+                "fused_nice", tempfile.mkdtemp(prefix="cold_triton_"), **nice
+            )
+            out[f"fused_cold_default_nice_{i}"] = run_child("fused", tempfile.mkdtemp(prefix="cold_triton_"))
     if args.no_dual_gemm:
         out["fused_no_dual_gemm_cold"] = run_child(
             "fused_no_dual_gemm", tempfile.mkdtemp(prefix="cold_triton_")

@@ -194,11 +194,12 @@ def compile_ahead(
     call: Callable[[], object],
     *,
     processes: int | None = None,
-    nice: int = AHEAD_NICE,
+    nice: int | None = None,
 ) -> PendingCompile | None:
     """Record the Triton launches ``call()`` makes through the fused modules of ``modules`` and start
     compiling their variants in ``processes`` worker processes (default
-    :func:`~ldm_sdk.accel.precompile.default_processes`; at most one per variant) at priority ``nice``;
+    :func:`~ldm_sdk.accel.precompile.default_processes`; at most one per variant) at priority ``nice``
+    (default :data:`AHEAD_NICE`, read at the call);
     returns once the call is recorded (the specializations are taken on the background thread, from
     stand-ins that keep no tensor memory). None when nothing was started: no fused modules, no workers to
     be had, no launch a worker could take. Variants this process has compiled already are not sent (the
@@ -225,7 +226,7 @@ def compile_ahead(
 
     return PendingCompile(
         make_jobs,
-        lambda n, key: CompileWorkers(n, nice=nice, triton_key=key),
+        lambda n, key: CompileWorkers(n, nice=AHEAD_NICE if nice is None else nice, triton_key=key),
         wanted,
         launches=launches,
         record_s=record_s,
