@@ -74,9 +74,9 @@ from ldm_sdk.accel.context_projections import (
 )
 from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
-from ldm_sdk.accel.implicit_conv import EPILOGUE_MIN_WIDTH, conv3x3_fused, fused_conv_fits, stats_fit
+from ldm_sdk.accel.implicit_conv import EPILOGUE_MIN_WIDTH, conv3x3_fused, fused_conv_fits, handoff_groups
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
-from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm, wants_stats
+from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, layer_norm
 from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
 from ldm_sdk.accel.skip_concat import FusedUNetModel
@@ -288,20 +288,13 @@ class FusedResnetBlock(ResnetBlock):
         residual, skip_bias = _skip(skip, x)
         if residual.stride() != h.stride():
             residual = residual.contiguous(memory_format=torch.channels_last)
-        groups = None
-        if (
-            handoff is not None
-            and wants_stats(handoff, tuple(h.shape))
-            and stats_fit(h.shape[1], handoff.groups)
-        ):
-            groups = handoff.groups
         out, stats = conv3x3_fused(
             h,
             self.conv2.weight,
             self.conv2.bias,
             residual=residual,
             residual_bias=skip_bias,
-            stats_groups=groups,
+            stats_groups=handoff_groups(handoff, tuple(h.shape)),
             recorder=self.kernel_recorder,
         )
         if handoff is not None and stats is not None:

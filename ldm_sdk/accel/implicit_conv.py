@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldm_sdk.accel.norm_handoff import NormHandoff, wants_stats
 from ldm_sdk.accel.triton_kernels import (
     GroupNormStats,
     KernelRecorder,
@@ -176,6 +177,14 @@ def stats_fit(channels: int, groups: int) -> bool:
         return False
     cg = channels // groups
     return not cg & (cg - 1)
+
+
+def handoff_groups(handoff: NormHandoff | None, shape: tuple[int, ...]) -> int | None:
+    """The group count a kernel writing a map of ``shape`` for ``handoff``'s norm should take statistics
+    for (:func:`~ldm_sdk.accel.norm_handoff.wants_stats`, and groups these kernels can merge), or None."""
+    if handoff is None or not wants_stats(handoff, shape) or not stats_fit(shape[1], handoff.groups):
+        return None
+    return handoff.groups
 
 
 def _stats_layout(channels: int, groups: int) -> None:
@@ -439,6 +448,7 @@ __all__ = [
     "ConvPlan",
     "conv3x3_fused",
     "fused_conv_fits",
+    "handoff_groups",
     "merge_partials",
     "plan_conv",
     "stats_fit",

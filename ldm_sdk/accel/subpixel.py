@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.conv_checks import plain_conv
-from ldm_sdk.accel.implicit_conv import stats_fit, upsample_conv_fits, upsample_conv_fused
+from ldm_sdk.accel.implicit_conv import handoff_groups, upsample_conv_fits, upsample_conv_fused
 from ldm_sdk.accel.norm_handoff import NormHandoff, wants_stats
 from ldm_sdk.accel.triton_kernels import (
     KERNEL_DTYPES,
@@ -110,11 +110,7 @@ def upsample_conv(
     if fits and _use_triton(backend, "subpixel", x, weight, bias):
         kernels = _phase_kernels_triton(weight, recorder)
         if implicit and w >= SUBPIXEL_MIN_WIDTH and upsample_conv_fits(x, weight) is None:
-            groups = None
-            if wants_stats(handoff, (n, c_out, 2 * h, 2 * w)) and stats_fit(
-                c_out, cast(NormHandoff, handoff).groups
-            ):
-                groups = cast(NormHandoff, handoff).groups
+            groups = handoff_groups(handoff, (n, c_out, 2 * h, 2 * w))
             out, stats = upsample_conv_fused(x, kernels, bias, stats_groups=groups, recorder=recorder)
             if stats is not None:
                 cast(NormHandoff, handoff).offer(out, stats)
