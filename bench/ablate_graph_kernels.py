@@ -125,7 +125,11 @@ def run(
     return times
 
 
-def unet_ablation(batches: list[int], gen: torch.Generator, rounds: int, iters: int) -> dict[str, Any]:
+def unet_ablation(
+    variants: dict[str, tuple[str, ...]], batches: list[int], gen: torch.Generator, rounds: int, iters: int
+) -> dict[str, Any]:
+    if not batches:
+        return {}
     dev = torch.device("cuda")
     unet = C.random_sd15_unet(dev).half()
     prepare_cuda_inference(unet)
@@ -138,14 +142,17 @@ def unet_ablation(batches: list[int], gen: torch.Generator, rounds: int, iters: 
         cond = Conditioning(crossattn=torch.randn(b, 77, 768, generator=gen, device=dev).half())
         print(f"--- unet batch {b}", flush=True)
         call = functools.partial(step, x, t, cond)
-        out[f"unet_b{b}_ms"] = run(UNET_VARIANTS, unet, step, call, rounds, iters)
+        if variants:
+            out[f"unet_b{b}_ms"] = run(variants, unet, step, call, rounds, iters)
         # the guidance form: x and t once, the two halves' context (UNetModel.forward's shared input)
         shared = functools.partial(step, x[: b // 2], t[: b // 2], cond)
         out[f"unet_b{b}_shared_input_ms"] = run({"current": ()}, unet, step, shared, rounds, iters)["current"]
     return out
 
 
-def decode_ablation(gen: torch.Generator, rounds: int, iters: int) -> dict[str, list[float]]:
+def decode_ablation(
+    variants: dict[str, tuple[str, ...]], gen: torch.Generator, rounds: int, iters: int
+) -> dict[str, list[float]]:
     dev = torch.device("cuda")
     eng, _ = C.build_ours(C.ARCHS["sd15"], dev, torch.float16, 0)
     vae = eng.vae.to(memory_format=torch.channels_last)
@@ -154,7 +161,7 @@ def decode_ablation(gen: torch.Generator, rounds: int, iters: int) -> dict[str, 
     z = torch.randn(1, 4, 64, 64, generator=gen, device=dev).half()
     print("--- decode 512 px", flush=True)
     call = functools.partial(decode, z, z.new_zeros(1), Conditioning())
-    return run(DECODE_VARIANTS, vae, decode, call, rounds, iters)
+    return run(variants, vae, decode, call, rounds, iters)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -162,16 +169,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", default="2,16", help="UNet batch sizes (comma list; empty: none)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of the variants to run (default: all; 'current' alone times the code as it is, "
+        f"e.g. for bench/ab_checkouts.py): UNet {', '.join(UNET_VARIANTS)}; "
+        f"decode {', '.join(DECODE_VARIANTS)}",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA device")
+    unet_variants, decode_variants = dict(UNET_VARIANTS), dict(DECODE_VARIANTS)
+    if args.variants is not None:
+        names = [v for v in args.variants.split(",") if v]
+        unknown = [n for n in names if n not in UNET_VARIANTS and n not in DECODE_VARIANTS]
+        if unknown:
+            p.error(f"unknown variants {unknown}; valid: {sorted({*UNET_VARIANTS, *DECODE_VARIANTS})}")
+        unet_variants = {n: v for n, v in UNET_VARIANTS.items() if n in names}
+        decode_variants = {n: v for n, v in DECODE_VARIANTS.items() if n in names}
     gen = torch.Generator("cuda").manual_seed(1)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     batches = [int(v) for v in args.batches.split(",") if v]
-    res.update(unet_ablation(batches, gen, args.rounds, args.iters))
+    res.update(unet_ablation(unet_variants, batches, gen, args.rounds, args.iters))
     torch.cuda.empty_cache()
-    res["decode_ms"] = decode_ablation(gen, args.rounds, args.iters)
+    if decode_variants:
+        res["decode_ms"] = decode_ablation(decode_variants, gen, args.rounds, args.iters)
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
     return res

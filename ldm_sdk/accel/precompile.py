@@ -101,11 +101,34 @@ def _spec(value: Any) -> Hashable:
     return ("int", value % 16 == 0, value == 1)
 
 
+def _hashable(value: Any) -> Hashable:
+    return value if isinstance(value, Hashable) else repr(value)
+
+
 def _variant(launch: Launch) -> Hashable:
-    """Positional arguments by their specialisation; keyword arguments (constexprs, launch options such
-    as ``num_warps``) by value."""
-    kwargs = tuple(sorted((k, v if isinstance(v, Hashable) else repr(v)) for k, v in launch.kwargs.items()))
-    return (id(launch.kernel), tuple(_spec(a) for a in launch.args), kwargs)
+    """What tells ``launch``'s compiled variant apart, as Triton sees it: a JIT function's parameters
+    (given by position or by name) each by its specialisation (:func:`_spec`), a ``tl.constexpr`` by value
+    and a ``do_not_specialize`` one by its Python type only (so run-time flags do not split variants);
+    other keyword arguments (launch options such as ``num_warps``) by value. Kernels without Triton's
+    parameter list: positional arguments by specialisation, keyword arguments by value."""
+    params = getattr(launch.kernel, "params", None)
+    if params is None:
+        kwargs = tuple(sorted((k, _hashable(v)) for k, v in launch.kwargs.items()))
+        return (id(launch.kernel), tuple(_spec(a) for a in launch.args), kwargs)
+    names = [p.name for p in params]
+    bound = dict(zip(names, launch.args, strict=False)) | launch.kwargs
+    key: list[Hashable] = []
+    for p in params:
+        if p.name not in bound:
+            key.append(None)  # the parameter's default
+        elif p.is_constexpr:
+            key.append(_hashable(bound[p.name]))
+        elif p.do_not_specialize:
+            key.append(("unspecialised", type(bound[p.name]).__name__))
+        else:
+            key.append(_spec(bound[p.name]))
+    options = tuple(sorted((k, _hashable(v)) for k, v in launch.kwargs.items() if k not in names))
+    return (id(launch.kernel), tuple(key), options)
 
 
 def _device(launch: Launch) -> torch.device | None:

@@ -60,6 +60,16 @@ class Fused(nn.Module):
         return out
 
 
+def _triton_jit_available() -> bool:
+    try:
+        from triton.runtime.jit import JITFunction
+
+        from ldm_sdk.kernels.triton_kernels import _gn_apply_nhwc_kernel
+    except ImportError:
+        return False
+    return isinstance(_gn_apply_nhwc_kernel, JITFunction)
+
+
 def test_launch_without_a_recorder_launches() -> None:
     calls: list[tuple[Any, ...]] = []
 
@@ -170,6 +180,56 @@ def test_precompile_once_skips_a_shape_done_before() -> None:
     assert first is not None and first.variants == 1
     assert second is None and third is not None
     assert m.__dict__[PRECOMPILED_ATTR] == {("shape", 4), ("shape", 8)}
+
+
+def _recorded_variants(monkeypatch: pytest.MonkeyPatch, calls: Any) -> tuple[int, int]:
+    """(launches, distinct variants by ``_variant``) of the real GroupNorm / LayerNorm launchers run on CPU
+    tensors with a recorder (nothing launches; the CUDA-only input check is lifted as under the
+    interpreter). The kernels are the real Triton JIT functions, so their parameter lists (constexprs,
+    ``do_not_specialize``) are what ``_variant`` reads."""
+    from ldm_sdk.accel import triton_kernels as K
+    from ldm_sdk.accel.precompile import _variant
+
+    monkeypatch.setattr(K, "_interpreting", lambda: True)
+    recorder = KernelRecorder()
+    calls(recorder)
+    return len(recorder), len({_variant(launch) for launch in recorder.launches})
+
+
+@pytest.mark.skipif(not _triton_jit_available(), reason="needs Triton (not in interpreter mode)")
+def test_unspecialised_arguments_do_not_split_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An argument a kernel lists in ``do_not_specialize`` is compiled into one variant whatever its value
+    (Triton does not key on its divisibility by 16 or on its being 1): the shift's row stride of the
+    GroupNorm statistics / apply kernels (``SHIFT_STRIDE``: 64, 0 for a vector expanded over the batch, 65
+    for a row-strided view) and the LayerNorm kernel's row count (``ROWS``). Specialised arguments and
+    constexprs still split them."""
+    from ldm_sdk.accel.residual_kernels import layer_norm_triton
+    from ldm_sdk.accel.triton_kernels import group_norm_act_triton
+
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64), torch.randn(64)
+    shifts = [torch.randn(2, 64), torch.randn(64).expand(2, 64), torch.randn(2, 65)[:, :64]]
+
+    def norms(recorder: KernelRecorder) -> None:
+        for shift in shifts:
+            group_norm_act_triton(
+                x, w, b, 32, 1e-5, "silu", shift=shift, recorder=recorder, single_pass=False
+            )
+
+    assert _recorded_variants(monkeypatch, norms) == (6, 2)  # statistics and apply, one variant each
+
+    def other_act(recorder: KernelRecorder) -> None:
+        for act in ("silu", "none"):  # a constexpr: two variants of the apply kernel
+            group_norm_act_triton(x, w, b, 32, 1e-5, act, recorder=recorder, single_pass=False)
+
+    assert _recorded_variants(monkeypatch, other_act) == (4, 3)
+
+    def rows(recorder: KernelRecorder) -> None:
+        for n in (16, 17, 1):
+            layer_norm_triton(torch.randn(n, 320), w.new_ones(320), None, 1e-5, recorder=recorder)
+        layer_norm_triton(torch.randn(16, 640), None, None, 1e-5, recorder=recorder)  # another tile
+
+    assert _recorded_variants(monkeypatch, rows) == (4, 3)  # weight / no weight at 320, and 640
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------
