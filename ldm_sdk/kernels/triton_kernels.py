@@ -444,12 +444,12 @@ def _gn_single_pass_kernel(
     shift_ptr,
     C,
     S,
-    CG,
     G,
     STRIDE_S,
     STRIDE_C,
     SHIFT_STRIDE,
     eps,
+    CG: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
@@ -459,19 +459,23 @@ def _gn_single_pass_kernel(
 ):
     """Program ``n G + g`` normalises group g of sample n whole: its ``S x CG`` tile (element (s, j)
     at ``n C S + s STRIDE_S + (g CG + j) STRIDE_C``: channels_last or contiguous) in registers, the mean
-    then the variance of the centred tile, then the affine and activation."""
+    then the variance of the centred tile, then the affine and activation. ``CG`` is a constexpr: its
+    power-of-two factor proves each group's channels_last row segment aligned (8 channels, 16 bytes, at
+    ``CG`` = 40), so the segments are loaded and stored as vectors, not element by element (at 16 x 16 x
+    1280, batch 2: 4.7 against 10.3 us, ``bench/probe_single_pass.py``)."""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // G
-    c = (pid % G) * CG + tl.arange(0, BLOCK_CG)
+    j = tl.arange(0, BLOCK_CG)
+    c = (pid % G) * CG + j
     rows = tl.arange(0, BLOCK_S)
-    col_ok = c < (pid % G + 1) * CG
+    col_ok = j < CG
     valid = (rows < S)[:, None] & col_ok[None, :]
     idx = n * C * S + rows[:, None].to(tl.int64) * STRIDE_S + c[None, :] * STRIDE_C
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         x = x + tl.load(shift_ptr + n * SHIFT_STRIDE + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     x = tl.where(valid, x, 0.0)
-    count = (S * CG).to(tl.float32)
+    count = S * CG * 1.0  # float32 (S may be specialised to the constant 1)
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     d = tl.where(valid, x - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
