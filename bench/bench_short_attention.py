@@ -30,7 +30,10 @@ from ldm_sdk.models.attention import multi_head_attention
 
 #: (queries, keys, head dim) of the SD-1.5 UNet's attentions with at most 128 keys (8 heads each)
 SHAPES = ((4096, 77, 40), (1024, 77, 80), (256, 77, 160), (64, 77, 160), (64, 64, 160))
-TILINGS = ((64, 4, 2), (64, 4, 4), (64, 8, 2), (128, 8, 2), (128, 8, 4), (32, 4, 2), (32, 4, 4))
+TILINGS = (
+    (64, 4, 2), (64, 4, 4), (64, 4, 8), (64, 4, 16), (64, 4, 32), (64, 8, 2), (128, 8, 2), (128, 8, 4),
+    (128, 8, 8), (128, 8, 16), (32, 4, 2), (32, 4, 4), (32, 4, 8),
+)  # fmt: skip
 
 
 def per_shape(batch: int) -> dict[str, Any]:
