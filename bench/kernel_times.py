@@ -6,7 +6,9 @@ The forward runs once with the fused modules recording their launches instead of
 is then replayed on the very tensors it was recorded with, ``--repeat`` times back to back inside one CUDA
 graph, and timed by graph replay (median of ``--iters`` replays, CUDA events). The library kernels
 (cuDNN, cuBLAS) are not in the list. Per kernel: launches, summed microseconds per forward, the compiled
-variants it took; per launch: its microseconds and constexprs. Run it from two checkouts
+variants it took; per launch: its microseconds, constexprs, the bytes of its tensor arguments (each
+storage once) and those bytes per second -- for a memory-bound kernel that touches each once, its
+bandwidth, which points at launches far from the card's. Run it from two checkouts
 (``bench/ab_checkouts.py``) to see which kernel a change made faster or slower.
 
     python bench/kernel_times.py --out kernel_times.json
@@ -61,6 +63,17 @@ def launch_us(launch: Launch, repeat: int, iters: int) -> float:
     return C.median(C.time_calls(graph.replay, torch.device("cuda"), warmup=2, iters=iters)) * 1e6 / repeat
 
 
+def tensor_bytes(launch: Launch) -> int:
+    """Bytes of the distinct tensors among ``launch``'s arguments (each storage once): what a memory-bound
+    kernel moves at most if it touches each once (its inputs read, its outputs written)."""
+    seen: dict[tuple[int, int], int] = {}
+    for a in launch.args:
+        base = getattr(a, "base", a)  # a TMA descriptor's tensor
+        if isinstance(base, Tensor):
+            seen.setdefault((base.data_ptr(), base.numel()), base.numel() * base.element_size())
+    return sum(seen.values())
+
+
 def name_of(launch: Launch) -> str:
     return str(getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", type(launch.kernel).__name__))
 
@@ -77,7 +90,17 @@ def summarise(launches: list[Launch], repeat: int, iters: int) -> dict[str, Any]
         entry["us"] += us
         variants.setdefault(name, set()).add(_variant(launch))
         constexprs = {k: v for k, v in launch.kwargs.items() if isinstance(v, int | str | bool)}
-        rows.append({"kernel": name, "us": round(us, 2), "grid": list(launch.grid), "kwargs": constexprs})
+        nbytes = tensor_bytes(launch)
+        rows.append(
+            {
+                "kernel": name,
+                "us": round(us, 2),
+                "mbytes": round(nbytes / 1e6, 3),
+                "gb_s": round(nbytes / 1e3 / us, 1),
+                "grid": list(launch.grid),
+                "kwargs": constexprs,
+            }
+        )
     for name, entry in per_kernel.items():
         entry["us"] = round(entry["us"], 1)
         entry["variants"] = len(variants[name])
