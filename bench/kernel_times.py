@@ -27,24 +27,16 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_sdk.accel.precompile import _variant, recording_modules
+from ldm_sdk.accel.precompile import _variant, recording
 from ldm_sdk.accel.prepare import prepare_cuda_inference
-from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch
+from ldm_sdk.accel.triton_kernels import Launch
 from ldm_sdk.benchmarks import common as C
 
 
 def record(modules: list[Any], call: Callable[[], object]) -> list[Launch]:
     """The launches ``call()`` makes through the fused modules of ``modules``, in order (none made)."""
-    recorder = KernelRecorder()
-    fused = recording_modules(modules)
-    for m in fused:
-        m.kernel_recorder = recorder
-    try:
-        with torch.inference_mode():
-            call()
-    finally:
-        for m in fused:
-            m.__dict__.pop("kernel_recorder", None)
+    with recording(modules) as recorder, torch.inference_mode():
+        call()
     return list(recorder.launches)
 
 

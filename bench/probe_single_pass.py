@@ -1,20 +1,22 @@
 """The single-pass GroupNorm kernel (one program per sample and group, the whole group in registers) at the
-SD-1.5 UNet's small maps, against candidate forms of it, timed in one run.
+SD-1.5 UNet's small maps: the package's launch against the same kernel at other warps and against the
+two-kernel path, timed in one run.
 
-``bench/kernel_times.py`` put it far from the card at batch 2: 9.9 us for a 16 x 16 x 1280 map (1.3 MB)
-and 4.0 us at 8 x 8. A group's channels start at ``g * CG`` with ``CG`` a run-time integer (40 at 1280
-channels), so Triton cannot prove a group's row segment 16-byte aligned and loads it element by element.
-The candidates (standalone here, the package's maths: float32 mean, then the variance of the centred tile,
-``(x - mean) * rstd * w + b``, SiLU, one rounding):
+``bench/kernel_times.py`` put the kernel far from the card at batch 2 (9.9 us for a 16 x 16 x 1280 map,
+1.3 MB; 4.0 us at 8 x 8): a group's channels start at ``g * CG``, and with ``CG`` (40 at 1280 channels) a
+run-time integer Triton could not prove a group's row segment 16-byte aligned, so it loaded it element by
+element. The kernel now takes ``CG`` as a ``tl.constexpr``, whose power-of-two factor proves the
+alignment (8 channels, 16 bytes, at ``CG`` = 40). Candidates:
 
-* ``cg_const_wN``: ``CG`` a ``tl.constexpr`` (its power-of-two factor then proves each segment's
-  alignment: 8 channels, 16 bytes, at ``CG`` = 40), ``N`` warps;
-* ``two_kernels``: the package's statistics + apply kernels (``single_pass=False``);
-* ``pkg``: the package's single-pass kernel as it is.
+* ``pkg``: ``group_norm_act_triton(single_pass=True)``, the package's launch (its warps);
+* ``cg_const_wN``: the package's kernel at ``N`` warps;
+* ``two_kernels``: the package's statistics + apply kernels (``single_pass=False``).
 
-Each (candidate, case) is checked against ``group_norm_act_reference`` (``compare_ulps``) and timed in a
-CUDA graph of repeated calls (``tune_group_norm.graph_ms``); totals weight each case by how many of one
-UNet forward's norms have it.
+``bench/results/probe_single_pass_h100.json`` was measured when ``pkg`` still took ``CG`` at run time and
+the ``cg_const`` candidates were this script's copy of the kernel with ``CG`` a constexpr (commit 270bd11),
+which the package then took over unchanged. Each (candidate, case) is checked against
+``group_norm_act_reference`` (``compare_ulps``) and timed in a CUDA graph of repeated calls
+(``tune_group_norm.graph_ms``); totals weight each case by how many of one UNet forward's norms have it.
 
     python bench/probe_single_pass.py --batches 2,16 --out probe_single_pass.json
 """
@@ -29,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,53 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tune_group_norm as T
 
 from ldm_sdk.accel import triton_kernels as K
-from ldm_sdk.kernels.triton_kernels import _activate
-
-
-@triton.jit(do_not_specialize=["G", "SHIFT_STRIDE"])
-def _single_pass_cg_const_kernel(
-    x_ptr,
-    y_ptr,
-    w_ptr,
-    b_ptr,
-    shift_ptr,
-    C,
-    S,
-    G,
-    SHIFT_STRIDE,
-    eps,
-    CG: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_CG: tl.constexpr,
-):
-    """channels_last only: program ``n G + g`` normalises group g of sample n, element (s, j) at
-    ``n S C + s C + g CG + j``."""
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // G
-    j = tl.arange(0, BLOCK_CG)
-    c = (pid % G) * CG + j
-    rows = tl.arange(0, BLOCK_S)
-    col_ok = j < CG
-    valid = (rows < S)[:, None] & col_ok[None, :]
-    idx = n * C * S + rows[:, None].to(tl.int64) * C + c[None, :]
-    x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        x = x + tl.load(shift_ptr + n * SHIFT_STRIDE + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    x = tl.where(valid, x, 0.0)
-    count = (S * CG).to(tl.float32)
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
-    d = tl.where(valid, x - mean, 0.0)
-    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
-    scale = tl.full([BLOCK_CG], 1.0, tl.float32) / tl.sqrt_rn(var + eps)
-    scale = scale * tl.load(w_ptr + c, mask=col_ok, other=1.0).to(tl.float32)
-    beta = tl.load(b_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
-    y = _activate(d * scale[None, :] + beta[None, :], ACT)
-    tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=valid)
+from ldm_sdk.kernels.triton_kernels import _gn_single_pass_kernel
 
 
 def cg_const_call(inp: T.Inputs, case: T.Case, warps: int) -> Callable[[], Tensor]:
+    """The package's single-pass kernel (``CG`` a constexpr since session 11) launched at ``warps`` warps."""
     x = inp.xs[0]
     n, c, s = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     cg = c // T.GROUPS
@@ -93,9 +51,9 @@ def cg_const_call(inp: T.Inputs, case: T.Case, warps: int) -> Callable[[], Tenso
     stride = inp.shift.stride(0) if inp.shift is not None else 0
 
     def call() -> Tensor:
-        _single_pass_cg_const_kernel[(n * T.GROUPS,)](
-            x, y, inp.w, inp.b, sh, c, s, T.GROUPS, stride, float(case.eps),
-            CG=cg, HAS_SHIFT=inp.shift is not None, ACT=case.act,
+        _gn_single_pass_kernel[(n * T.GROUPS,)](
+            x, y, inp.w, inp.b, sh, c, s, T.GROUPS, c, 1, stride, float(case.eps),
+            CG=cg, HAS_W=True, HAS_B=True, HAS_SHIFT=inp.shift is not None, ACT=case.act,
             BLOCK_S=K._pow2(s), BLOCK_CG=K._pow2(cg), num_warps=warps,
         )  # fmt: skip
         return y

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -264,23 +264,31 @@ def _compile_in_workers(
     return left
 
 
+@contextlib.contextmanager
+def recording(modules: Sequence[object]) -> Iterator[KernelRecorder]:
+    """Within the block, the fused modules of ``modules`` (:func:`recording_modules`) record their Triton
+    launches into the yielded recorder instead of making them; their slots are restored on exit, also when
+    the block raises."""
+    recorder = KernelRecorder()
+    fused = recording_modules(modules)
+    for m in fused:
+        m.kernel_recorder = recorder
+    try:
+        yield recorder
+    finally:
+        for m in fused:
+            m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
+
+
 def record_launches(modules: Sequence[object], call: Callable[[], object]) -> tuple[list[Launch], int, float]:
     """Run ``call()`` once with the fused modules of ``modules`` recording their Triton launches instead of
     making them; returns the distinct variants (one launch each, those with matrix products first), the
     number of launches recorded and the seconds the call took. Nothing is run when no module is fused."""
-    fused = recording_modules(modules)
-    if not fused:
+    if not recording_modules(modules):
         return [], 0, 0.0
-    recorder = KernelRecorder()
     start = time.perf_counter()
-    for m in fused:
-        m.kernel_recorder = recorder
-    try:
-        with torch.inference_mode():
-            call()
-    finally:
-        for m in fused:
-            m.__dict__.pop("kernel_recorder", None)  # back to the class default (None)
+    with recording(modules) as recorder, torch.inference_mode():
+        call()
     record_s = time.perf_counter() - start
     unique = list({_variant(launch): launch for launch in recorder.launches}.values())
     # kernels with matrix products (tl.dot: software pipelines, wgmma) compile several times longer than
@@ -376,6 +384,7 @@ __all__ = [
     "precompile_kernels",
     "precompile_once",
     "record_launches",
+    "recording",
     "recording_modules",
     "worker_job",
     "worker_jobs",
