@@ -4,27 +4,28 @@ self-attentions -- 4096 x 4096 with 40-wide heads (64 x 64 level), 1024 x 1024 w
 (32 x 32) -- 8 heads, batch 2 and 16.
 
 Why: session 8's kernel in Triton's language (``bench/probe_flash_attention.py``) lost to cuDNN by 7 %;
-Gluon gives what that language hides: the K / V tiles arrive by TMA into a ring of shared-memory stages
-(one mbarrier each), ``q`` stays in registers, and the products are asynchronous ``wgmma``s issued by
-hand, so the softmax of key tile ``j`` runs while the tensor cores do tile ``j - 1``'s ``P V`` (FlashAttention
--3's overlap within a warp group). On top, as flags: the row sums of ``P`` on the tensor cores (``P @ ones``
-with the same fp16 ``P`` as the numerator; no float adds per score), the head dim split into two
-power-of-two blocks (40 = 32 + 16: 48-wide products instead of 64), and part of the exponentials computed
-by a polynomial on the FMA pipes (FlashAttention-4's balance of the special-function units; relative error
-5.6e-5, below fp16's rounding of ``P``).
+Gluon gives what that language hides. :func:`attention`: the K / V tiles arrive by TMA into a ring of
+shared-memory stages (one mbarrier each), ``q`` stays in registers, and the products are asynchronous
+``wgmma``s issued by hand, so the softmax of key tile ``j`` runs while the tensor cores do tile ``j - 1``'s
+``P V`` (FlashAttention-3's overlap within a warp group). As flags: the row sums of ``P`` on the tensor
+cores (``P @ ones`` with the same fp16 ``P`` as the numerator; no float adds per score), the head dim split
+into two power-of-two blocks (40 = 32 + 16: 48-wide products instead of 64), part of the exponentials by a
+polynomial on the FMA pipes (FlashAttention-4's balance of the special-function units; relative error
+5.6e-5, below fp16's rounding of ``P``). :func:`ws_attention`: FlashAttention-3's warp specialisation --
+a producer warp streams the tiles, two consumer warp groups (240 registers a thread) share them, and
+optionally take turns issuing their products (ping-pong) so one's softmax overlaps the other's products.
 
-Result on an H100 (``bench/results/gluon_attention_h100.json``, Triton 3.6): no form beats cuDNN where
-it matters. At 4096 x 40, batch 2: cuDNN 157.3 us, the best Gluon form 155.3 (row sums on the tensor
-cores, 128 x 64 tiles, 4 stages; 165.7 with the row sums as float adds) -- a tie within run-to-run noise
-(two earlier runs of the same kernel: 157.6 / 155.2 and 156.8 / 155.4); the split head dim 176.4, a quarter
-of the exponentials by polynomial 172.1 (180.5 with the split), half 197.7. Batch 16: 1357 against 1286.
-At 1024 x 80: 19.2 against 18.4 (batch 2, split, 64-row tiles), 151.3 against 113.2 (16). Read from the
-compiled code (``nvdisasm``): per 32 scores a thread issues ~265 instructions, with tensor-core,
-special-function and issue time in about equal shares, which one warp group's in-order stream overlaps
-only partly (about 0.135 clocks per score and SM, as cuDNN's). Taking work off one of them (the split,
-the polynomial) moves it to another without a shorter step. What could beat cuDNN is FlashAttention-3's
-ping-pong between two warp groups (``gl.warp_specialize`` with named barriers), about 10-15 % at head dim
-64 by its paper -- on this step about 0.1 ms at batch 2.
+Result on an H100 (``bench/results/gluon_attention_h100.json``, Triton 3.6, each form in its own process
+with cuDNN timed alongside): no form beats cuDNN. 4096 x 40, batch 2: cuDNN 156.0 us; warp-specialized
+156.8 (158.9 with ping-pong), the single-group kernel 160.6 (162.8 with the row sums as float adds), the
+split head dim 177.7, a quarter of the exponentials by polynomial 172.4, half (with the split) 196.3.
+Batch 16: 1275 against 1299 (warp-specialized) and 1336. 1024 x 80: 18.7 against 19.0 (batch 2), 121.1
+against 143.2 (16). Read from the compiled code (``nvdisasm``): per 32 scores a thread of one group issues
+~265 instructions, with tensor-core, special-function and issue time in about equal shares (at a 64-wide
+head the exponentials alone take as long as the products at the card's rates: 16 per clock and SM against
+989 TFLOP/s); the kernels and cuDNN all land near 0.135 clocks per score and SM. Moving work off one of
+those (the split, the polynomial) lengthens another; a second group, with or without ping-pong, overlaps
+no more than cuDNN already does.
 
     python bench/probe_gluon_attention.py --out bench/results/gluon_attention_h100.json
 
@@ -62,16 +63,21 @@ LOG2E = 1.4426950408889634
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 #: (name, options) timed per shape; the first three were the session's first kernel's forms
-CONFIGS: list[tuple[str, dict[str, int]]] = [
-    ("m128_n64_s4_rowsum_fma", {"sum_mma": 0, "split": 0}),
-    ("m128_n64_s4", {"split": 0}),
-    ("m128_n64_s3", {"split": 0, "ns": 3}),
-    ("m64_n64_s4_w4", {"split": 0, "bm": 64, "warps": 4}),
-    ("m128_n64_s4_split", {"split": 1}),
-    ("m64_n64_s4_w4_split", {"split": 1, "bm": 64, "warps": 4}),
-    ("m128_n64_s4_split_poly25", {"split": 1, "poly": 1}),
-    ("m128_n64_s4_split_poly50", {"split": 1, "poly": 2}),
-    ("m128_n64_s4_poly25", {"split": 0, "poly": 1}),
+CONFIGS: list[tuple[str, str, dict[str, int]]] = [
+    ("m128_n64_s4_rowsum_fma", "plain", {"sum_mma": 0}),
+    ("m128_n64_s4", "plain", {}),
+    ("m128_n128_s3", "plain", {"bn": 128, "ns": 3}),
+    ("m64_n64_s4_w4", "plain", {"bm": 64, "warps": 4}),
+    ("m128_n64_s4_split", "plain", {"split": 1}),
+    ("m64_n64_s4_w4_split", "plain", {"split": 1, "bm": 64, "warps": 4}),
+    ("m128_n64_s4_split_poly25", "plain", {"split": 1, "poly": 1}),
+    ("m128_n64_s4_split_poly50", "plain", {"split": 1, "poly": 2}),
+    ("m128_n64_s4_poly25", "plain", {"poly": 1}),
+    ("ws_2x128_n64_s4", "ws", {}),
+    ("ws_2x128_n64_s4_pingpong", "ws", {"pingpong": 1}),
+    ("ws_2x64_n128_s3", "ws", {"bmw": 64, "bn": 128, "ns": 3}),
+    ("ws_2x64_n128_s3_pingpong", "ws", {"bmw": 64, "bn": 128, "ns": 3, "pingpong": 1}),
+    ("ws_2x64_n64_s4", "ws", {"bmw": 64}),
 ]
 
 
@@ -200,7 +206,7 @@ def _attention_kernel(
     pb_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ob_layout, k_width=2)
     pl_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, 8], gl.float16)
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BN], gl.float16)
 
     q_smem = gl.allocate_shared_memory(gl.float16, [BM, DQ], q_desc.layout)
     ka_s = gl.allocate_shared_memory(gl.float16, [NS, BN, DA], ka.layout)
@@ -214,9 +220,10 @@ def _attention_kernel(
     bars = gl.allocate_shared_memory(gl.int64, [NS + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NS + 1):
         mbarrier.init(bars.index(i), count=1)
-    ones_smem = gl.allocate_shared_memory(gl.float16, [BN, 8], ones_layout)
+    # the ones operand stored k-major, as k is ([8, BN], used transposed)
+    ones_smem = gl.allocate_shared_memory(gl.float16, [8, BN], ones_layout)
     if SUM_MMA:
-        ones_smem.store(gl.full([BN, 8], 1.0, gl.float16, layout=blk))
+        ones_smem.store(gl.full([8, BN], 1.0, gl.float16, layout=blk))
         fence_async_shared()
 
     q_bar = bars.index(NS)
@@ -268,7 +275,9 @@ def _attention_kernel(
         if DB > 0:
             b_tok = warpgroup_mma(gl.convert_layout(p16, pb_op), vb_s.index(pv), acc_b, is_async=True)
         if SUM_MMA:
-            l_tok = warpgroup_mma(gl.convert_layout(p16, pl_op), ones_smem, l_acc, is_async=True)
+            l_tok = warpgroup_mma(
+                gl.convert_layout(p16, pl_op), ones_smem.permute((1, 0)), l_acc, is_async=True
+            )
         if DB > 0 and SUM_MMA:
             s = warpgroup_mma_wait(3, deps=(s_tok,))
         elif DB > 0 or SUM_MMA:
@@ -296,7 +305,7 @@ def _attention_kernel(
     if DB > 0:
         acc_b = warpgroup_mma(gl.convert_layout(p16, pb_op), vb_s.index(pv), acc_b)
     if SUM_MMA:
-        l_acc = warpgroup_mma(gl.convert_layout(p16, pl_op), ones_smem, l_acc)
+        l_acc = warpgroup_mma(gl.convert_layout(p16, pl_op), ones_smem.permute((1, 0)), l_acc)
         l_i = gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, s_layout))
     for i in gl.static_range(NS + 1):
         mbarrier.invalidate(bars.index(i))
@@ -379,19 +388,348 @@ def attention(
     return out
 
 
+@gluon.jit
+def _ws_consume(
+    WG: gl.constexpr,
+    q_desc,
+    o_ptr,
+    L,
+    o_row_stride,
+    qk_scale,
+    q_s,
+    k_s,
+    v_s,
+    ones_s,
+    ready,
+    empty,
+    qbar,
+    turn,
+    col,
+    q_row0,
+    HEAD_DIM,
+):
+    """Consumer warp group ``WG``: its BMW query rows over every key tile of the ring; releases a stage
+    (``empty``, one arrival of two) once its ``P v`` is done. With ping-pong (``turn`` has two barriers)
+    the two groups take turns issuing their products."""
+    # constexprs do not pass through warp_specialize's arguments in Triton 3.6: read them off the buffers
+    NS: gl.constexpr = k_s.type.shape[0]
+    BN: gl.constexpr = k_s.type.shape[1]
+    BMW: gl.constexpr = q_s.type.shape[1]
+    DQ: gl.constexpr = q_s.type.shape[2]
+    PINGPONG: gl.constexpr = turn.type.shape[0] == 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ, 16]
+    )
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]
+    )
+    q_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    pl_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+
+    q_smem = q_s.index(WG)
+    qb = qbar.index(WG)
+    mbarrier.expect(qb, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row0 + WG * BMW, col], qb, q_smem)
+    mbarrier.wait(qb, 0)
+    qr = q_smem.load(blk)
+    cq = gl.arange(0, DQ, layout=gl.SliceLayout(0, blk))
+    q = gl.convert_layout(gl.where((cq < HEAD_DIM)[None, :], qr, gl.zeros_like(qr)), q_op)
+    ones = ones_s.permute((1, 0))
+
+    n_tiles = L // BN
+    s_zero = gl.zeros([BMW, BN], gl.float32, layout=s_layout)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q, k_s.index(0).permute((1, 0)), s_zero, use_acc=False)
+    m_i = gl.max(s, 1) * qk_scale
+    p16 = gl.exp2(s * qk_scale - m_i[:, None]).to(gl.float16)
+    acc = gl.zeros([BMW, DQ], gl.float32, layout=o_layout)
+    l_acc = gl.zeros([BMW, 8], gl.float32, layout=l_layout)
+    for j in range(1, n_tiles):
+        st = j % NS
+        pv = (j - 1) % NS
+        mbarrier.wait(ready.index(st), (j // NS) & 1)
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), (j - 1) & 1)
+        s_tok = warpgroup_mma(q, k_s.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        a_tok = warpgroup_mma(gl.convert_layout(p16, p_op), v_s.index(pv), acc, is_async=True)
+        l_tok = warpgroup_mma(gl.convert_layout(p16, pl_op), ones, l_acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+        s = warpgroup_mma_wait(2, deps=(s_tok,))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p16 = gl.exp2(s * qk_scale - m_new[:, None]).to(gl.float16)
+        m_i = m_new
+        acc, l_acc = warpgroup_mma_wait(0, deps=(a_tok, l_tok))
+        mbarrier.arrive(empty.index(pv), count=1)  # tile j - 1's k and v are consumed
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        l_acc = l_acc * gl.convert_layout(alpha, gl.SliceLayout(1, l_layout))[:, None]
+    pv = (n_tiles - 1) % NS
+    acc = warpgroup_mma(gl.convert_layout(p16, p_op), v_s.index(pv), acc)
+    l_acc = warpgroup_mma(gl.convert_layout(p16, pl_op), ones, l_acc)
+
+    rows = q_row0 + WG * BMW + gl.arange(0, BMW, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, DQ, layout=gl.SliceLayout(0, o_layout))
+    out = acc / gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, o_layout))[:, None]
+    ptrs = o_ptr + rows[:, None].to(gl.int64) * o_row_stride + col + cols[None, :]
+    gl.store(ptrs, out.to(gl.float16), mask=(cols < HEAD_DIM)[None, :])
+
+
+@gluon.jit
+def _ws_consumer0(
+    q_desc,
+    kd,
+    vd,
+    o_ptr,
+    L,
+    o_row_stride,
+    qk_scale,
+    q_s,
+    k_s,
+    v_s,
+    ones_s,
+    ready,
+    empty,
+    qbar,
+    turn,
+    b,
+    col,
+    q_row0,
+    HEAD_DIM,
+):
+    _ws_consume(
+        0,
+        q_desc,
+        o_ptr,
+        L,
+        o_row_stride,
+        qk_scale,
+        q_s,
+        k_s,
+        v_s,
+        ones_s,
+        ready,
+        empty,
+        qbar,
+        turn,
+        col,
+        q_row0,
+        HEAD_DIM,
+    )
+
+
+@gluon.jit
+def _ws_consumer1(
+    q_desc,
+    kd,
+    vd,
+    o_ptr,
+    L,
+    o_row_stride,
+    qk_scale,
+    q_s,
+    k_s,
+    v_s,
+    ones_s,
+    ready,
+    empty,
+    qbar,
+    turn,
+    b,
+    col,
+    q_row0,
+    HEAD_DIM,
+):
+    _ws_consume(
+        1,
+        q_desc,
+        o_ptr,
+        L,
+        o_row_stride,
+        qk_scale,
+        q_s,
+        k_s,
+        v_s,
+        ones_s,
+        ready,
+        empty,
+        qbar,
+        turn,
+        col,
+        q_row0,
+        HEAD_DIM,
+    )
+
+
+@gluon.jit
+def _ws_producer(
+    q_desc,
+    kd,
+    vd,
+    o_ptr,
+    L,
+    o_row_stride,
+    qk_scale,
+    q_s,
+    k_s,
+    v_s,
+    ones_s,
+    ready,
+    empty,
+    qbar,
+    turn,
+    b,
+    col,
+    q_row0,
+    HEAD_DIM,
+):
+    """One warp: every key tile's k and v by TMA into the ring, a stage once both consumers released it."""
+    NS: gl.constexpr = k_s.type.shape[0]
+    BN: gl.constexpr = k_s.type.shape[1]
+    for t in range(L // BN):
+        st = t % NS
+        mbarrier.wait(empty.index(st), ((t // NS) & 1) ^ 1)  # a fresh barrier passes the first round
+        bar = ready.index(st)
+        mbarrier.expect(bar, kd.block_type.nbytes + vd.block_type.nbytes)
+        tma.async_copy_global_to_shared(kd, [b * L + t * BN, col], bar, k_s.index(st))
+        tma.async_copy_global_to_shared(vd, [b * L + t * BN, col], bar, v_s.index(st))
+
+
+@gluon.jit
+def _ws_attention_kernel(
+    q_desc,
+    kd,
+    vd,
+    o_ptr,
+    L,
+    H,
+    o_row_stride,
+    qk_scale,
+    HEAD_DIM: gl.constexpr,
+    BMW: gl.constexpr,
+    BN: gl.constexpr,
+    DQ: gl.constexpr,
+    NS: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Warp-specialized form: a producer warp and two consumer warp groups (the default partition and a
+    worker), 2 BMW query rows of one (sample, head) per program."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    col = (bh % H) * HEAD_DIM
+    q_row0 = b * L + pid_m * 2 * BMW
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BN], gl.float16)
+
+    q_s = gl.allocate_shared_memory(gl.float16, [2, BMW, DQ], q_desc.layout)
+    k_s = gl.allocate_shared_memory(gl.float16, [NS, BN, DQ], kd.layout)
+    v_s = gl.allocate_shared_memory(gl.float16, [NS, BN, DQ], vd.layout)
+    ones_s = gl.allocate_shared_memory(gl.float16, [8, BN], ones_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    qbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2 if PINGPONG else 1, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    mbarrier.init(qbar.index(0), count=1)
+    mbarrier.init(qbar.index(1), count=1)
+    mbarrier.init(turn.index(0), count=1)
+    if PINGPONG:
+        mbarrier.init(turn.index(1), count=1)
+    ones_s.store(gl.full([8, BN], 1.0, gl.float16, layout=blk))
+    fence_async_shared()
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0), count=1)  # group 0 issues first
+
+    args = (
+        q_desc,
+        kd,
+        vd,
+        o_ptr,
+        L,
+        o_row_stride,
+        qk_scale,
+        q_s,
+        k_s,
+        v_s,
+        ones_s,
+        ready,
+        empty,
+        qbar,
+        turn,
+        b,
+        col,
+        q_row0,
+        HEAD_DIM,
+    )
+    gl.warp_specialize(
+        [(_ws_consumer0, args), (_ws_consumer1, args), (_ws_producer, args)], [4, 1], [CONSUMER_REGS, 24]
+    )
+
+
+def ws_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float,
+    *,
+    bmw: int = 128,
+    bn: int = 64,
+    ns: int = 4,
+    pingpong: int = 0,
+    grid_only: bool = False,
+) -> Any:
+    """The warp-specialized form of :func:`attention` (head dim padded to a power of two, row sums on the
+    tensor cores); L a multiple of ``2 bmw`` and ``bn``."""
+    b, n, inner = q.shape
+    if n % (2 * bmw) or n % bn or k.shape[1] != n or ns < 2:
+        raise ValueError(
+            f"needs self-attention with L a multiple of {2 * bmw} and {bn} (got {n} queries, {k.shape[1]} "
+            f"keys) and at least 2 stages (got {ns})"
+        )
+    descs, (dq, _, _) = launch_args(q, k, v, heads, bmw, bn, False)
+    out = torch.empty(b, n, inner, device=q.device, dtype=q.dtype)
+    args = (descs[0], descs[1], descs[3], out, n, heads, inner, scale * LOG2E)
+    # 4 + 4 + 1 warps are allocated as three warp groups: 168 registers a thread at launch, moved to the
+    # consumers (240) from the producer (24)
+    meta = dict(HEAD_DIM=inner // heads, BMW=bmw, BN=bn, DQ=dq, NS=ns, PINGPONG=bool(pingpong))
+    meta.update(CONSUMER_REGS=240, num_warps=4, maxnreg=168)
+    grid = (n // (2 * bmw), b * heads)
+    if grid_only:
+        return args, meta, grid
+    _ws_attention_kernel[grid](*args, **meta)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x40,1024x80", help="tokens x head dim, comma-separated")
     p.add_argument("--batches", default="2,16")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--only", default="", help="comma-separated config names (with sdpa always); default all")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON to write; rows already there are kept and updated"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this probe needs a CUDA device")
     import triton
     from op_roofline import graph_us
 
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    res["triton"] = triton.__version__
+    res: dict[str, Any] = {}
+    if args.out and args.out.exists():
+        res = json.loads(args.out.read_text())
+    res.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    only = {name for name in args.only.split(",") if name}
     g = torch.Generator("cuda").manual_seed(0)
     for n, d in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
         for batch in (int(x) for x in args.batches.split(",")):
@@ -402,14 +740,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ref = multi_head_attention(q.float(), k.float(), v.float(), heads, scale)
             peak = ref.abs().max().item()
             forms = {"sdpa": functools.partial(multi_head_attention, q, k, v, heads, scale)}
-            for name, opts in CONFIGS:
-                forms[name] = functools.partial(attention, q, k, v, heads, scale, **opts)
-            row: dict[str, Any] = {}
+            for name, kind, opts in CONFIGS:
+                if only and name not in only:
+                    continue
+                fn = ws_attention if kind == "ws" else attention
+                forms[name] = functools.partial(fn, q, k, v, heads, scale, **opts)
+            row: dict[str, Any] = res.setdefault(f"b{batch}_n{n}_d{d}", {})
             for name, fn in forms.items():
                 err = (fn().float() - ref).abs().max().item() / peak
                 row[name] = {"us": round(graph_us(fn, 20, 30), 2), "rel_err": float(f"{err:.3g}")}
                 print(batch, n, d, name, row[name], flush=True)
-            res[f"b{batch}_n{n}_d{d}"] = row
             if args.out:
                 args.out.write_text(json.dumps(res, indent=1))
     return res

@@ -2,7 +2,8 @@
 between releases; the probe's numbers came from Triton 3.6), compiled for sm_90 without a GPU
 (:func:`~ldm_sdk.kernels.compile_workers.compile_only_driver`), and its flags change the compiled kernel
 the way its docstring says: the row sums as ``P @ ones`` products of width 8, the split head dim as two
-k / v blocks, a share of the exponentials off the special-function unit. The timings need an H100."""
+k / v blocks, a share of the exponentials off the special-function unit, and the warp-specialized form's
+partitions with their register budgets. The timings need an H100."""
 
 from __future__ import annotations
 
@@ -71,3 +72,19 @@ def test_bad_launches_are_refused() -> None:
     q = torch.empty(1, 4096, 320, dtype=torch.float16)
     with pytest.raises(ValueError, match="poly in 0/1/2"):
         probe.attention(q, q, q, 8, 0.1, grid_only=True, poly=3)
+
+
+def test_warp_specialized_form_compiles_with_its_partitions() -> None:
+    qkv = torch.empty(2, 4096, 3 * 320, dtype=torch.float16)
+    q, k, v = qkv.split(320, dim=-1)
+    for pingpong in (0, 1):
+        args, meta, grid = probe.ws_attention(q, k, v, 8, 40**-0.5, grid_only=True, pingpong=pingpong)
+        with compile_only_driver(Target("cuda", 90, 32)):
+            kernel = probe._ws_attention_kernel.warmup(*args, grid=grid, **meta)
+        ptx = kernel.asm["ptx"]
+        assert kernel.metadata.num_warps == 12  # 4 + 4 + 1 warps, allocated by warp group
+        assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)  # the consumers' registers
+        assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)  # the producer's
+        assert "cp.async.bulk.tensor" in ptx and "m64n8k16" in ptx
+    with pytest.raises(ValueError, match="multiple of 256"):
+        probe.ws_attention(q[:, :1000], k[:, :1000], v[:, :1000], 8, 0.1, grid_only=True)
