@@ -28,6 +28,8 @@ those (the split, the polynomial) lengthens another; a second group, with or wit
 no more than cuDNN already does.
 
     python bench/probe_gluon_attention.py --out bench/results/gluon_attention_h100.json
+    # or one form per process (a kernel fault ends only its own run), rows merged into one file:
+    for c in ws_2x128_n64_s4 m128_n64_s4 ...; do python bench/probe_gluon_attention.py --only $c --out F; done
 
 Triton 3.6 (the GPU machine's) and 3.8 name the CTA barrier differently; both are handled.
 """
@@ -390,8 +392,10 @@ def attention(
 
 @gluon.jit
 def _ws_consume(
-    WG: gl.constexpr,
+    wg,
     q_desc,
+    kd,
+    vd,
     o_ptr,
     L,
     o_row_stride,
@@ -404,13 +408,15 @@ def _ws_consume(
     empty,
     qbar,
     turn,
+    b,
     col,
     q_row0,
     HEAD_DIM,
 ):
-    """Consumer warp group ``WG``: its BMW query rows over every key tile of the ring; releases a stage
-    (``empty``, one arrival of two) once its ``P v`` is done. With ping-pong (``turn`` has two barriers)
-    the two groups take turns issuing their products."""
+    """Consumer warp group ``wg`` (0: the default partition, 1: a worker; a run-time index, as the
+    partitions' arguments carry no constexprs): its BMW query rows over every key tile of the ring;
+    releases a stage (``empty``, one arrival of two) once its ``P v`` is done. With ping-pong (``turn``
+    has two barriers) the two groups take turns issuing their products."""
     # constexprs do not pass through warp_specialize's arguments in Triton 3.6: read them off the buffers
     NS: gl.constexpr = k_s.type.shape[0]
     BN: gl.constexpr = k_s.type.shape[1]
@@ -431,10 +437,10 @@ def _ws_consume(
     pl_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
 
-    q_smem = q_s.index(WG)
-    qb = qbar.index(WG)
+    q_smem = q_s.index(wg)
+    qb = qbar.index(wg)
     mbarrier.expect(qb, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row0 + WG * BMW, col], qb, q_smem)
+    tma.async_copy_global_to_shared(q_desc, [q_row0 + wg * BMW, col], qb, q_smem)
     mbarrier.wait(qb, 0)
     qr = q_smem.load(blk)
     cq = gl.arange(0, DQ, layout=gl.SliceLayout(0, blk))
@@ -454,12 +460,12 @@ def _ws_consume(
         pv = (j - 1) % NS
         mbarrier.wait(ready.index(st), (j // NS) & 1)
         if PINGPONG:
-            mbarrier.wait(turn.index(WG), (j - 1) & 1)
+            mbarrier.wait(turn.index(wg), (j - 1) & 1)
         s_tok = warpgroup_mma(q, k_s.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         a_tok = warpgroup_mma(gl.convert_layout(p16, p_op), v_s.index(pv), acc, is_async=True)
         l_tok = warpgroup_mma(gl.convert_layout(p16, pl_op), ones, l_acc, is_async=True)
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG), count=1)
+            mbarrier.arrive(turn.index(1 - wg), count=1)
         s = warpgroup_mma_wait(2, deps=(s_tok,))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
@@ -473,7 +479,7 @@ def _ws_consume(
     acc = warpgroup_mma(gl.convert_layout(p16, p_op), v_s.index(pv), acc)
     l_acc = warpgroup_mma(gl.convert_layout(p16, pl_op), ones, l_acc)
 
-    rows = q_row0 + WG * BMW + gl.arange(0, BMW, layout=gl.SliceLayout(1, o_layout))
+    rows = q_row0 + wg * BMW + gl.arange(0, BMW, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, DQ, layout=gl.SliceLayout(0, o_layout))
     out = acc / gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, o_layout))[:, None]
     ptrs = o_ptr + rows[:, None].to(gl.int64) * o_row_stride + col + cols[None, :]
@@ -481,93 +487,8 @@ def _ws_consume(
 
 
 @gluon.jit
-def _ws_consumer0(
-    q_desc,
-    kd,
-    vd,
-    o_ptr,
-    L,
-    o_row_stride,
-    qk_scale,
-    q_s,
-    k_s,
-    v_s,
-    ones_s,
-    ready,
-    empty,
-    qbar,
-    turn,
-    b,
-    col,
-    q_row0,
-    HEAD_DIM,
-):
-    _ws_consume(
-        0,
-        q_desc,
-        o_ptr,
-        L,
-        o_row_stride,
-        qk_scale,
-        q_s,
-        k_s,
-        v_s,
-        ones_s,
-        ready,
-        empty,
-        qbar,
-        turn,
-        col,
-        q_row0,
-        HEAD_DIM,
-    )
-
-
-@gluon.jit
-def _ws_consumer1(
-    q_desc,
-    kd,
-    vd,
-    o_ptr,
-    L,
-    o_row_stride,
-    qk_scale,
-    q_s,
-    k_s,
-    v_s,
-    ones_s,
-    ready,
-    empty,
-    qbar,
-    turn,
-    b,
-    col,
-    q_row0,
-    HEAD_DIM,
-):
-    _ws_consume(
-        1,
-        q_desc,
-        o_ptr,
-        L,
-        o_row_stride,
-        qk_scale,
-        q_s,
-        k_s,
-        v_s,
-        ones_s,
-        ready,
-        empty,
-        qbar,
-        turn,
-        col,
-        q_row0,
-        HEAD_DIM,
-    )
-
-
-@gluon.jit
 def _ws_producer(
+    wg,
     q_desc,
     kd,
     vd,
@@ -650,7 +571,32 @@ def _ws_attention_kernel(
     if PINGPONG:
         mbarrier.arrive(turn.index(0), count=1)  # group 0 issues first
 
-    args = (
+    # the same arguments for each partition but the consumer index (tuples are written out: no unpacking
+    # inside a JIT function)
+    group0 = (
+        0,
+        q_desc,
+        kd,
+        vd,
+        o_ptr,
+        L,
+        o_row_stride,
+        qk_scale,
+        q_s,
+        k_s,
+        v_s,
+        ones_s,
+        ready,
+        empty,
+        qbar,
+        turn,
+        b,
+        col,
+        q_row0,
+        HEAD_DIM,
+    )
+    group1 = (
+        1,
         q_desc,
         kd,
         vd,
@@ -672,7 +618,7 @@ def _ws_attention_kernel(
         HEAD_DIM,
     )
     gl.warp_specialize(
-        [(_ws_consumer0, args), (_ws_consumer1, args), (_ws_producer, args)], [4, 1], [CONSUMER_REGS, 24]
+        [(_ws_consume, group0), (_ws_consume, group1), (_ws_producer, group0)], [4, 1], [CONSUMER_REGS, 24]
     )
 
 
@@ -715,7 +661,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x40,1024x80", help="tokens x head dim, comma-separated")
     p.add_argument("--batches", default="2,16")
-    p.add_argument("--only", default="", help="comma-separated config names (with sdpa always); default all")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated config names (cuDNN is timed beside them, recorded as each one's sdpa_us); "
+        "default all",
+    )
     p.add_argument(
         "--out", type=Path, default=None, help="JSON to write; rows already there are kept and updated"
     )
@@ -746,10 +697,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 fn = ws_attention if kind == "ws" else attention
                 forms[name] = functools.partial(fn, q, k, v, heads, scale, **opts)
             row: dict[str, Any] = res.setdefault(f"b{batch}_n{n}_d{d}", {})
+            timed: dict[str, Any] = {}
             for name, fn in forms.items():
                 err = (fn().float() - ref).abs().max().item() / peak
-                row[name] = {"us": round(graph_us(fn, 20, 30), 2), "rel_err": float(f"{err:.3g}")}
-                print(batch, n, d, name, row[name], flush=True)
+                timed[name] = {"us": round(graph_us(fn, 20, 30), 2), "rel_err": float(f"{err:.3g}")}
+            for name, entry in timed.items():
+                if name != "sdpa":  # each form beside cuDNN as timed in the same process
+                    entry["sdpa_us"] = timed["sdpa"]["us"]
+                row[name] = entry
+                print(batch, n, d, name, entry, flush=True)
             if args.out:
                 args.out.write_text(json.dumps(res, indent=1))
     return res
