@@ -509,7 +509,9 @@ def _ws_producer(
     q_row0,
     HEAD_DIM,
 ):
-    """One warp: every key tile's k and v by TMA into the ring, a stage once both consumers released it."""
+    """One warp: every key tile's k and v by TMA into the ring, a stage once both consumers released it.
+    Its parameters are :func:`_ws_consume`'s: the worker partitions of ``gl.warp_specialize`` share one
+    signature (the consumer group 1 is a worker too)."""
     NS: gl.constexpr = k_s.type.shape[0]
     BN: gl.constexpr = k_s.type.shape[1]
     for t in range(L // BN):
