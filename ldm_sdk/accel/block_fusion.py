@@ -44,7 +44,11 @@ projections' weights move to a shared storage; :func:`unfuse_blocks` switches th
   ``proj_out``'s bias and the residual in one kernel;
 * plain 3x3 ``nn.Conv2d`` with at most 8 output channels (the UNet's and the decoder's ``conv_out``) ->
   :class:`~ldm_sdk.accel.thin_conv.FusedThinConv2d`: one GEMM to every tap's partial output and a Triton
-  9-tap sum (cuDNN is slow for thin outputs).
+  9-tap sum (cuDNN is slow for thin outputs);
+* the convolutions that run through their own ``forward`` (the UNet's ``conv_in``, ``Downsample`` and
+  ``Upsample`` convolutions, the decoder's ``conv_in``) ->
+  :class:`~ldm_sdk.accel.conv_bias.FusedBiasedConv2d`: the bias added by the Triton bias pass instead of
+  torch's unvectorised broadcast ``add_``.
 
 A block is fused only where its norms are already :class:`~ldm_sdk.accel.fusion.FusedGroupNorm` with the
 SiLU absorbed (run :func:`~ldm_sdk.accel.fusion.fuse_model` first; :func:`~ldm_sdk.accel.fusion.
@@ -72,6 +76,7 @@ from ldm_sdk.accel.context_projections import (
     share_context_projections,
     unshare_context_projections,
 )
+from ldm_sdk.accel.conv_bias import fuse_biased_convs
 from ldm_sdk.accel.conv_checks import plain_conv
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.implicit_conv import EPILOGUE_MIN_WIDTH, conv3x3_fused, fused_conv_fits, handoff_groups
@@ -627,6 +632,9 @@ def fuse_blocks(module: nn.Module, *, backend: Backend = "auto") -> BlockFusionR
         block.fusion_backend = backend
         key = fused_cls.__name__.removeprefix("Fused")
         fused[key] = fused.get(key, 0) + 1
+    biased = fuse_biased_convs(module, backend)
+    if biased:
+        fused["BiasedConv2d"] = biased
     for net in module.modules():
         if isinstance(net, autoencoder.Decoder):
             link_decoder(net)

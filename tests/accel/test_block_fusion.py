@@ -34,6 +34,7 @@ from ldm_sdk.accel.block_fusion import (
     FusedSpatialTransformer,
     FusedTransformerBlock,
 )
+from ldm_sdk.accel.conv_bias import FusedBiasedConv2d
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample
 from ldm_sdk.accel.skip_concat import FusedUNetModel
@@ -64,6 +65,7 @@ FUSED_CLASSES = (
     FusedUNetUpsample,
     FusedAttnBlock,
     FusedThinConv2d,
+    FusedBiasedConv2d,
 )
 
 
@@ -147,10 +149,18 @@ def test_report_counts_and_reasons() -> None:
         type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.out_channels <= 8 for m in bundle.modules()
     )
     assert vae_up > 0 and unet_up > 0 and vae_attn == 2 and thin == 3
+    # convolutions run through their own forward: the UNet's conv_in, down- and upsampling convs, the
+    # decoder's conv_in (the encoder's conv_in is not on the sampling path)
+    unet_down = sum(isinstance(m, unet_module.Downsample) and m.use_conv for m in bundle.modules())
+    biased = 1 + unet_down + unet_up + 1
+    assert unet_down > 0
     not_yet = fuse_blocks(bundle)
     # residual blocks need their norms fused first; the other blocks do not
     # (the UNet itself: its skip concatenations)
-    assert not_yet.total == transformers + spatial + 2 * transformers + vae_up + unet_up + vae_attn + thin + 1
+    assert (
+        not_yet.total
+        == transformers + spatial + 2 * transformers + vae_up + unet_up + vae_attn + thin + 1 + biased
+    )
     assert not_yet.fused["UNetUpsample"] == unet_up
     assert sum("not fused with their SiLU" in why for why in not_yet.skipped) == unet_blocks + vae_blocks
     unfuse_model(bundle)
@@ -168,6 +178,7 @@ def test_report_counts_and_reasons() -> None:
         "AttnBlock": vae_attn,
         "ThinConv2d": thin,
         "UNetModel": 1,
+        "BiasedConv2d": biased,
     }, report
     assert report.shared_embedding == unet_blocks
     assert report.skipped == () and "fused blocks" in str(report)
@@ -353,6 +364,7 @@ def test_sd15_unet_prepared_fp16_accuracy_and_capture() -> None:
             "UNetUpsample": 3,
             "ThinConv2d": 1,  # conv_out
             "UNetModel": 1,  # its skip concatenations
+            "BiasedConv2d": 7,  # conv_in, 3 downsampling and 3 upsampling convolutions
         }
         assert report.blocks.shared_embedding == 22
         fast = unet16(x.contiguous(memory_format=torch.channels_last), t, context=ctx.half())
