@@ -14,7 +14,8 @@ captured SD-1.5 guided step on an H100 (fp16, image batch 1; ``bench/profile_gui
 kernels of 5.5 us each, 38.6 us of a 5.4 ms step; the Triton pass takes 3 us each (21 us):
 ``bench/results/profile_guided_step_before_h100.json`` / ``profile_guided_step_h100.json``. The step,
 alternating checkouts (``bench/results/ab_step_conv_bias_h100.json``): the guided form 5.44 -> 5.42 ms, the
-plain batch-2 call 5.52 -> 5.48, batch 16 31.65 -> 31.57 (its guided form 30.71 -> 30.69); the decode unchanged.
+plain batch-2 call 5.52 -> 5.48, batch 16 31.65 -> 31.57 (its guided form 30.71 -> 30.69); the decode
+unchanged.
 
 Numerics: the same IEEE operations as the unfused path -- the convolution's output rounded to its dtype,
 then ``y + bias`` in float32 rounded once -- so the results are the same bits on CUDA. Training, non-4-D
