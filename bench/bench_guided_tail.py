@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel.graphs import CapturedModel
-from ldm_sdk.accel.guided_step import guided_denoiser
+from ldm_sdk.accel.guided_step import GuidedGraphDenoiser, guided_denoiser
 from ldm_sdk.accel.prepare import prepare_cuda_inference
 from ldm_sdk.benchmarks import common as C
 from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
@@ -40,14 +41,21 @@ def graph_ms(captured: CapturedModel, iters: int) -> float:
     return C.median(C.time_calls(capture.graph.replay, torch.device("cuda"), warmup=3, iters=iters)) * 1e3
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    dev = torch.device("cuda")
+@dataclass
+class GuidedSetup:
+    """The SD-1.5 UNet prepared and bound as the tasks bind it, its companion guided denoiser for image
+    batch 1 (guidance 7.5, shared input), the starting noise and the prompt / negative conditionings."""
+
+    captured: CapturedModel
+    den: GuidedGraphDenoiser
+    noise: torch.Tensor
+    cond: Conditioning
+    uncond: Conditioning
+
+
+def guided_setup(dev: torch.device) -> GuidedSetup:
+    """Random weights (seeded), fp16, :func:`prepare_cuda_inference`; the shared setup of this script and
+    ``bench/profile_guided_step.py``."""
     unet = C.random_sd15_unet(dev).half()
     prepare_cuda_inference(unet)
     captured = CapturedModel(bind_unet(unet, "crossattn"), modules=[unet])
@@ -57,6 +65,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
     uncond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
     den = guided_denoiser(captured, sched, "eps", cond, uncond, 7.5, share_input=True)
+    return GuidedSetup(captured, den, noise, cond, uncond)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    setup = guided_setup(dev)
+    captured, den, noise, cond, uncond = setup.captured, setup.den, setup.noise, setup.cond, setup.uncond
     step = den.captured.fn  # the GuidedPrediction the companion graph captures
     ts = torch.tensor(C.timesteps(args.steps), dtype=torch.float64)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}

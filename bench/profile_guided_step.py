@@ -23,13 +23,11 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_sdk.accel.graphs import CapturedModel
-from ldm_sdk.accel.guided_step import guided_denoiser
-from ldm_sdk.accel.prepare import prepare_cuda_inference
+from bench_guided_tail import guided_setup
+
 from ldm_sdk.benchmarks import common as C
-from ldm_sdk.diffusion.conditioning import Conditioning, bind_unet
-from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
 from ldm_sdk.samplers.ddim import sample as ddim_sample
 
 #: kernel-name fragments of the libraries' kernels
@@ -52,16 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this profile needs a CUDA device")
-    dev = torch.device("cuda")
-    unet = C.random_sd15_unet(dev).half()
-    prepare_cuda_inference(unet)
-    captured = CapturedModel(bind_unet(unet, "crossattn"), modules=[unet])
-    sched = DiffusionSchedule(make_beta_schedule("linear", 1000, 0.00085, 0.012)).to(dev)
-    g = torch.Generator(dev).manual_seed(0)
-    noise = torch.randn(1, 4, 64, 64, generator=g, device=dev).contiguous(memory_format=torch.channels_last)
-    cond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
-    uncond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
-    den = guided_denoiser(captured, sched, "eps", cond, uncond, 7.5, share_input=True)
+    setup = guided_setup(torch.device("cuda"))
+    den, noise = setup.den, setup.noise
     ts = torch.tensor(C.timesteps(args.steps), dtype=torch.float64)
     with torch.inference_mode():
         for _ in range(2):  # capture, then a warm run
