@@ -34,9 +34,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.accel import block_fusion as BF
 from ldm_sdk.accel import geglu_gemm as G
+from ldm_sdk.accel.fused_unet import FusedUNetModel
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.prepare import prepare_cuda_inference
-from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.benchmarks import common as C
 from ldm_sdk.diffusion.conditioning import Conditioning

@@ -78,13 +78,13 @@ from ldm_sdk.accel.context_projections import (
 )
 from ldm_sdk.accel.conv_bias import fuse_biased_convs
 from ldm_sdk.accel.conv_checks import plain_conv
+from ldm_sdk.accel.fused_unet import FusedUNetModel
 from ldm_sdk.accel.fusion import FusedGroupNorm, restore_class
 from ldm_sdk.accel.implicit_conv import EPILOGUE_MIN_WIDTH, conv3x3_fused, fused_conv_fits, handoff_groups
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample, unet_upsample_fusable
 from ldm_sdk.accel.norm_handoff import NormHandoff, residual_add_for_norm
 from ldm_sdk.accel.residual_kernels import add_layer_norm, layer_norm
 from ldm_sdk.accel.short_attention import fits_kernel, kernel_pays, short_attention_triton
-from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.small_conv import gemm_conv3x3, gemm_conv_pays
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample, first_stage_upsample_fusable

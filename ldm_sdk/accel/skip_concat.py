@@ -9,18 +9,18 @@ the 31.7 ms SD-1.5 step at batch 16 for about 1 GB of reads and writes, 0.10 ms 
 input holds them. A copy: the same bits as ``torch.cat``.
 
 :func:`concat_channels` runs it for two 4-D channels_last CUDA maps of one dtype (fp16 / bf16 / fp32) and
-one batch and size, without autograd (``backend="auto"``), else ``torch.cat``; ``"triton"`` forces the
-kernel (errors say why it cannot), ``"reference"`` never runs it. :class:`FusedUNetModel` is the
-``UNetModel`` class :func:`~ldm_sdk.accel.block_fusion.fuse_blocks` switches a UNet to: its
-:meth:`~ldm_sdk.models.unet.UNetModel.concat_skip` uses it (same Parameters, same everything else).
+size, without autograd (``backend="auto"``), else ``torch.cat``; ``"triton"`` forces the
+kernel (errors say why it cannot), ``"reference"`` never runs it. The second map's batch may divide the
+first's: it is then repeated (the skips saved before the guidance copies part, which the UNet no longer
+copies itself: the kernel reads output row ``p``'s values from the skip's row ``p mod`` its rows, with no
+copy of its own). The fused UNet's
+:meth:`~ldm_sdk.models.unet.UNetModel.concat_skip` uses it (:class:`ldm_sdk.accel.fused_unet.FusedUNetModel`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldm_sdk.accel.triton_kernels import (
     BACKENDS,
@@ -32,7 +32,7 @@ from ldm_sdk.accel.triton_kernels import (
     launch_over_pixels,
     triton,
 )
-from ldm_sdk.models.unet import UNetModel
+from ldm_sdk.models.attention import repeat_batch
 
 TILE = 4096
 """Elements per program."""
@@ -43,8 +43,11 @@ def _fits(a: Tensor, b: Tensor) -> str | None:
     for t in (a, b):
         if t.dim() != 4 or _memory_format(t) != torch.channels_last:
             return f"4-D channels_last maps, got shape {tuple(t.shape)} with strides {tuple(t.stride())}"
-    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
-        return f"maps of one batch and size, got {tuple(a.shape)} and {tuple(b.shape)}"
+    if a.shape[2:] != b.shape[2:] or b.shape[0] == 0 or a.shape[0] % b.shape[0]:
+        return (
+            f"maps of one size, the second's batch dividing the first's, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
     if a.dtype != b.dtype or a.device != b.device:
         return f"maps of one dtype and device, got {a.dtype} / {a.device} and {b.dtype} / {b.device}"
     return None
@@ -53,7 +56,9 @@ def _fits(a: Tensor, b: Tensor) -> str | None:
 def concat_channels(
     a: Tensor, b: Tensor, *, backend: Backend = "auto", recorder: KernelRecorder | None = None
 ) -> Tensor:
-    """``torch.cat([a, b], dim=1)`` (see the module doc)."""
+    """``torch.cat([a, b], dim=1)`` (see the module doc); a ``b`` whose batch divides ``a``'s is repeated,
+    ``[b; b; ...]``, as the skips that the guidance copies share
+    (:meth:`~ldm_sdk.models.unet.UNetModel.forward`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     problem = _fits(a, b)
@@ -61,11 +66,14 @@ def concat_channels(
         raise ValueError(f"the concatenation kernel takes {problem}; use backend='auto'")
     if problem is None and _use_triton(backend, "concat_channels", a, b):
         return concat_channels_triton(a, b, recorder=recorder)
+    if b.shape[0] and a.shape[0] != b.shape[0] and a.shape[0] % b.shape[0] == 0:
+        b = repeat_batch(b, a.shape[0] // b.shape[0])
     return torch.cat([a, b], dim=1)
 
 
 def concat_channels_triton(a: Tensor, b: Tensor, *, recorder: KernelRecorder | None = None) -> Tensor:
-    """:func:`concat_channels` through the kernel (channels_last maps of one batch, size, dtype)."""
+    """:func:`concat_channels` through the kernel (channels_last maps of one size and dtype, ``b``'s batch
+    dividing ``a``'s)."""
     problem = _fits(a, b)
     if problem is not None:
         raise ValueError(f"the concatenation kernel takes {problem}; use backend='auto'")
@@ -76,19 +84,9 @@ def concat_channels_triton(a: Tensor, b: Tensor, *, recorder: KernelRecorder | N
     pixels = n * h * w
     if out.numel() == 0:
         return out
-    launch_over_pixels(_concat_kernel, recorder, pixels, ca + cb, TILE, a, b, out, pixels, ca, cb)
+    pixels_b = b.shape[0] * h * w
+    launch_over_pixels(_concat_kernel, recorder, pixels, ca + cb, TILE, a, b, out, pixels, pixels_b, ca, cb)
     return out
-
-
-class FusedUNetModel(UNetModel):
-    """``UNetModel`` whose skip concatenations run :func:`concat_channels`."""
-
-    unfused_class: ClassVar[type[nn.Module]] = UNetModel
-    fusion_backend: Backend = "auto"
-    kernel_recorder: KernelRecorder | None = None  # set by ldm_sdk.accel.precompile while it records
-
-    def concat_skip(self, h: Tensor, skip: Tensor) -> Tensor:
-        return concat_channels(h, skip, backend=self.fusion_backend, recorder=self.kernel_recorder)
 
 
 if triton is not None:
@@ -97,4 +95,4 @@ if triton is not None:
     )
 
 
-__all__ = ["FusedUNetModel", "concat_channels", "concat_channels_triton"]
+__all__ = ["concat_channels", "concat_channels_triton"]

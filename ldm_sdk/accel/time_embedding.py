@@ -23,10 +23,20 @@ projects on its own, as before.
 
 Numerics: each column is the same dot product as the block's own ``addmm``; a wider GEMM may sum in another
 order, so half-precision results can differ by float32 accumulation noise before their one rounding.
+
+The sinusoidal features of the timesteps before the embedding MLP: :func:`timestep_features`. torch builds
+them with ten small kernels per UNet call (the batch repeated for the guidance copies, ``arange``, two
+scalings, ``exp``, the product with ``t``, ``cos``, ``sin``, the concatenation, the cast to the weights'
+dtype), about 20 us at the head of every SD-1.5 step on an H100 (``bench/profile_guided_step.py``). On CUDA
+one Triton kernel computes them: the same IEEE float32 operations in the same order, libdevice's correctly
+rounded ``exp`` / ``cos`` / ``sin`` as torch's CUDA kernels call them, one rounding to the output dtype --
+the same bits as :func:`~ldm_sdk.models.embeddings.timestep_embedding` followed by ``.to(dtype)`` on CUDA
+(the GPU test compares them exactly).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -35,7 +45,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
+from ldm_sdk.accel.triton_kernels import (
+    BACKENDS,
+    Backend,
+    KernelRecorder,
+    _interpreting,
+    _needs_grad,
+    launch,
+    triton,
+)
+from ldm_sdk.models.attention import repeat_batch
+from ldm_sdk.models.embeddings import timestep_embedding
 from ldm_sdk.models.unet import ResBlock
+
+#: the timestep dtypes and the output dtypes the features kernel takes
+FEATURE_TIME_DTYPES = (torch.float64, torch.float32, torch.int64, torch.int32)
+FEATURE_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class EmbeddingShifts:
@@ -130,4 +155,66 @@ def share_embedding_projection(blocks: Sequence[ResBlock]) -> EmbeddingShifts | 
     return shared
 
 
-__all__ = ["EmbeddingShifts", "share_embedding_projection"]
+def timestep_features(
+    timesteps: Tensor,
+    dim: int,
+    dtype: torch.dtype,
+    repeats: int = 1,
+    *,
+    max_period: float = 10000,
+    backend: Backend = "auto",
+    recorder: KernelRecorder | None = None,
+) -> Tensor:
+    """``timestep_embedding(repeat_batch(timesteps, repeats), dim, max_period).to(dtype)`` (see the module
+    doc): one Triton kernel on CUDA outside autograd (``backend="auto"``; ``"triton"`` forces it, also on the
+    CPU under the interpreter; ``"reference"`` never runs it), else the torch ops."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    problem = _features_problem(timesteps, dim, dtype)
+    if backend == "triton" and problem is not None:
+        raise ValueError(f"the timestep features kernel takes {problem}; use backend='auto'")
+    use = backend == "triton" or (
+        backend == "auto" and problem is None and timesteps.is_cuda and not _needs_grad(timesteps)
+    )
+    if not use:
+        return timestep_embedding(repeat_batch(timesteps, repeats), dim, max_period).to(dtype)
+    b = timesteps.shape[0]
+    out = torch.empty((b * repeats, dim), device=timesteps.device, dtype=dtype)
+    if out.numel():
+        half = dim // 2
+        neg_log_period = torch.tensor(-math.log(max_period), dtype=torch.float32).item()
+        inv_half = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(half))).item()
+        grid = (b * repeats,)
+        args = (timesteps.contiguous(), out, b, half, dim, neg_log_period, inv_half)
+        block = _pow2(half)
+        libdev = not _interpreting()
+        launch(_timestep_features_kernel, grid, recorder, *args, BLOCK=block, LIBDEVICE=libdev, num_warps=2)
+    return out
+
+
+def _features_problem(timesteps: Tensor, dim: int, dtype: torch.dtype) -> str | None:
+    """None when the features kernel takes these, else what it takes."""
+    if triton is None or not (timesteps.is_cuda or _interpreting()):
+        return "a CUDA device with Triton (or the Triton interpreter)"
+    if timesteps.ndim != 1 or timesteps.dtype not in FEATURE_TIME_DTYPES:
+        return (
+            f"1-D timesteps of {FEATURE_TIME_DTYPES}, got {timesteps.dtype} of shape {tuple(timesteps.shape)}"
+        )
+    if dtype not in FEATURE_OUT_DTYPES:
+        return f"an output dtype of {FEATURE_OUT_DTYPES}, got {dtype}"
+    if dim < 2:
+        return f"at least 2 features, got {dim}"
+    return None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+if triton is not None:
+    from ldm_sdk.kernels.time_embedding import _timestep_features_kernel
+
+
+__all__ = ["EmbeddingShifts", "share_embedding_projection", "timestep_features"]

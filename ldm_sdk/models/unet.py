@@ -191,6 +191,17 @@ def _context_repeats(context: Context, batch: int) -> int:
     return next(iter(rows)) // batch
 
 
+def _batch_repeats(h: torch.Tensor, skip: torch.Tensor) -> int:
+    """How many copies of ``skip``'s batch make ``h``'s (1 for equal batches)."""
+    if h.shape[0] == skip.shape[0]:
+        return 1
+    if skip.shape[0] == 0 or h.shape[0] % skip.shape[0]:
+        raise ValueError(
+            f"a skip of batch {skip.shape[0]} cannot be repeated to the batch {h.shape[0]} of the path's map"
+        )
+    return h.shape[0] // skip.shape[0]
+
+
 def _shared_input_block(
     module: nn.Module,
     h: torch.Tensor,
@@ -474,8 +485,23 @@ class UNetModel(nn.Module):
 
     def concat_skip(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """An output block's input: the path's map and the skip saved on the way down, concatenated along
-        the channels (a fast path may do this in its own kernel)."""
-        return torch.cat([h, skip], dim=1)
+        the channels (a fast path may do this in its own kernel). A skip saved before the guidance copies
+        parted (:meth:`forward`'s shared input) has ``B`` rows for ``h``'s ``r x B``: it is repeated."""
+        return torch.cat([h, repeat_batch(skip, _batch_repeats(h, skip))], dim=1)
+
+    def timestep_features(self, timesteps: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """The sinusoidal features of ``timesteps`` (``(B,)``) repeated ``repeats`` times, in the weights'
+        dtype: the embedding MLP's input (a fast path may compute them in its own kernel)."""
+        dtype = self.time_embed[0].weight.dtype
+        return timestep_embedding(repeat_batch(timesteps, repeats), self.model_channels).to(dtype)
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, repeats: int = 1) -> torch.Tensor:
+        """The embedding of ``timesteps`` (``(B,)``) plus the class embedding of ``y``, for the batch
+        repeated ``repeats`` times (:meth:`forward`'s shared input)."""
+        emb = self.time_embed(self.timestep_features(timesteps, repeats))
+        if y is not None:
+            emb = emb + self.label_emb(repeat_batch(y, repeats))
+        return emb
 
     def forward(
         self,
@@ -496,7 +522,8 @@ class UNetModel(nn.Module):
         guidance: the negative and the positive prompt for the same latents). The result is then the one
         for ``x``, ``timesteps`` and ``y`` repeated ``r`` times (``[x; x; ...]``), ``(r B, ...)``, but the
         layers before the first cross-attention -- the input convolution, the first residual block, the
-        first transformer's self-attention -- run once for the ``B`` distinct samples.
+        first transformer's self-attention -- run once for the ``B`` distinct samples; their outputs, kept
+        as skips, are repeated where an output block takes them (:meth:`concat_skip`).
         """
         if (y is not None) != (self.num_classes is not None):
             if y is None:
@@ -525,10 +552,7 @@ class UNetModel(nn.Module):
         repeats = _context_repeats(context, x.shape[0])
         # with copies: the embedding of the whole repeated batch, whose leading rows (a view) serve the
         # shared layers -- a fused model then projects it once (ldm_sdk.accel.time_embedding)
-        timesteps = repeat_batch(timesteps, repeats)
-        emb_all = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
-        if y is not None:
-            emb_all = emb_all + self.label_emb(repeat_batch(y, repeats))
+        emb_all = self.embed(timesteps, y, repeats)
         emb = emb_all[: x.shape[0]] if repeats > 1 else emb_all
 
         h = x.to(dtype)
@@ -537,13 +561,12 @@ class UNetModel(nn.Module):
             if repeats > 1:  # the copies share everything up to the first cross-attention
                 h, parted = _shared_input_block(module, h, emb, emb_all, context, repeats)
                 if parted:
-                    emb, hs, repeats = emb_all, [repeat_batch(s, repeats) for s in hs], 1
+                    emb, repeats = emb_all, 1  # hs keeps the shared skips: concat_skip repeats them
             else:
                 h = module(h, emb, context)
             hs.append(h)
         if repeats > 1:  # no cross-attention among the input blocks: the copies part here
             h, emb = repeat_batch(h, repeats), emb_all
-            hs = [repeat_batch(s, repeats) for s in hs]
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(self.concat_skip(h, hs.pop()), emb, context)

@@ -35,9 +35,9 @@ from ldm_sdk.accel.block_fusion import (
     FusedTransformerBlock,
 )
 from ldm_sdk.accel.conv_bias import FusedBiasedConv2d
+from ldm_sdk.accel.fused_unet import FusedUNetModel
 from ldm_sdk.accel.graphs import CapturedModel
 from ldm_sdk.accel.nearest_upsample import FusedUNetUpsample
-from ldm_sdk.accel.skip_concat import FusedUNetModel
 from ldm_sdk.accel.subpixel import FusedFirstStageUpsample
 from ldm_sdk.accel.thin_conv import FusedThinConv2d
 from ldm_sdk.accel.vae_attention import FusedAttnBlock

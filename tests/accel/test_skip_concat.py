@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ldm_sdk.accel import fuse_blocks, fuse_model, unfuse_model
 from ldm_sdk.accel import skip_concat as S
+from ldm_sdk.accel.fused_unet import FusedUNetModel
 from ldm_sdk.accel.triton_kernels import triton_available
 from ldm_sdk.models.unet import UNetModel
 from ldm_sdk.testing.interpreter import run_interpreted, unwritten_memory_is_nan
@@ -54,12 +55,25 @@ def test_off_cuda_torch_cat_runs() -> None:
     assert torch.equal(S.concat_channels(*nchw), torch.cat(nchw, 1))
 
 
+def test_a_second_map_of_a_dividing_batch_is_repeated() -> None:
+    a, b = maps(6, 8, 4, 3, 5, torch.float32)
+    for rows in (1, 2, 3):
+        want = torch.cat([a, torch.cat([b[:rows]] * (6 // rows))], 1)
+        for backend in ("auto", "reference"):
+            assert torch.equal(S.concat_channels(a, b[:rows], backend=backend), want)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):  # torch.cat's own error: 4 rows do not divide 6
+        S.concat_channels(a, b[:4])
+
+
 def test_errors_say_what_the_kernel_takes() -> None:
     a, b = maps(1, 8, 4, 3, 5, torch.float16)
     with pytest.raises(ValueError, match="unknown backend"):
         S.concat_channels(a, b, backend="fast")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="one batch and size"):
+    with pytest.raises(ValueError, match="one size, the second's batch dividing the first's"):
         S.concat_channels(a, b[:, :, :2], backend="triton")
+    a3, b2 = maps(3, 8, 4, 3, 5, torch.float16)[0], maps(2, 8, 4, 3, 5, torch.float16)[1]
+    with pytest.raises(ValueError, match="the second's batch dividing the first's"):
+        S.concat_channels(a3, b2, backend="triton")
     with pytest.raises(ValueError, match="channels_last"):
         S.concat_channels(a.contiguous(), b, backend="triton")
     with pytest.raises(ValueError, match="one dtype"):
@@ -75,7 +89,7 @@ def test_fused_unet_concatenates_as_the_unfused_one() -> None:
         before = unet(x, t, ctx)
         fuse_model(bundle, backend="reference")
         fuse_blocks(bundle, backend="reference")
-        assert type(bundle.unet) is S.FusedUNetModel
+        assert type(bundle.unet) is FusedUNetModel
         torch.testing.assert_close(bundle.unet(x, t, ctx), before, rtol=2e-5, atol=2e-5)
     unfuse_model(bundle.unet)
     assert type(bundle.unet) is UNetModel
@@ -94,12 +108,17 @@ def interpreter_checks() -> list[str]:
             assert out.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(out, torch.cat([a, b], 1)), (ca, cb, dtype)
             done.append(f"{(n, ca, cb, h, w)} {dtype}")
+        for n, rows in ((2, 1), (6, 2)):  # the skip's batch repeated: output row p reads its row p mod
+            a, b = maps(n, 40, 24, 3, 5, torch.float16)
+            out = S.concat_channels_triton(a, b[:rows])
+            assert torch.equal(out, torch.cat([a, torch.cat([b[:rows]] * (n // rows))], 1)), (n, rows)
+            done.append(f"{n} rows from {rows}")
     return done
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_kernel_in_the_interpreter() -> None:
-    assert len(run_interpreted(__file__, "--interpreter-checks")) == 3
+    assert len(run_interpreted(__file__, "--interpreter-checks")) == 5
 
 
 @pytest.mark.gpu
@@ -116,6 +135,8 @@ def test_sd15_shapes_on_cuda() -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static, torch.cat([a, b], 1)) and not torch.equal(static, out)
+        shared = S.concat_channels(a, b[:1])  # a skip the guidance halves share
+        assert torch.equal(shared, torch.cat([a, torch.cat([b[:1], b[:1]])], 1))
 
 
 if __name__ == "__main__" and "--interpreter-checks" in sys.argv:
