@@ -18,6 +18,7 @@ from types import ModuleType
 # subcommand -> module defining HELP, add_arguments(parser), run(args) -> int
 COMMANDS: dict[str, str] = {
     "bench": "ldm_sdk.commands.bench",
+    "bench-tasks": "ldm_sdk.commands.bench_tasks",
     "eval": "ldm_sdk.commands.eval",
     "inspect": "ldm_sdk.commands.inspect",
     "plugins": "ldm_sdk.commands.plugins",
