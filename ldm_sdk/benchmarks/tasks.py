@@ -7,8 +7,9 @@
 Each task is called as users call it, ``task(request, runtime, inputs=...)`` with a request that names the
 model file (so the model comes through the runtime's cache) and in-memory inputs: from the request to the
 decoded uint8 images, condition encoding, first-stage encode / decode and the manifest included. The
-requests keep every task default except ``steps``, ``seed``, ``device`` and ``dtype`` (``accelerate`` stays
-on: the CUDA-graph fast path where it applies).
+requests keep every task default except ``steps``, ``seed``, ``device`` and ``dtype`` (and ``use_ema`` /
+``accelerate`` when asked: ``accelerate`` stays on by default, the CUDA-graph fast path where it applies;
+``--no-accelerate`` times the eager network for comparison).
 
 What is measured:
 
@@ -91,7 +92,8 @@ class BenchOptions:
     ``model`` None: the built-in default model (none exists yet: the run stops with the tasks' own
     ``NoDefaultModelError``). ``tasks`` None: every task the model supports. ``size`` ``(height, width)``
     None: the model's training size. ``steps`` / ``repeats`` None: 10 / 3 on the CPU, 50 / 5 elsewhere.
-    ``threads``: ``torch.set_num_threads`` before timing. ``out``: a JSON file to write."""
+    ``threads``: ``torch.set_num_threads`` before timing. ``use_ema`` / ``accelerate``: the request fields of
+    those names. ``out``: a JSON file to write."""
 
     model: str | None = None
     config: str | None = None
@@ -103,6 +105,8 @@ class BenchOptions:
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
+    use_ema: bool = False
+    accelerate: bool = True
     out: str | None = None
 
     @classmethod
@@ -119,6 +123,8 @@ class BenchOptions:
             device=args.device,
             dtype=args.dtype,
             threads=args.threads,
+            use_ema=args.ema,
+            accelerate=args.accelerate,
             out=args.out,
         )
 
@@ -373,7 +379,7 @@ def measure(options: BenchOptions, runtime: Runtime) -> BenchReport:
 
     options.check()
     placement = {"device": options.device, "dtype": options.dtype}
-    model = {"model": options.model, "config": options.config}
+    model = {"model": options.model, "config": options.config, "use_ema": options.use_ema}
     base = parse_request(TaskRequest, {**model, **placement})
     start_device = select_device(options.device)  # for the CUDA synchronization around the load
     load_s, bundle = C.wall(lambda: load_bundle(base, runtime), start_device)
@@ -386,7 +392,7 @@ def measure(options: BenchOptions, runtime: Runtime) -> BenchReport:
     on_cpu = device.type == "cpu"
     steps = options.steps or (CPU_STEPS if on_cpu else GPU_STEPS)
     repeats = options.repeats or (CPU_REPEATS if on_cpu else GPU_REPEATS)
-    common = {**model, **placement, "steps": steps, "seed": options.seed}
+    common = {**model, **placement, "steps": steps, "seed": options.seed, "accelerate": options.accelerate}
     common = {k: v for k, v in common.items() if v is not None}
     jobs = [build_job(name, bundle, registry, size, common) for name in names]
     env = environment(device)

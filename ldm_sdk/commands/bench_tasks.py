@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), help="compute dtype (default: per device)"
     )
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    parser.add_argument(
+        "--no-accelerate",
+        dest="accelerate",
+        action="store_false",
+        help="on CUDA, run the network eagerly instead of replaying CUDA graphs (to compare the two)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", metavar="FILE", help="write everything measured as JSON here")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ldm_sdk.benchmarks.tasks import BenchOptions, BenchReport, run
-from ldm_sdk.cli import COMMANDS, main
+from ldm_sdk.cli import COMMANDS, build_parser, main
 from ldm_sdk.commands.bench_tasks import parse_size, parse_tasks
 from ldm_sdk.runtime import Runtime
 from ldm_sdk.tasks import BUILTIN_TASKS
@@ -124,6 +124,30 @@ def test_a_subset_in_the_order_given(files: dict[str, Path], runtime: Runtime) -
     report = run(options, runtime)
     assert [t.task for t in report.tasks] == ["outpaint", "class"]
     check_timings(report, 3)  # the CPU default
+    assert all(t.request["accelerate"] is True and t.request["use_ema"] is False for t in report.tasks)
+
+
+def test_ema_and_no_accelerate_reach_the_requests(
+    files: dict[str, Path], no_entrypoints: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "bench-tasks",
+        "--model",
+        str(files["txt"]),
+        "--tasks",
+        "txt2img",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+    ]
+    options = BenchOptions.from_args(build_parser().parse_args([*argv, "--no-accelerate"]))
+    assert not options.accelerate and not options.use_ema
+    report = run(options)
+    assert [t.request["accelerate"] for t in report.tasks] == [False]
+    # --ema reaches the loader: the tiny models are saved without EMA weights, which it says
+    assert main([*argv, "--ema"]) == 1
+    assert "has no EMA weights" in capsys.readouterr().err
 
 
 # -- errors ----------------------------------------------------------------------------------------------
