@@ -48,6 +48,8 @@ TRACE_ENV = "LDM_SDK_TRACE_PLUGINS"
 NO_ENTRYPOINTS_ENV = "LDM_SDK_NO_ENTRYPOINTS"
 #: ``0`` turns the fused GroupNorm+SiLU / GEGLU kernels off for models the runtime loads
 FUSED_KERNELS_ENV = "LDM_SDK_FUSED_KERNELS"
+#: ``0`` turns the CPU fast path off for bf16 models the runtime loads on the CPU
+CPU_FAST_PATH_ENV = "LDM_SDK_CPU_FAST_PATH"
 #: how tasks run the denoising network (``Runtime(capture_mode=...)``)
 TASK_CAPTURE_MODES: tuple[str, ...] = ("auto", "off", "emulate")
 
@@ -88,6 +90,7 @@ class Runtime:
         plugins: Sequence[object] = (),
         capture_mode: str = "auto",
         fused_kernels: bool | None = None,
+        cpu_fast_path: bool | None = None,
     ) -> None:
         """The options of :meth:`create`. ``plugins`` are extra plugin objects registered after the built-in
         one and before entry points (scripts and tests); ``disabled_plugins`` adds to
@@ -102,7 +105,14 @@ class Runtime:
         ``fused_kernels``: models loaded on CUDA in fp16 / bf16 run GroupNorm (+ the SiLU after it) and GEGLU
         as fused Triton kernels that compute in float32 and round once, with channels_last weights
         (:func:`ldm_sdk.accel.prepare.prepare_cuda_inference`; eager and CUDA-graph runs alike); float32
-        and CPU models are never changed. ``None``: on unless ``$LDM_SDK_FUSED_KERNELS`` is ``0``."""
+        and CPU models are never changed. ``None``: on unless ``$LDM_SDK_FUSED_KERNELS`` is ``0``.
+
+        ``cpu_fast_path``: models loaded on the CPU in bf16 (``dtype="bf16"``, or ``$LDM_SDK_DTYPE``; fp32
+        stays the CPU default) get channels_last weights and the cross-attention K/V cache
+        (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the UNet and the first stage, without prepacked
+        weights, which would double their memory, and leaving torch's thread count alone): 1.2x the bf16
+        eager tasks on an AMX CPU (``docs/benchmarks.md``). fp32 and CUDA models are never changed by it.
+        ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``."""
         if capture_mode not in TASK_CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {capture_mode!r}; valid: {', '.join(TASK_CAPTURE_MODES)}")
         self.capture_mode = capture_mode
@@ -110,6 +120,9 @@ class Runtime:
         if fused_kernels is None:
             fused_kernels = _env_flag(env, FUSED_KERNELS_ENV, default=True)
         self.fused_kernels = fused_kernels
+        if cpu_fast_path is None:
+            cpu_fast_path = _env_flag(env, CPU_FAST_PATH_ENV, default=True)
+        self.cpu_fast_path = cpu_fast_path
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
             trace=trace or _env_flag(env, TRACE_ENV),
@@ -139,7 +152,7 @@ class Runtime:
     def create(cls, **options: Any) -> Runtime:
         """A new runtime; ``options`` are the keyword arguments of :class:`Runtime` (``load_entrypoints``,
         ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``,
-        ``capture_mode``, ``fused_kernels``)."""
+        ``capture_mode``, ``fused_kernels``, ``cpu_fast_path``)."""
         return cls(**options)
 
     @classmethod
@@ -224,6 +237,8 @@ class Runtime:
                 from ldm_sdk.accel.prepare import prepare_cuda_inference
 
                 prepare_cuda_inference(model)
+            elif self.cpu_fast_path and target.type == "cpu" and precision == torch.bfloat16:
+                _cpu_fast_path(model)
             return model
 
         return self.get_model(key, load)
@@ -332,6 +347,20 @@ class Runtime:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+def _cpu_fast_path(model: nn.Module) -> None:
+    """channels_last weights and the K/V cache for a bf16 CPU bundle's UNet and first stage (see
+    ``Runtime(cpu_fast_path=)``); other models are left as they are."""
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+
+    if not isinstance(model, ModelBundle):
+        return
+    from ldm_sdk.accel.cpu import configure_cpu_inference
+
+    networks = [m for m in (model.model, model.first_stage_model) if m is not None]
+    if networks:
+        configure_cpu_inference(*networks, dtype=torch.bfloat16, threads=0, prepack=False)
 
 
 def _env_names(value: str) -> frozenset[str]:

@@ -456,6 +456,58 @@ def test_fused_kernels_option_and_environment(monkeypatch: pytest.MonkeyPatch) -
         assert runtime.fused_kernels is True  # the argument wins over the environment
 
 
+def test_cpu_fast_path_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LDM_SDK_CPU_FAST_PATH", raising=False)
+    with Runtime.create(load_entrypoints=False, device="cpu") as runtime:
+        assert runtime.cpu_fast_path is True
+    monkeypatch.setenv("LDM_SDK_CPU_FAST_PATH", "0")
+    with Runtime.create(load_entrypoints=False, device="cpu") as runtime:
+        assert runtime.cpu_fast_path is False
+    with Runtime.create(load_entrypoints=False, device="cpu", cpu_fast_path=True) as runtime:
+        assert runtime.cpu_fast_path is True  # the argument wins over the environment
+
+
+def test_bf16_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> None:
+    """channels_last convolution weights and the cross-attention K/V cache for bf16, nothing for fp32 or with
+    the option off; the UNet computes the same up to bf16 rounding (the cache is exact, channels_last
+    changes oneDNN's kernels)."""
+    from ldm_sdk.accel.kv_cache import context_cache_of
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.checkpoints.loader import save
+    from ldm_sdk.diffusion.conditioning import Conditioning
+    from tests.tiny_configs import SD1, random_bundle
+
+    path = save(random_bundle(SD1), tmp_path / "sd.safetensors")
+
+    def prepared(bundle: nn.Module) -> tuple[bool, bool]:
+        assert isinstance(bundle, ModelBundle) and bundle.model is not None
+        convs = [
+            m.weight for m in bundle.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+        ]
+        last = all(
+            w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+        )
+        return last, context_cache_of(bundle.model) is not None
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 7, 32, generator=g),
+        torch.tensor([5.0, 700.0]),
+    )
+    outs = {}
+    for fast in (True, False):
+        with Runtime.create(load_entrypoints=False, device="cpu", cpu_fast_path=fast) as rt:
+            assert prepared(rt.load_model(path, dtype="fp32")) == (False, False)
+            bundle = rt.load_model(path, dtype="bf16")
+            assert prepared(bundle) == (fast, fast)
+            assert isinstance(bundle, ModelBundle) and bundle.model is not None
+            with torch.inference_mode():
+                outs[fast] = bundle.apply_model(x.bfloat16(), t, Conditioning(crossattn=ctx.bfloat16()))
+    err = float((outs[True].float() - outs[False].float()).abs().max() / outs[False].float().abs().max())
+    assert err < 2e-2, err
+
+
 def test_models_loaded_on_the_cpu_are_never_fused(tmp_path: Path) -> None:
     from ldm_sdk.accel.fusion import FusedGroupNorm
     from ldm_sdk.checkpoints.loader import save

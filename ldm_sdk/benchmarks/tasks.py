@@ -38,6 +38,7 @@ import datetime as dt
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ class BenchOptions:
     ``NoDefaultModelError``). ``tasks`` None: every task the model supports. ``size`` ``(height, width)``
     None: the model's training size. ``steps`` / ``repeats`` None: 10 / 3 on the CPU, 50 / 5 elsewhere.
     ``threads``: ``torch.set_num_threads`` before timing. ``use_ema`` / ``accelerate``: the request fields of
-    those names. ``out``: a JSON file to write."""
+    those names. ``random_model``: instead of ``model``, a model of :data:`~ldm_sdk.benchmarks.random_models.
+    RANDOM_MODELS` with random weights, written into ``random_dir`` (reused from there when present; None: a
+    temporary folder, removed afterwards). ``out``: a JSON file to write."""
 
     model: str | None = None
     config: str | None = None
@@ -107,6 +110,8 @@ class BenchOptions:
     threads: int | None = None
     use_ema: bool = False
     accelerate: bool = True
+    random_model: str | None = None
+    random_dir: str | None = None
     out: str | None = None
 
     @classmethod
@@ -125,14 +130,26 @@ class BenchOptions:
             threads=args.threads,
             use_ema=args.ema,
             accelerate=args.accelerate,
+            random_model=args.random_model,
+            random_dir=args.random_dir,
             out=args.out,
         )
 
     def check(self) -> None:
-        """Raise ``ValueError`` for counts below 1 (steps, repeats, threads)."""
+        """Raise ``ValueError`` for counts below 1 (steps, repeats, threads) and for a random model asked for
+        together with a model file or config, or unknown."""
         for name, value in (("steps", self.steps), ("repeats", self.repeats), ("threads", self.threads)):
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1; got {value}")
+        if self.random_model is not None:
+            from ldm_sdk.benchmarks.random_models import RANDOM_MODELS
+
+            if self.model is not None or self.config is not None:
+                raise ValueError("give either --model (and --config) or --random-model, not both")
+            if self.random_model not in RANDOM_MODELS:
+                raise ValueError(
+                    f"unknown random model {self.random_model!r}; valid: {', '.join(RANDOM_MODELS)}"
+                )
 
 
 # -- results -----------------------------------------------------------------------------------------------
@@ -164,6 +181,7 @@ class BenchReport:
     afterwards (``loads`` 1 and no evictions: every task reused the model loaded for ``load_s``)."""
 
     model: str | None
+    random_model: str | None
     family: str
     device: str
     dtype: str
@@ -373,13 +391,15 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def measure(options: BenchOptions, runtime: Runtime) -> BenchReport:
-    """Load the model, check the tasks and the size, build every job, then time them one after another."""
+def measure(options: BenchOptions, runtime: Runtime, *, model_file: str | None = None) -> BenchReport:
+    """Load the model (``model_file``, the written ``random_model``, else ``options.model``), check the tasks
+    and the size, build every job, then time them one after another."""
     from ldm_sdk.devices import dtype_name, select_device
 
     options.check()
     placement = {"device": options.device, "dtype": options.dtype}
-    model = {"model": options.model, "config": options.config, "use_ema": options.use_ema}
+    model_path = model_file if model_file is not None else options.model
+    model = {"model": model_path, "config": options.config, "use_ema": options.use_ema}
     base = parse_request(TaskRequest, {**model, **placement})
     start_device = select_device(options.device)  # for the CUDA synchronization around the load
     load_s, bundle = C.wall(lambda: load_bundle(base, runtime), start_device)
@@ -406,7 +426,8 @@ def measure(options: BenchOptions, runtime: Runtime) -> BenchReport:
             "class-0 tokens are the same for any count)"
         )
     return BenchReport(
-        model=options.model,
+        model=model_path,
+        random_model=options.random_model,
         family=bundle.family,
         device=str(device),
         dtype=dtype_name(dtype),
@@ -450,7 +471,9 @@ def show(report: BenchReport) -> None:
     env = report.env
     h, w = report.size
     lines = [
-        f"model {report.model} (family {report.family}); load into the runtime's cache {report.load_s:.3f} s",
+        f"model {report.model} (family {report.family}"
+        + (f"; {report.random_model}: random weights, seed {report.seed}" if report.random_model else "")
+        + f"); load into the runtime's cache {report.load_s:.3f} s",
         f"size {w}x{h} (multiple of {report.size_multiple}), {report.steps} steps, seed {report.seed}, "
         f"{report.repeats} warm run(s) per task after the first",
         f"{env['device_name']}; {env['cpu_threads']} torch thread(s), {env['usable_cores']} usable core(s); "
@@ -477,13 +500,19 @@ def run(options: BenchOptions, runtime: Runtime | None = None) -> BenchReport:
 
     options.check()
     threads = torch.get_num_threads()
+    model_file: str | None = None
     with contextlib.ExitStack() as stack:
+        if options.random_model is not None:
+            from ldm_sdk.benchmarks.random_models import random_model_file
+
+            folder = options.random_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="ldm-sdk-"))
+            model_file = str(random_model_file(options.random_model, folder, seed=options.seed))
         if options.threads:
             torch.set_num_threads(options.threads)
             stack.callback(torch.set_num_threads, threads)  # a library call leaves the process as it was
         if runtime is None:
             runtime = stack.enter_context(Runtime.create(device=options.device, dtype=options.dtype))
-        report = measure(options, runtime)
+        report = measure(options, runtime, model_file=model_file)
     show(report)
     if options.out:
         print(f"wrote {write_json(report, options.out)}")

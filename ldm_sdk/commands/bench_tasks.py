@@ -44,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="YAML", help="the checkpoint's original YAML config (default: detect)"
     )
     parser.add_argument(
+        "--random-model",
+        choices=("sd15", "sd15-ci"),
+        help="instead of --model: a known architecture with random weights (timings depend on the "
+        "architecture, not the weights): sd15 = Stable Diffusion 1.x at 512 px; sd15-ci = SD 1.x shrunk to "
+        "the CI size, 256 px",
+    )
+    parser.add_argument(
+        "--random-dir",
+        metavar="DIR",
+        help="keep the --random-model file here and reuse it next time (default: a temporary folder)",
+    )
+    parser.add_argument(
         "--tasks",
         type=parse_tasks,
         metavar="A,B",

@@ -150,6 +150,38 @@ def test_ema_and_no_accelerate_reach_the_requests(
     assert "has no EMA weights" in capsys.readouterr().err
 
 
+def test_a_random_model_of_the_sd15_architecture_at_ci_size(tmp_path: Path, runtime: Runtime) -> None:
+    """``--random-model sd15-ci``: SD 1.x's architecture shrunk as the sampling bench's ``--size ci`` (its
+    37,522,628-parameter UNet, docs/benchmarks.md), with CLIP ViT-L/14's whole text tower (123,060,480
+    parameters), written once into ``--random-dir`` and timed like any model file."""
+    from ldm_sdk import load
+
+    options = BenchOptions(
+        random_model="sd15-ci",
+        random_dir=str(tmp_path),
+        tasks=("txt2img",),
+        size=(64, 64),
+        steps=1,
+        repeats=1,
+    )
+    report = run(options, runtime)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and report.model == str(files[0]) and report.random_model == "sd15-ci"
+    assert [t.task for t in report.tasks] == ["txt2img"] and report.tasks[0].image_shape == (64, 64, 3)
+    bundle = load(files[0])
+    assert bundle.model is not None
+    assert sum(p.numel() for p in bundle.model.parameters()) == 37_522_628
+    assert sum(v.numel() for v in bundle.cond_stage_weights.values()) == 123_060_480
+    assert bundle.config.cond_stage is not None and bundle.config.cond_stage.target.endswith(
+        "FrozenCLIPEmbedder"
+    )
+    stamp = files[0].stat().st_mtime_ns
+    run(options, runtime)  # the file is reused, not written again
+    assert files[0].stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="either --model"):
+        run(BenchOptions(model=str(files[0]), random_model="sd15-ci"), runtime)
+
+
 # -- errors ----------------------------------------------------------------------------------------------
 def test_unsupported_task_names_what_the_model_supports(files: dict[str, Path], runtime: Runtime) -> None:
     can = ", ".join(supported(files["txt"]))
