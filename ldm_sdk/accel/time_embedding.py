@@ -28,8 +28,8 @@ The sinusoidal features of the timesteps before the embedding MLP: :func:`timest
 them with ten small kernels per UNet call (the batch repeated for the guidance copies, ``arange``, two
 scalings, ``exp``, the product with ``t``, ``cos``, ``sin``, the concatenation, the cast to the weights'
 dtype), about 20 us at the head of every SD-1.5 step on an H100 (``bench/profile_guided_step.py``). On CUDA
-one Triton kernel computes them: the same IEEE float32 operations in the same order, libdevice's correctly
-rounded ``exp`` / ``cos`` / ``sin`` as torch's CUDA kernels call them, one rounding to the output dtype --
+one Triton kernel computes them: the same IEEE float32 operations in the same order, the same libdevice
+``exp`` / ``cos`` / ``sin`` functions that torch's CUDA kernels call, one rounding to the output dtype --
 the same bits as :func:`~ldm_sdk.models.embeddings.timestep_embedding` followed by ``.to(dtype)`` on CUDA
 (the GPU test compares them exactly).
 """

@@ -15,9 +15,10 @@ def _timestep_features_kernel(
     frequencies, then ``sin``, then a zero column when ``DIM`` is odd; each value the IEEE float32
     operations of :func:`~ldm_sdk.models.embeddings.timestep_embedding` on CUDA in their order (the
     frequency ``(neg_log_period * i) * inv_half`` -- torch divides by a scalar as a multiplication by its
-    reciprocal -- then ``exp``, the product with ``t`` as float32, ``cos`` / ``sin``; libdevice's correctly
-    rounded functions, as CUDA's), rounded once to ``out``'s dtype by the store. ``LIBDEVICE`` off (the
-    Triton interpreter, which has no libdevice): ``tl.exp`` / ``tl.cos`` / ``tl.sin`` instead."""
+    reciprocal -- then ``exp``, the product with ``t`` as float32, ``cos`` / ``sin``: libdevice's
+    functions, which torch's CUDA kernels call too), rounded once to ``out``'s dtype by the store.
+    ``LIBDEVICE`` off (the Triton interpreter, which has no libdevice): ``tl.exp`` / ``tl.cos`` / ``tl.sin``
+    instead."""
     r = tl.program_id(0)
     t = tl.load(t_ptr + r % B).to(tl.float32)
     i = tl.arange(0, BLOCK)
