@@ -40,6 +40,7 @@ import math
 from collections.abc import Sequence
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -184,8 +185,9 @@ def timestep_features(
     out = torch.empty((b * repeats, dim), device=timesteps.device, dtype=dtype)
     if out.numel():
         half = dim // 2
-        neg_log_period = torch.tensor(-math.log(max_period), dtype=torch.float32).item()
-        inv_half = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(half))).item()
+        # float32 values as torch's kernels use them: the scalar rounded, its reciprocal in float32
+        neg_log_period = float(np.float32(-math.log(max_period)))
+        inv_half = float(np.float32(1.0) / np.float32(half))
         grid = (b * repeats,)
         args = (timesteps.contiguous(), out, b, half, dim, neg_log_period, inv_half)
         block = _pow2(half)

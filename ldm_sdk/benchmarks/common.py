@@ -10,6 +10,7 @@ dependency only.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import time
@@ -389,6 +390,20 @@ def git_head() -> str | None:
         return out.stdout.strip() if len(out.stdout.strip()) == 40 else None
     except Exception:
         return None
+
+
+def load_averages() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def load_1min() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    load = load_averages()
+    return load[0] if load is not None else None
 
 
 def cpu_name() -> str:

@@ -388,10 +388,6 @@ def _decoder(vae: torch.nn.Module, scale_factor: float, dtype: torch.dtype) -> A
     return lambda z: vae.decode((z / scale_factor).to(dtype))  # type: ignore[operator]
 
 
-def _load() -> float:
-    return os.getloadavg()[0]
-
-
 def _rss_mib(field: str) -> float | None:
     """VmRSS / VmHWM of this process from /proc (Linux), in MiB."""
     try:
@@ -434,7 +430,7 @@ def cpu_cold_child(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_mib": rss_before,
         "peak_rss_mib": _rss_mib("VmHWM") if reset else None,
         "param_mib": e.param_bytes() / 2**20,
-        "load_1min": _load(),
+        "load_1min": C.load_1min(),
     }
     print("COLD_JSON " + json.dumps(res), flush=True)
     return res
@@ -491,7 +487,7 @@ def cpu_compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             samples: dict[str, list[list[float]]] = {n: [] for n in calls}
             for _ in range(n_rounds):
                 for n, fn in calls.items():
-                    load = _load()
+                    load = C.load_1min()
                     secs, _ = C.wall(fn, cpu)
                     samples[n].append([secs, load])
         for n, ss in samples.items():
@@ -632,7 +628,14 @@ def show_cpu_compare(results: dict[str, Any], b0: int) -> None:
     for ref, per in results["parity_rel_err_b1"].items():
         rows.append([f"final latents, rel. err {ref}", *(f"{per[n]['latents']:.1e}" for n in names)])
         rows.append([f"final image, rel. err {ref}", *(f"{per[n]['image']:.1e}" for n in names)])
-    loads = [r["load_1min"] for n in names for k, v in eng[n].items() if k.endswith("_runs") for r in v]
+    loads = [
+        r["load_1min"]
+        for n in names
+        for k, v in eng[n].items()
+        if k.endswith("_runs")
+        for r in v
+        if r["load_1min"] is not None
+    ]
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print(" | ".join(c.ljust(w[i]) for i, c in enumerate(r)))

@@ -324,20 +324,6 @@ def build_job(
 
 
 # -- timing ------------------------------------------------------------------------------------------------
-def load_averages() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
-    try:
-        return list(os.getloadavg())
-    except (AttributeError, OSError):
-        return None
-
-
-def load_1min() -> float | None:
-    """The 1-minute load average (None where the OS has none)."""
-    load = load_averages()
-    return load[0] if load is not None else None
-
-
 def time_task(job: TaskJob, runtime: Runtime, device: torch.device, repeats: int) -> TaskTiming:
     """One first run, then ``repeats`` warm runs of ``job`` (CUDA synchronized around each)."""
     task = get_task(job.name, runtime)
@@ -349,7 +335,7 @@ def time_task(job: TaskJob, runtime: Runtime, device: torch.device, repeats: int
     warm: list[float] = []
     loads: list[float | None] = []
     for _ in range(repeats):
-        loads.append(load_1min())
+        loads.append(C.load_1min())
         secs, result = C.wall(call, device)
         warm.append(secs)
     median = C.median(warm)
@@ -386,7 +372,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "ldm_sdk": __version__,
         "cpu_threads": torch.get_num_threads(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_avg_1_5_15": load_averages(),
+        "load_avg_1_5_15": C.load_averages(),
         "git": C.git_head(),
     }
 
@@ -417,7 +403,7 @@ def measure(options: BenchOptions, runtime: Runtime, *, model_file: str | None =
     jobs = [build_job(name, bundle, registry, size, common) for name in names]
     env = environment(device)
     timings = tuple(time_task(job, runtime, device, repeats) for job in jobs)
-    env["load_avg_1_5_15_after"] = load_averages()
+    env["load_avg_1_5_15_after"] = C.load_averages()
     stats = runtime.cache_stats()
     notes = []
     if "layout" in names and _cond_stage_param(bundle, "n_object_classes") is None:
