@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from ldm_sdk.devices import dtype_name, parse_dtype, select_device, select_dtype
+from ldm_sdk.encoders.prompt_cache import DEFAULT_CAPACITY as DEFAULT_PROMPT_CACHE
+from ldm_sdk.encoders.prompt_cache import PromptCache
 from ldm_sdk.jobs import Job, JobContext, JobEvent, JobQueue
 from ldm_sdk.plugin_host import DISABLE_ENV, PluginHost, PluginInfo, PluginLoadError
 from ldm_sdk.registry import Registries
@@ -50,6 +52,8 @@ NO_ENTRYPOINTS_ENV = "LDM_SDK_NO_ENTRYPOINTS"
 FUSED_KERNELS_ENV = "LDM_SDK_FUSED_KERNELS"
 #: ``0`` turns the CPU fast path off for bf16 models the runtime loads on the CPU
 CPU_FAST_PATH_ENV = "LDM_SDK_CPU_FAST_PATH"
+#: how many encoded prompts the runtime keeps (``Runtime(prompt_cache_size=)``; ``0``: none)
+PROMPT_CACHE_ENV = "LDM_SDK_PROMPT_CACHE"
 #: how tasks run the denoising network (``Runtime(capture_mode=...)``)
 TASK_CAPTURE_MODES: tuple[str, ...] = ("auto", "off", "emulate")
 
@@ -91,6 +95,7 @@ class Runtime:
         capture_mode: str = "auto",
         fused_kernels: bool | None = None,
         cpu_fast_path: bool | None = None,
+        prompt_cache_size: int | None = None,
     ) -> None:
         """The options of :meth:`create`. ``plugins`` are extra plugin objects registered after the built-in
         one and before entry points (scripts and tests); ``disabled_plugins`` adds to
@@ -112,7 +117,12 @@ class Runtime:
         (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the UNet and the first stage, without prepacked
         weights, which would double their memory, and leaving torch's thread count alone): 1.2x the bf16
         eager tasks on an AMX CPU (``docs/benchmarks.md``). fp32 and CUDA models are never changed by it.
-        ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``."""
+        ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``.
+
+        ``prompt_cache_size``: how many encoded prompts the tasks keep for reuse (:attr:`prompt_cache`, a
+        :class:`~ldm_sdk.encoders.prompt_cache.PromptCache`): a repeated prompt and the negative prompt are
+        encoded once while the encoder's weights stay the same; ``0`` encodes every time. ``None``:
+        ``$LDM_SDK_PROMPT_CACHE``, else 32."""
         if capture_mode not in TASK_CAPTURE_MODES:
             raise ValueError(f"unknown capture mode {capture_mode!r}; valid: {', '.join(TASK_CAPTURE_MODES)}")
         self.capture_mode = capture_mode
@@ -123,6 +133,9 @@ class Runtime:
         if cpu_fast_path is None:
             cpu_fast_path = _env_flag(env, CPU_FAST_PATH_ENV, default=True)
         self.cpu_fast_path = cpu_fast_path
+        if prompt_cache_size is None:
+            prompt_cache_size = _env_count(env, PROMPT_CACHE_ENV, default=DEFAULT_PROMPT_CACHE)
+        self.prompt_cache = PromptCache(prompt_cache_size)
         self._plugins = PluginHost(
             disabled=frozenset(disabled_plugins) | _env_names(env.get(DISABLE_ENV, "")),
             trace=trace or _env_flag(env, TRACE_ENV),
@@ -152,7 +165,7 @@ class Runtime:
     def create(cls, **options: Any) -> Runtime:
         """A new runtime; ``options`` are the keyword arguments of :class:`Runtime` (``load_entrypoints``,
         ``device``, ``dtype``, ``memory_budget_bytes``, ``disabled_plugins``, ``trace``, ``plugins``,
-        ``capture_mode``, ``fused_kernels``, ``cpu_fast_path``)."""
+        ``capture_mode``, ``fused_kernels``, ``cpu_fast_path``, ``prompt_cache_size``)."""
         return cls(**options)
 
     @classmethod
@@ -265,8 +278,9 @@ class Runtime:
     def release(self, *, offload: bool = False) -> int:
         """Give memory back (to a host's renderer): drop every cached model, or with ``offload=True`` move
         them to CPU memory until next used, with what the cache keeps for them (their captured CUDA graphs);
-        empties the CUDA/MPS allocator cache. Returns the models' bytes freed."""
+        drops the encoded prompts; empties the CUDA/MPS allocator cache. Returns the models' bytes freed."""
         freed = self.cache.release(offload=offload)
+        self.prompt_cache.clear()
         empty_accelerator_cache([str(self.device)])  # also the blocks jobs' activations left cached
         return freed
 
@@ -309,6 +323,7 @@ class Runtime:
         self._jobs.close(cancel_pending=cancel_pending, timeout=timeout)
         self._plugins.call_event("ldm_runtime_closing", runtime=self)
         self.cache.clear("close")
+        self.prompt_cache.clear()
         self._plugins.close()
         with _SHARED.lock:
             if _SHARED.runtime is self:
@@ -372,3 +387,17 @@ def _env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     ``default``."""
     value = env.get(name, "").strip().lower()
     return default if not value else value not in ("0", "false", "no", "off")
+
+
+def _env_count(env: Mapping[str, str], name: str, *, default: int) -> int:
+    """``$name`` as a count >= 0; unset or empty: ``default``; anything else is an error naming it."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"${name} must be a whole number >= 0 (0: off); got {value!r}")
+    return count

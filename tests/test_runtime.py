@@ -467,6 +467,34 @@ def test_cpu_fast_path_option_and_environment(monkeypatch: pytest.MonkeyPatch) -
         assert runtime.cpu_fast_path is True  # the argument wins over the environment
 
 
+def test_prompt_cache_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LDM_SDK_PROMPT_CACHE", raising=False)
+    with Runtime.create(load_entrypoints=False, device="cpu") as runtime:
+        assert runtime.prompt_cache.capacity == 32
+    monkeypatch.setenv("LDM_SDK_PROMPT_CACHE", "0")
+    with Runtime.create(load_entrypoints=False, device="cpu") as runtime:
+        assert runtime.prompt_cache.capacity == 0
+    with Runtime.create(load_entrypoints=False, device="cpu", prompt_cache_size=3) as runtime:
+        assert runtime.prompt_cache.capacity == 3  # the argument wins over the environment
+    for bad in ("many", "-2", "1.5"):
+        monkeypatch.setenv("LDM_SDK_PROMPT_CACHE", bad)
+        with pytest.raises(ValueError, match=r"\$LDM_SDK_PROMPT_CACHE must be a whole number >= 0"):
+            Runtime.create(load_entrypoints=False, device="cpu")
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        Runtime.create(load_entrypoints=False, device="cpu", prompt_cache_size=-1)
+
+
+def test_release_and_close_drop_the_encoded_prompts() -> None:
+    encoder = nn.Linear(2, 2).eval()
+    with Runtime.create(load_entrypoints=False, device="cpu") as runtime:
+        runtime.prompt_cache.encode(encoder, "a", lambda: torch.zeros(1))
+        assert len(runtime.prompt_cache) == 1
+        runtime.release()
+        assert len(runtime.prompt_cache) == 0
+        runtime.prompt_cache.encode(encoder, "a", lambda: torch.zeros(1))
+    assert len(runtime.prompt_cache) == 0
+
+
 def test_bf16_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> None:
     """channels_last convolution weights and the cross-attention K/V cache for bf16, nothing for fp32 or with
     the option off; the UNet computes the same up to bf16 rounding (the cache is exact, channels_last

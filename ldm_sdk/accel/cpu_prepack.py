@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldm_sdk.weight_stamps import tensor_version
+
 __all__ = [
     "PackedConv2d",
     "PackedLinear",
@@ -66,14 +68,8 @@ def prepack_available() -> bool:
     return bool(ops) and torch.backends.mkldnn.is_available() and torch.backends.mkl.is_available()
 
 
-def _version(t: Tensor) -> int:
-    """``t``'s version counter (bumped by in-place writes); -1 for an inference tensor, which has none (made
-    under ``torch.inference_mode``: only its memory address then tells a replaced weight)."""
-    return -1 if t.is_inference() else t._version
-
-
 def _weight_key(w: Tensor) -> tuple[object, ...]:
-    return (w.data_ptr(), _version(w), w.dtype, w.shape, w.stride())
+    return (w.data_ptr(), tensor_version(w), w.dtype, w.shape, w.stride())
 
 
 def _usable(module: nn.Module, x: Tensor) -> bool:

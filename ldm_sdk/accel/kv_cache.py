@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ldm_sdk.accel.cpu_prepack import PackedLinear, unpack_cpu_weights
 from ldm_sdk.models.attention import BasicTransformerBlock, CrossAttention
+from ldm_sdk.weight_stamps import tensor_version
 
 __all__ = [
     "ContextCache",
@@ -55,16 +56,10 @@ def _layout(t: Tensor) -> tuple[object, ...]:
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _version(t: Tensor) -> int:
-    """``t``'s version counter (bumped by in-place writes); -1 for an inference tensor, which has none (made
-    under ``torch.inference_mode``: only its memory address then tells a replaced weight)."""
-    return -1 if t.is_inference() else t._version
-
-
 def _param_key(p: Tensor | None) -> tuple[object, ...] | None:
     if p is None:
         return None
-    return (p.data_ptr(), _version(p), p.dtype, p.device, p.shape)
+    return (p.data_ptr(), tensor_version(p), p.dtype, p.device, p.shape)
 
 
 @dataclass

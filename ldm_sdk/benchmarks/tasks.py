@@ -21,6 +21,10 @@ What is measured:
 - ``warm_s``: ``repeats`` further calls; the table shows their median and minimum and the median per image.
   On CUDA the device is synchronized before each clock reading.
 
+Every run has the same prompt. With the runtime's prompt cache on (the default) the warm runs reuse its
+encoding, as a user rerunning a prompt with another seed or mask does; ``--no-prompt-cache`` (a runtime with
+``prompt_cache_size=0``) encodes it in every run. The report counts the cache's hits and misses.
+
 Synthetic inputs, deterministic, at the benchmark size (``--size``, default the model's training size,
 which must be a multiple of the model's size multiple): a smooth colour image; for inpaint a centred
 rectangle covering half of each side; outpaint adds one size multiple on the right (its images are wider by
@@ -94,9 +98,11 @@ class BenchOptions:
     ``NoDefaultModelError``). ``tasks`` None: every task the model supports. ``size`` ``(height, width)``
     None: the model's training size. ``steps`` / ``repeats`` None: 10 / 3 on the CPU, 50 / 5 elsewhere.
     ``threads``: ``torch.set_num_threads`` before timing. ``use_ema`` / ``accelerate``: the request fields of
-    those names. ``random_model``: instead of ``model``, a model of :data:`~ldm_sdk.benchmarks.random_models.
-    RANDOM_MODELS` with random weights, written into ``random_dir`` (reused from there when present; None: a
-    temporary folder, removed afterwards). ``out``: a JSON file to write."""
+    those names. ``prompt_cache`` False: the runtime :func:`run` creates encodes the prompt in every run
+    (a runtime passed in keeps its own setting). ``random_model``: instead of ``model``, a model of
+    :data:`~ldm_sdk.benchmarks.random_models.RANDOM_MODELS` with random weights, written into
+    ``random_dir`` (reused from there when present; None: a temporary folder, removed afterwards).
+    ``out``: a JSON file to write."""
 
     model: str | None = None
     config: str | None = None
@@ -110,6 +116,7 @@ class BenchOptions:
     threads: int | None = None
     use_ema: bool = False
     accelerate: bool = True
+    prompt_cache: bool = True
     random_model: str | None = None
     random_dir: str | None = None
     out: str | None = None
@@ -130,6 +137,7 @@ class BenchOptions:
             threads=args.threads,
             use_ema=args.ema,
             accelerate=args.accelerate,
+            prompt_cache=args.prompt_cache,
             random_model=args.random_model,
             random_dir=args.random_dir,
             out=args.out,
@@ -178,7 +186,9 @@ class TaskTiming:
 @dataclass(frozen=True)
 class BenchReport:
     """Everything measured. ``size`` is ``(height, width)``; ``cache``: the runtime's model cache counters
-    afterwards (``loads`` 1 and no evictions: every task reused the model loaded for ``load_s``)."""
+    afterwards (``loads`` 1 and no evictions: every task reused the model loaded for ``load_s``);
+    ``prompt_cache``: its capacity and the lookups during the runs that it answered (``hits``) or encoded
+    (``misses``)."""
 
     model: str | None
     random_model: str | None
@@ -193,6 +203,7 @@ class BenchReport:
     load_s: float
     tasks: tuple[TaskTiming, ...]
     cache: dict[str, int]
+    prompt_cache: dict[str, int]
     env: dict[str, Any]
     notes: tuple[str, ...]
 
@@ -402,7 +413,9 @@ def measure(options: BenchOptions, runtime: Runtime, *, model_file: str | None =
     common = {k: v for k, v in common.items() if v is not None}
     jobs = [build_job(name, bundle, registry, size, common) for name in names]
     env = environment(device)
+    prompts_before = runtime.prompt_cache.stats()
     timings = tuple(time_task(job, runtime, device, repeats) for job in jobs)
+    prompts = runtime.prompt_cache.stats()
     env["load_avg_1_5_15_after"] = C.load_averages()
     stats = runtime.cache_stats()
     notes = []
@@ -425,6 +438,11 @@ def measure(options: BenchOptions, runtime: Runtime, *, model_file: str | None =
         load_s=load_s,
         tasks=timings,
         cache={"loads": stats.misses, "hits": stats.hits, "evictions": stats.evictions},
+        prompt_cache={
+            "capacity": runtime.prompt_cache.capacity,
+            "hits": prompts.hits - prompts_before.hits,
+            "misses": prompts.misses - prompts_before.misses,
+        },
         env=env,
         notes=tuple(notes),
     )
@@ -468,6 +486,10 @@ def show(report: BenchReport) -> None:
     loads = [v for t in report.tasks for v in t.load_1min if v is not None]
     if loads:
         lines.append(f"1-minute load average during the warm runs: {min(loads):.2f} to {max(loads):.2f}")
+    pc = report.prompt_cache
+    if pc["hits"] or pc["misses"]:
+        state = f"on ({pc['capacity']} prompts)" if pc["capacity"] else "off"
+        lines.append(f"prompt cache {state}: {pc['hits']} encoding(s) reused, {pc['misses']} computed")
     for line in [*lines, *report.notes]:
         console.print("- " + escape(line), highlight=False, soft_wrap=True)
 
@@ -497,7 +519,10 @@ def run(options: BenchOptions, runtime: Runtime | None = None) -> BenchReport:
             torch.set_num_threads(options.threads)
             stack.callback(torch.set_num_threads, threads)  # a library call leaves the process as it was
         if runtime is None:
-            runtime = stack.enter_context(Runtime.create(device=options.device, dtype=options.dtype))
+            size = None if options.prompt_cache else 0
+            runtime = stack.enter_context(
+                Runtime.create(device=options.device, dtype=options.dtype, prompt_cache_size=size)
+            )
         report = measure(options, runtime, model_file=model_file)
     show(report)
     if options.out:

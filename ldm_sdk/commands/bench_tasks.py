@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="on CUDA, run the network eagerly instead of replaying CUDA graphs (to compare the two)",
     )
+    parser.add_argument(
+        "--no-prompt-cache",
+        dest="prompt_cache",
+        action="store_false",
+        help="encode the prompt in every run (default: warm runs reuse its encoding, as repeated prompts do)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", metavar="FILE", help="write everything measured as JSON here")
 

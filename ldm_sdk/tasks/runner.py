@@ -171,7 +171,8 @@ class Run:
         concat: Tensor | None = None,
     ) -> Guided:
         """The conditioning the model takes (text, class label or none), with guidance resolved from the
-        request (None: 7.5 for text, else 1). ``concat`` is added to both halves (inpainting models)."""
+        request (None: 7.5 for text, else 1). ``concat`` is added to both halves (inpainting models). Prompts
+        are encoded through the runtime's :attr:`~ldm_sdk.runtime.Runtime.prompt_cache`."""
         from ldm_sdk.diffusion.conditioning import Conditioning
 
         requested = self.request.guidance
@@ -196,9 +197,11 @@ class Run:
                 _check_length(encoder, prompt, "")
                 _check_length(encoder, negative_prompt, "negative ")
                 guidance = DEFAULT_TEXT_GUIDANCE if requested is None else requested
-                cond = encoder.conditioning(encoder([prompt]))
+                # through the runtime's prompt cache: a repeated prompt and the negative prompt encode once
+                encode = self.runtime.prompt_cache.encode
+                cond = encoder.conditioning(encode(encoder, prompt))
                 if guidance != 1.0:
-                    uncond = encoder.conditioning(encoder([negative_prompt]))
+                    uncond = encoder.conditioning(encode(encoder, negative_prompt))
             elif modality == "class":
                 cond, uncond = self._class_conditioning(encoder, class_label, uncond_class, guidance)
             elif modality is None:

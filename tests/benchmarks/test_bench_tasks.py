@@ -82,6 +82,9 @@ def test_txt2img_model_times_its_supported_tasks_and_writes_json(
     assert data["size"] == [32, 48] and data["device"] == "cpu" and data["dtype"] == "fp32"
     assert data["steps"] == 2 and data["repeats"] == 2 and data["load_s"] > 0
     assert data["cache"]["loads"] == 1 and data["cache"]["evictions"] == 0  # one load, reused by every task
+    # one prompt, one negative prompt: encoded in the first run, reused by the 4 x 3 - 1 later runs
+    assert data["prompt_cache"] == {"capacity": 32, "hits": 2 * 11, "misses": 2}
+    assert "prompt cache on (32 prompts): 22 encoding(s) reused, 2 computed" in printed
     for key in ("torch", "device_name", "cpu_threads", "load_avg_1_5_15", "date"):
         assert key in data["env"]
     for t in data["tasks"]:
@@ -141,10 +144,12 @@ def test_ema_and_no_accelerate_reach_the_requests(
         "--repeats",
         "1",
     ]
-    options = BenchOptions.from_args(build_parser().parse_args([*argv, "--no-accelerate"]))
-    assert not options.accelerate and not options.use_ema
+    args = build_parser().parse_args([*argv, "--no-accelerate", "--no-prompt-cache"])
+    options = BenchOptions.from_args(args)
+    assert not options.accelerate and not options.use_ema and not options.prompt_cache
     report = run(options)
     assert [t.request["accelerate"] for t in report.tasks] == [False]
+    assert report.prompt_cache == {"capacity": 0, "hits": 0, "misses": 4}  # 2 runs x (prompt, negative)
     # --ema reaches the loader: the tiny models are saved without EMA weights, which it says
     assert main([*argv, "--ema"]) == 1
     assert "has no EMA weights" in capsys.readouterr().err

@@ -269,3 +269,35 @@ def test_given_encoder_replaces_the_cond_stage(runtime: Runtime, model_files: di
     with_other = txt2img(request, runtime, inputs=TaskInputs(encoder=other))
     assert np.array_equal(with_same.images[0], default.images[0])
     assert not np.array_equal(with_other.images[0], default.images[0])
+
+
+def test_prompts_are_encoded_once_per_runtime(model_files: dict[str, Path]) -> None:
+    """A repeated prompt and the negative prompt go through the encoder once; the images equal those of a
+    runtime that encodes every time (prompt cache off)."""
+    from ldm_sdk.encoders.text_ldm_bert import BERTEmbedder
+    from tests.tasks.tiny_models import BERT_PARAMS
+
+    encoder = BERTEmbedder(**BERT_PARAMS).eval()  # type: ignore[arg-type]
+    encoder.load_state_dict(tiny_bundle("txt").cond_stage_weights)
+    prompts: list[list[str]] = []
+    encoder.register_forward_pre_hook(lambda _m, args: prompts.append(list(args[0])))
+    base = {"model": str(model_files["txt"]), **SMALL}
+    inputs = TaskInputs(encoder=encoder)
+    runs = [("a red cat", 1), ("a red cat", 2), ("a blue cat", 3)]
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32") as cached:
+        got = [txt2img(Txt2ImgRequest(prompt=p, seed=s, **base), cached, inputs=inputs) for p, s in runs]
+        assert prompts == [["a red cat"], [""], ["a blue cat"]]
+        stats = cached.prompt_cache.stats()
+        assert (stats.hits, stats.misses) == (3, 3)
+        with torch.no_grad():  # new weights: encoded afresh
+            next(encoder.parameters()).mul_(0.5)
+        txt2img(Txt2ImgRequest(prompt="a red cat", **base), cached, inputs=inputs)
+        assert prompts[3:] == [["a red cat"], [""]]
+        with torch.no_grad():
+            next(encoder.parameters()).mul_(2.0)  # back, exactly
+    prompts.clear()
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", prompt_cache_size=0) as plain:
+        ref = [txt2img(Txt2ImgRequest(prompt=p, seed=s, **base), plain, inputs=inputs) for p, s in runs]
+        assert len(prompts) == 6
+    for a, b in zip(got, ref, strict=True):
+        assert np.array_equal(a.images[0], b.images[0])
