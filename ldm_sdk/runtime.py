@@ -112,12 +112,13 @@ class Runtime:
         (:func:`ldm_sdk.accel.prepare.prepare_cuda_inference`; eager and CUDA-graph runs alike); float32
         and CPU models are never changed. ``None``: on unless ``$LDM_SDK_FUSED_KERNELS`` is ``0``.
 
-        ``cpu_fast_path``: models loaded on the CPU in bf16 (``dtype="bf16"``, or ``$LDM_SDK_DTYPE``; fp32
-        stays the CPU default) get channels_last weights and the cross-attention K/V cache
-        (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the UNet and the first stage, without prepacked
-        weights, which would double their memory, and leaving torch's thread count alone): 1.2x the bf16
-        eager tasks on an AMX CPU (``docs/benchmarks.md``). fp32 and CUDA models are never changed by it.
-        ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``.
+        ``cpu_fast_path``: models loaded on the CPU get the cross-attention K/V cache, which is exact (the
+        same bits); those loaded in bf16 (``dtype="bf16"``, or ``$LDM_SDK_DTYPE``; fp32 stays the CPU
+        default) also get channels_last weights (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the
+        UNet and the first stage, without prepacked weights, which would double their memory, and leaving
+        torch's thread count alone): 1.2x the bf16 eager tasks on an AMX CPU, and 1.07x for fp32 at the
+        CI size, where the context projections are a large part of the small UNet (``docs/benchmarks.md``).
+        CUDA models are never changed by it. ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``.
 
         ``prompt_cache_size``: how many encoded prompts the tasks keep for reuse (:attr:`prompt_cache`, a
         :class:`~ldm_sdk.encoders.prompt_cache.PromptCache`): a repeated prompt and the negative prompt are
@@ -250,8 +251,8 @@ class Runtime:
                 from ldm_sdk.accel.prepare import prepare_cuda_inference
 
                 prepare_cuda_inference(model)
-            elif self.cpu_fast_path and target.type == "cpu" and precision == torch.bfloat16:
-                _cpu_fast_path(model)
+            elif self.cpu_fast_path and target.type == "cpu" and precision in (torch.bfloat16, torch.float32):
+                _cpu_fast_path(model, precision)
             return model
 
         return self.get_model(key, load)
@@ -364,9 +365,9 @@ class Runtime:
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def _cpu_fast_path(model: nn.Module) -> None:
-    """channels_last weights and the K/V cache for a bf16 CPU bundle's UNet and first stage (see
-    ``Runtime(cpu_fast_path=)``); other models are left as they are."""
+def _cpu_fast_path(model: nn.Module, dtype: torch.dtype) -> None:
+    """The K/V cache for a CPU bundle's UNet, and for bf16 also channels_last weights in the UNet and the
+    first stage (see ``Runtime(cpu_fast_path=)``); other models are left as they are."""
     from ldm_sdk.checkpoints.bundle import ModelBundle
 
     if not isinstance(model, ModelBundle):
@@ -374,8 +375,16 @@ def _cpu_fast_path(model: nn.Module) -> None:
     from ldm_sdk.accel.cpu import configure_cpu_inference
 
     networks = [m for m in (model.model, model.first_stage_model) if m is not None]
-    if networks:
-        configure_cpu_inference(*networks, dtype=torch.bfloat16, threads=0, prepack=False)
+    if not networks:
+        return
+    if dtype == torch.bfloat16:
+        configure_cpu_inference(*networks, dtype=dtype, threads=0, prepack=False)
+    elif model.model is not None:  # fp32: only what keeps the bits (channels_last would change them)
+        from ldm_sdk.accel.kv_cache import cache_context_projections
+        from ldm_sdk.models.attention import CrossAttention
+
+        if any(isinstance(m, CrossAttention) for m in model.model.modules()):
+            cache_context_projections(model.model)
 
 
 def _env_names(value: str) -> frozenset[str]:

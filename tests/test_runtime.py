@@ -495,10 +495,10 @@ def test_release_and_close_drop_the_encoded_prompts() -> None:
     assert len(runtime.prompt_cache) == 0
 
 
-def test_bf16_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> None:
-    """channels_last convolution weights and the cross-attention K/V cache for bf16, nothing for fp32 or with
-    the option off; the UNet computes the same up to bf16 rounding (the cache is exact, channels_last
-    changes oneDNN's kernels)."""
+def test_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> None:
+    """The cross-attention K/V cache for fp32 and bf16, channels_last convolution weights for bf16 only,
+    nothing with the option off. fp32 computes the same bits; bf16 the same up to bf16 rounding (the cache
+    is exact, channels_last changes oneDNN's kernels)."""
     from ldm_sdk.accel.kv_cache import context_cache_of
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.checkpoints.loader import save
@@ -523,17 +523,24 @@ def test_bf16_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> 
         torch.randn(2, 7, 32, generator=g),
         torch.tensor([5.0, 700.0]),
     )
-    outs = {}
+    outs, outs32 = {}, {}
     for fast in (True, False):
         with Runtime.create(load_entrypoints=False, device="cpu", cpu_fast_path=fast) as rt:
-            assert prepared(rt.load_model(path, dtype="fp32")) == (False, False)
+            fp32 = rt.load_model(path, dtype="fp32")
+            assert prepared(fp32) == (False, fast)
             bundle = rt.load_model(path, dtype="bf16")
             assert prepared(bundle) == (fast, fast)
             assert isinstance(bundle, ModelBundle) and bundle.model is not None
+            assert isinstance(fp32, ModelBundle)
             with torch.inference_mode():
                 outs[fast] = bundle.apply_model(x.bfloat16(), t, Conditioning(crossattn=ctx.bfloat16()))
+                # twice: the second call takes the cached projections
+                outs32[fast] = [fp32.apply_model(x, t, Conditioning(crossattn=ctx)) for _ in range(2)]
+            cache = context_cache_of(fp32.model)  # type: ignore[arg-type]
+            assert (cache is not None and cache.stats.hits > 0) == fast
     err = float((outs[True].float() - outs[False].float()).abs().max() / outs[False].float().abs().max())
     assert err < 2e-2, err
+    assert all(torch.equal(a, outs32[False][0]) for a in (*outs32[True], outs32[False][1]))
 
 
 def test_models_loaded_on_the_cpu_are_never_fused(tmp_path: Path) -> None:
