@@ -201,3 +201,18 @@ def test_ctrl_c_cancels_the_job_and_writes_nothing(files: dict[str, Path], tmp_p
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "ldm-sdk sample: interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_together_batch_writes_images_that_replay_exactly(files: dict[str, Path], tmp_path: Path) -> None:
+    """``--together``: each image's manifest replays its whole group and picks the image, bit for bit (the
+    same image alone differs by rounding at the other batch size)."""
+    argv = ["txt2img", "a cat", "--model", str(files["txt"]), "-W", "32", "-H", "32", "--steps", "3", "-q"]
+    assert main([*argv, "--seed", "4", "--batch", "3", "--together", "-o", str(tmp_path / "cat.png")]) == 0
+    manifest = read_manifest(tmp_path / "cat-2.png")
+    assert manifest.request["batch_mode"] == "together" and manifest.extra["batch"]["groups"] == [3]
+    assert manifest.item_request()["seed"] == 4 and manifest.item_request()["batch"] == 3
+    assert manifest.item_in_request() == 2 and manifest.seeds == [6]
+    again = tmp_path / "again.png"
+    assert main(["replay", str(tmp_path / "cat-2.png"), "-o", str(again), "--check"]) == 0
+    assert np.array_equal(read_image(again), read_image(tmp_path / "cat-2.png"))
+    assert read_manifest(again).seeds == [6]

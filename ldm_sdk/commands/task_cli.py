@@ -61,6 +61,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, guidance: bool = 
         )
     group.add_argument("--seed", type=int, help="seed; batch item i uses seed + i (default: random, printed)")
     group.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    group.add_argument(
+        "--together",
+        dest="batch_mode",
+        action="store_const",
+        const="together",
+        help="sample the batch in groups of up to 8 images at once: faster, each image equal to its single "
+        "run up to rounding (default: one after another, each exactly its single run)",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_stem: str) -> None:
@@ -151,6 +159,7 @@ def common_fields(args: argparse.Namespace) -> dict[str, Any]:
         "guidance": getattr(args, "guidance", None),
         "seed": seed,
         "batch": args.batch,
+        "batch_mode": getattr(args, "batch_mode", None),
         "device": args.device,
         "dtype": args.dtype,
         "accelerate": getattr(args, "accelerate", True),

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser, Prediction, batch_time, signal_noise_scales, work_dtype
+from ldm_sdk.diffusion.noise import RandomSource, randn
 from ldm_sdk.diffusion.schedule import DiffusionSchedule
 
 
@@ -49,12 +50,13 @@ class MaskedDenoiser:
     """Wrap ``inner`` so every call sees the known latent (noised to ``t``) wherever ``mask == 1``.
 
     ``x0_known`` is the clean known latent and ``mask`` a map in [0, 1], both broadcastable to ``x``
-    (e.g. mask ``(B, 1, H, W)``). Each call draws one ``randn`` of ``x``'s shape from ``generator`` for the
-    forward process ``q(x_t | x0_known)`` (CompVis ``q_sample`` at the current timestep).
+    (e.g. mask ``(B, 1, H, W)``). Each call draws one ``randn`` of ``x``'s shape from ``generator`` (each
+    item from its own with :class:`~ldm_sdk.diffusion.noise.ItemGenerators`) for the forward process
+    ``q(x_t | x0_known)`` (CompVis ``q_sample`` at the current timestep).
     """
 
     def __init__(
-        self, inner: Denoiser, x0_known: Tensor, mask: Tensor, generator: torch.Generator | None = None
+        self, inner: Denoiser, x0_known: Tensor, mask: Tensor, generator: RandomSource | None = None
     ) -> None:
         if mask.is_floating_point() and (mask.min() < 0 or mask.max() > 1):
             raise ValueError("mask values must lie in [0, 1] (1 keeps the known latent)")
@@ -69,8 +71,7 @@ class MaskedDenoiser:
 
     def noised_known(self, x: Tensor, t: Tensor) -> Tensor:
         """``sqrt(ab(t)) x0_known + sqrt(1 - ab(t)) z`` (CompVis ``q_sample``) with fresh noise ``z``."""
-        gen_device = self.generator.device if self.generator is not None else x.device
-        noise = torch.randn(x.shape, generator=self.generator, device=gen_device, dtype=work_dtype(x))
+        noise = randn(x.shape, self.generator, device=x.device, dtype=work_dtype(x))
         shape = (-1, *([1] * (x.ndim - 1)))
         sqrt_ab, sqrt_1m = (
             c.to(noise.dtype).to(x.device).reshape(shape) for c in signal_noise_scales(self.schedule, t)

@@ -5,7 +5,9 @@ A sampler is a plain function ``sample(denoiser, x, timesteps, *, callback=None,
 ``timesteps`` a descending float tensor of (possibly fractional) timesteps in [0, T-1]. After each step
 the sampler calls ``callback(StepInfo(...))``. To cancel a run, raise :class:`SamplingCancelled` from the
 callback: the sampler does not catch it, so it reaches the caller of ``sample`` and no further model call
-is made. Random numbers come only from ``generator`` (one ``randn`` of ``x``'s shape per noisy step).
+is made. Random numbers come only from ``generator`` (one ``randn`` of ``x``'s shape per noisy step), drawn
+through :func:`randn_like_state`: ``generator`` may then also be an
+:class:`~ldm_sdk.diffusion.noise.ItemGenerators`, one generator per batch item.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import work_dtype
+from ldm_sdk.diffusion.noise import RandomSource, randn
 from ldm_sdk.diffusion.schedule import DiffusionSchedule
 
 
@@ -129,10 +132,10 @@ def start_state(x: Tensor) -> Tensor:
     return x.to(work_dtype(x))
 
 
-def randn_like_state(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``randn`` of ``x``'s shape and dtype drawn on the generator's device, then moved to ``x``'s."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def randn_like_state(x: Tensor, generator: RandomSource | None) -> Tensor:
+    """``randn`` of ``x``'s shape and dtype drawn on the generator's device, then moved to ``x``'s; with
+    :class:`~ldm_sdk.diffusion.noise.ItemGenerators` each batch item from its own generator."""
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 __all__ = [

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser
+from ldm_sdk.diffusion.noise import RandomSource
 from ldm_sdk.samplers.base import (
     StepCallback,
     StepInfo,
@@ -44,7 +45,7 @@ def sample(
     *,
     eta: float = 0.0,
     callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> Tensor:
     """DDIM sampling from ``x`` at ``timesteps[0]`` down the descending ``timesteps``.
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser
+from ldm_sdk.diffusion.noise import RandomSource
 from ldm_sdk.samplers.base import (
     StepCallback,
     StepInfo,
@@ -35,7 +36,7 @@ def sample(
     timesteps: Tensor,
     *,
     callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> Tensor:
     """Ancestral sampling from ``x`` at ``timesteps[0]`` over consecutive integer ``timesteps``
     (e.g. ``torch.arange(T - 1, -1, -1)``); one ``randn`` from ``generator`` per step with ``t > 0``."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser
+from ldm_sdk.diffusion.noise import RandomSource
 from ldm_sdk.samplers.base import StepCallback, StepInfo, alpha_bars, check_timesteps, start_state, time_batch
 
 
@@ -28,7 +29,7 @@ def sample(
     timesteps: Tensor,
     *,
     callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) from ``x`` at ``timesteps[0]`` down the strictly descending ``timesteps`` and on
     to ``sigma = 0``; deterministic (``generator`` is accepted for a uniform signature and unused).

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser
+from ldm_sdk.diffusion.noise import RandomSource
 from ldm_sdk.samplers.base import (
     StepCallback,
     StepInfo,
@@ -48,7 +48,7 @@ def sample(
     eta: float = 1.0,
     s_noise: float = 1.0,
     callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> Tensor:
     """Euler ancestral from the VP state ``x`` at ``timesteps[0]`` down the descending ``timesteps`` and
     on to ``sigma = 0``. One ``randn`` from ``generator`` per step whose next sigma is positive (``eta > 0``);

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser
+from ldm_sdk.diffusion.noise import RandomSource
 from ldm_sdk.samplers.base import StepCallback, StepInfo, alpha_bars, check_timesteps, start_state, time_batch
 
 
@@ -49,7 +50,7 @@ def sample(
     timesteps: Tensor,
     *,
     callback: StepCallback | None = None,
-    generator: torch.Generator | None = None,
+    generator: RandomSource | None = None,
 ) -> Tensor:
     """PLMS sampling from ``x`` at ``timesteps[0]`` down the descending ``timesteps`` (deterministic;
     ``generator`` is accepted for a uniform signature and unused). ``n`` steps make ``n + 1`` model calls."""

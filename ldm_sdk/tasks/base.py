@@ -8,11 +8,15 @@ A task is one thin callable: ``task(request, runtime, *, inputs=None, callback=N
   condition encoder, images and masks as arrays / PIL images. They take precedence over the request's file
   paths.
 - ``callback`` receives the sampler's :class:`~ldm_sdk.samplers.base.StepInfo` after every step, counted over
-  the whole batch (``total = batch * steps``); raise ``SamplingCancelled`` from it to stop.
+  the whole batch (``total = batch * steps``, or ``groups * steps`` for a batch sampled together); raise
+  ``SamplingCancelled`` from it to stop.
 
-Seeds: item ``i`` of a batch uses ``seed + i`` with its own ``torch.Generator`` on the task's device, and the
-items run one after another, so item ``i`` of a batch is exactly the single run with ``seed + i`` (on the same
-device and dtype).
+Seeds: item ``i`` of a batch uses ``seed + i`` with its own ``torch.Generator`` on the task's device. By
+default (``batch_mode="items"``) the items run one after another, so item ``i`` of a batch is exactly the
+single run with ``seed + i`` (on the same device and dtype). ``batch_mode="together"`` samples up to
+:data:`TOGETHER_MAX_ITEMS` items in one sampler loop, the network seeing them as one batch: faster (the
+network's kernels are more efficient at the larger batch), each item still drawing its single run's noise,
+but equal to that run only up to the rounding of those kernels at the other batch size.
 
 Errors a user can fix raise :class:`TaskError` (a ``ValueError``) saying what was wrong and what is valid.
 Run a task as a runtime job (progress events, cancel) with :func:`submit_task`.
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_BATCH",
     "SPACINGS",
     "TASK_NAMES",
+    "TOGETHER_MAX_ITEMS",
     "BaseTask",
     "ClassRequest",
     "ImageLike",
@@ -82,6 +87,9 @@ TASK_NAMES: tuple[str, ...] = (
 SPACINGS: tuple[str, ...] = ("uniform", "quad", "linspace", "karras")
 MAX_BATCH = 64
 MAX_SEED = 2**63 - 1
+#: items one sampler loop takes with ``batch_mode="together"`` (a guided network call of batch 16): larger
+#: batches run as several groups, so the activation memory stays that of 8 items
+TOGETHER_MAX_ITEMS = 8
 #: classifier-free guidance scale used when a text-conditioned request leaves ``guidance`` unset
 DEFAULT_TEXT_GUIDANCE = 7.5
 
@@ -117,7 +125,12 @@ class TaskRequest(BaseModel):
       (None: uniform for ddim/plms, karras for dpmpp_2m, linspace for euler_ancestral); ``eta`` (None: the
       sampler's default; ddim 0, euler_ancestral 1).
     - ``guidance``: classifier-free guidance scale (None: 7.5 for text-conditioned models, else 1 = off).
-    - ``seed``: item ``i`` of the batch uses ``seed + i``; ``batch``: images to make (1..64).
+    - ``seed``: item ``i`` of the batch uses ``seed + i``; ``batch``: images to make (1..64);
+      ``batch_mode``: ``"items"`` samples them one after another (item ``i`` exactly the single run with
+      ``seed + i``), ``"together"`` in groups of up to :data:`TOGETHER_MAX_ITEMS` (faster; equal to the
+      single runs up to the kernels' rounding at the larger batch). Tiled sampling (an image larger than
+      the model's window) and samplers that do not draw noise per item always run item by item; the
+      manifest's ``extra["batch"]`` says how the batch ran.
     - ``device`` / ``dtype``: where the model runs (None: the runtime's device and dtype).
     - ``accelerate``: the fast path -- on CUDA the denoising network is replayed from CUDA graphs captured
       once per loaded model (:mod:`ldm_sdk.accel.graphs`). The replay computes exactly what the eager call
@@ -139,6 +152,7 @@ class TaskRequest(BaseModel):
     guidance: float | None = Field(None, ge=0.0, le=100.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     batch: int = Field(1, ge=1, le=MAX_BATCH)
+    batch_mode: Literal["items", "together"] = "items"
     device: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] | None = None
     accelerate: bool = True

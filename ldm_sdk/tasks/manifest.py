@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,10 +115,37 @@ class Manifest(_Record):
         return self.model_copy(update={"batch_index": index, "seeds": [self.seeds[index]]})
 
     def item_request(self) -> dict[str, Any]:
-        """The request that makes exactly this manifest's image(s): batch item ``i`` -> batch 1, its seed."""
+        """The request that makes exactly this manifest's image(s): batch item ``i`` -> batch 1 with its
+        seed; an item of a group sampled together (``batch_mode="together"``) -> that group (its size, its
+        first seed), whose image :meth:`item_in_request` it is: the same item alone would differ by the
+        network's rounding at the other batch size."""
         if self.batch_index is None:
             return dict(self.request)
-        return {**self.request, "batch": 1, "seed": self.seeds[0]}
+        start, size = self._group()
+        return {**self.request, "batch": size, "seed": self.seeds[0] - (self.batch_index - start)}
+
+    def item_in_request(self) -> int:
+        """Which image of :meth:`item_request`'s run is this manifest's (0 unless a group was sampled
+        together)."""
+        if self.batch_index is None:
+            return 0
+        return self.batch_index - self._group()[0]
+
+    def _group(self) -> tuple[int, int]:
+        """``(first item, items)`` of the sampler loop that made batch item ``batch_index``."""
+        assert self.batch_index is not None
+        batch = self.extra.get("batch") or {}
+        if batch.get("mode") != "together":
+            return self.batch_index, 1
+        start = 0
+        for size in batch.get("groups", []):
+            if self.batch_index < start + size:
+                return start, int(size)
+            start += int(size)
+        raise TaskError(
+            f"the manifest is batch item {self.batch_index}'s, but its extra['batch'] groups "
+            f"{batch.get('groups')} cover only {start} item(s)"
+        )
 
 
 # -- building ----------------------------------------------------------------------------------------------
@@ -266,6 +294,11 @@ def replay(
     except ValidationError as exc:
         raise TaskError(f"the manifest's request is invalid: {format_validation_error(exc)}") from None
     result = task(request, runtime, inputs=given, callback=callback)
+    if len(result.images) > 1 and manifest.batch_index is not None:  # the item's group ran again: its image
+        k = manifest.item_in_request()
+        latents = result.latents[k : k + 1] if result.latents is not None else None
+        item = result.manifest.for_item(k)
+        result = replace(result, images=[result.images[k]], manifest=item, latents=latents)
     recorded = {r.role: r.pixels_sha256 for r in manifest.inputs}
     for record in result.manifest.inputs:
         want = recorded.get(record.role)

@@ -3,9 +3,10 @@
 :class:`Run` is one task invocation: it loads the model (through the runtime's cache), checks that the model
 can do the task, resolves the sampler plan, reads the inputs (recording their hashes), computes the
 conditioning (:meth:`Run.conditioning`), samples the batch item by item (item ``i`` with its own generator
-seeded ``seed + i``, so it equals the single run with that seed; on CUDA through the model's captured
-network call unless the request sets ``accelerate=False``), decodes, and builds the result with its
-manifest (:meth:`Run.finish`).
+seeded ``seed + i``, so it equals the single run with that seed) or, with ``batch_mode="together"``, in
+groups of items that each keep their own generator (:meth:`Run.sample_latents`); on CUDA through the model's
+captured network call unless the request sets ``accelerate=False``. Then it decodes and builds the result
+with its manifest (:meth:`Run.finish`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from ldm_sdk.tasks.base import (
     DEFAULT_TEXT_GUIDANCE,
+    TOGETHER_MAX_ITEMS,
     BaseTask,
     ImageLike,
     ImageRequest,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from ldm_sdk.accel.graphs import CapturedModel
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
+    from ldm_sdk.diffusion.noise import RandomSource
     from ldm_sdk.encoders.base import ConditionEncoder
     from ldm_sdk.runtime import Runtime
     from ldm_sdk.samplers.base import StepCallback
@@ -58,7 +61,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationTask", "Guided", "InputReader", "Run"]
 
-ItemFn = Callable[[torch.Generator, "StepCallback | None"], Tensor]
+#: ``item(generator, callback, items)``: sample ``items`` batch items (one generator, or ItemGenerators)
+ItemFn = Callable[["RandomSource", "StepCallback | None", int], Tensor]
 SizedT = TypeVar("SizedT", bound=SizedRequest)
 
 
@@ -260,18 +264,27 @@ class Run:
     def _registry(self) -> Any:
         return self.runtime.registries.condition_encoders
 
+    def _samplers(self) -> Any:
+        return self.runtime.registries.samplers
+
     # -- sampling --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.bundle.downsampling_factor
         return (1, self.bundle.latent_channels, height // f, width // f)
 
-    def sample(self, item: ItemFn) -> Tensor:
-        """Call ``item(generator, callback)`` for each batch item (generator seeded ``seed + i``); returns
-        the latents ``[B, C, h, w]``."""
+    def sample(self, item: ItemFn, group: int = 1) -> Tensor:
+        """Call ``item(generator, callback, n)`` for each group of ``n <= group`` batch items in order: one
+        generator seeded ``seed + i`` for a single item, :class:`~ldm_sdk.diffusion.noise.ItemGenerators`
+        for several. Returns the latents ``[B, C, h, w]``."""
+        from ldm_sdk.diffusion.noise import ItemGenerators
+
+        seeds = self.request.seeds()
+        groups = [seeds[i : i + group] for i in range(0, len(seeds), group)]
         latents = []
-        for i, seed in enumerate(self.request.seeds()):
-            generator = make_generator(self.device, seed)
-            latent = item(generator, batch_callback(self.callback, i, self.request.batch))
+        for i, group_seeds in enumerate(groups):
+            generators = [make_generator(self.device, seed) for seed in group_seeds]
+            generator = generators[0] if len(generators) == 1 else ItemGenerators(generators)
+            latent = item(generator, batch_callback(self.callback, i, len(groups)), len(generators))
             self.check_finite(latent, "sampling")
             latents.append(latent)
         return torch.cat(latents)
@@ -305,7 +318,7 @@ class Run:
         """The keyword arguments of :func:`~ldm_sdk.tasks.sampling.run_sampling` every task passes."""
         return {
             "guidance": guided.guidance,
-            "samplers": self.runtime.registries.samplers,
+            "samplers": self._samplers(),
             "plan": self.plan,
             "captured": self.captured,
         }
@@ -326,21 +339,25 @@ class Run:
         self, guided: Guided, shape: tuple[int, ...], *, whole_decode: bool = True, **options: Any
     ) -> Tensor:
         """Sample every batch item with :func:`~ldm_sdk.tasks.sampling.run_sampling` for ``guided`` at the
-        latent ``shape``; ``options``: its task-specific arguments (``mask`` / ``x0``, ``init`` /
+        latent ``shape`` (batch 1); ``options``: its task-specific arguments (``mask`` / ``x0``, ``init`` /
         ``strength``, ``denoiser``). Returns the latents ``[B, C, h, w]``. ``whole_decode``: the latents
         will be decoded whole (:meth:`decode`), so the decoder's kernels for ``shape`` start compiling now
-        (:meth:`compile_decoder_ahead`); False for a decode through windows."""
+        (:meth:`compile_decoder_ahead`); False for a decode through windows.
+
+        The request's ``batch_mode`` decides whether items run one by one or in groups of up to
+        :data:`~ldm_sdk.tasks.base.TOGETHER_MAX_ITEMS`; a batch records how it ran in ``extra["batch"]``."""
         from ldm_sdk.tasks.sampling import run_sampling
 
         if whole_decode:
             self.compile_decoder_ahead(shape)
+        group = self._batch_group("denoiser" in options)
 
-        def item(generator: torch.Generator, callback: StepCallback | None) -> Tensor:
+        def item(generator: RandomSource, callback: StepCallback | None, items: int) -> Tensor:
             return run_sampling(
                 self.bundle,
                 guided.cond,
                 guided.uncond,
-                shape,
+                (items, *shape[1:]),
                 self.request,
                 generator,
                 callback,
@@ -348,7 +365,29 @@ class Run:
                 **self.sample_kwargs(guided),
             )
 
-        return self.sample(item)
+        return self.sample(item, group)
+
+    def _batch_group(self, own_denoiser: bool) -> int:
+        """Items per sampler loop for this request (1: item by item), recorded in ``extra["batch"]`` for a
+        batch; ``own_denoiser``: a prebuilt (tiled) denoiser, which samples item by item."""
+        from ldm_sdk.tasks.sampling import sampler_function, supports_item_generators
+
+        request = self.request
+        if request.batch == 1:
+            return 1
+        why_items = None
+        if request.batch_mode == "together":
+            if own_denoiser:
+                why_items = "tiled sampling runs item by item"
+            elif not supports_item_generators(sampler_function(self.plan.sampler, self._samplers())):
+                why_items = f"the {self.plan.sampler} sampler does not draw its noise per item"
+        group = TOGETHER_MAX_ITEMS if request.batch_mode == "together" and why_items is None else 1
+        sizes = [min(group, request.batch - i) for i in range(0, request.batch, group)]
+        record: dict[str, Any] = {"mode": "together" if group > 1 else "items", "groups": sizes}
+        if why_items is not None:
+            record["why_items"] = why_items
+        self.extra["batch"] = record
+        return group
 
     def compile_decoder_ahead(self, shape: tuple[int, ...]) -> bool:
         """Start compiling the captured decoder's fused kernels for latents of ``shape`` in background worker

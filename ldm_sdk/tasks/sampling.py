@@ -15,7 +15,9 @@ With a ``captured`` model (CUDA, ``request.accelerate``) the network call inside
 ``[uncond; cond]`` pass -- is replayed from a CUDA graph (:mod:`ldm_sdk.accel.graphs`): the same result,
 faster.
 All randomness comes from the one ``generator``: the starting noise first, then the sampler's and the
-mask's noise in the order they ask for it.
+mask's noise in the order they ask for it. A batch sampled together (``batch_mode="together"``) passes
+:class:`~ldm_sdk.diffusion.noise.ItemGenerators`, one generator per item: each item then draws the numbers
+its own single run draws.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
     from ldm_sdk.diffusion.denoiser import Denoiser
+    from ldm_sdk.diffusion.noise import RandomSource
     from ldm_sdk.diffusion.schedule import DiffusionSchedule
     from ldm_sdk.samplers.base import StepCallback, StepInfo
 
@@ -46,6 +49,7 @@ __all__ = [
     "plan_sampling",
     "run_sampling",
     "sampler_function",
+    "supports_item_generators",
 ]
 
 DEFAULT_STEPS = 50
@@ -86,6 +90,17 @@ def sampler_function(name: str, samplers: Mapping[str, Any] | Any | None = None)
     return samplers[name]  # type: ignore[no-any-return]
 
 
+def supports_item_generators(sample: Callable[..., Any]) -> bool:
+    """Whether sampler function ``sample`` draws its noise per batch item from
+    :class:`~ldm_sdk.diffusion.noise.ItemGenerators`: the built-in samplers do (they draw through
+    :func:`~ldm_sdk.samplers.base.randn_like_state`); a plugin's sampler that does too says so with the
+    attribute ``sample.item_generators = True``."""
+    from ldm_sdk.samplers import SAMPLERS
+
+    builtin = any(sample is function for function in SAMPLERS.values())
+    return builtin or bool(getattr(sample, "item_generators", False))
+
+
 def plan_sampling(request: TaskRequest, schedule: DiffusionSchedule) -> SamplingPlan:
     """Timesteps, spacing and eta for ``request`` on a model with ``schedule``."""
     from ldm_sdk.samplers.base import ddim_timesteps, karras_timesteps, linspace_timesteps
@@ -115,7 +130,8 @@ def plan_sampling(request: TaskRequest, schedule: DiffusionSchedule) -> Sampling
 
 
 def batch_callback(callback: StepCallback | None, item: int, items: int) -> StepCallback | None:
-    """``callback`` with steps counted over a batch run item by item (``total = items * steps``)."""
+    """``callback`` with steps counted over a batch run item by item, or group by group
+    (``total = items * steps``, ``items`` the runs one after another)."""
     if callback is None:
         return None
     from ldm_sdk.samplers.base import StepInfo
@@ -136,7 +152,7 @@ def run_sampling(
     uncond: Conditioning | None,
     shape: tuple[int, ...],
     request: TaskRequest,
-    generator: torch.Generator,
+    generator: RandomSource,
     callback: StepCallback | None = None,
     *,
     guidance: float = 1.0,
@@ -165,25 +181,41 @@ def run_sampling(
       ``denoiser`` makes its own calls (the tiled one of :mod:`ldm_sdk.tasks.tiled` uses ``captured`` per
       window). A model that cannot be captured is a :class:`TaskError` naming the opt-out.
     Noise: the starting ``randn(shape)`` is the generator's first draw (also for img2img).
+
+    Batch: ``shape[0]`` items sampled together. Batch-1 conditionings, ``init``, ``x0`` and ``mask`` serve
+    every item. With :class:`~ldm_sdk.diffusion.noise.ItemGenerators` (one per item) each item draws its
+    single run's noise, so it equals that run up to the rounding of the network's kernels at the larger
+    batch; the sampler must support them (:func:`supports_item_generators`).
     """
     from ldm_sdk.diffusion.img2img import img2img_start, stochastic_encode
     from ldm_sdk.diffusion.masking import MaskedDenoiser, blend_known
+    from ldm_sdk.diffusion.noise import ItemGenerators, randn
 
     if bundle.schedule is None:
         raise TaskError(f"{bundle.family!r} is a first-stage-only model: it cannot sample")
     plan = plan or plan_sampling(request, bundle.schedule)
     sample = sampler_function(plan.sampler, samplers)
+    if isinstance(generator, ItemGenerators) and not supports_item_generators(sample):
+        raise TaskError(
+            f"the {plan.sampler} sampler does not draw its noise per batch item (item_generators): sample "
+            "the batch item by item (batch_mode 'items')"
+        )
     options: dict[str, Any] = {}
     if plan.eta is not None:
         if "eta" not in inspect.signature(sample).parameters:
             raise TaskError(f"the {plan.sampler} sampler takes no eta; leave eta unset")
         options["eta"] = plan.eta
     device = next(bundle.parameters()).device
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    noise = randn(shape, generator, device=device, dtype=torch.float32)
+    items = shape[0]
+    if items > 1:
+        cond = _for_batch(cond, items)
+        uncond = _for_batch(uncond, items) if uncond is not None else None
     timesteps = plan.timesteps
     if init is not None:
         t_enc, timesteps = img2img_start(plan.timesteps, strength)
-        x = stochastic_encode(bundle.schedule, init.to(device, torch.float32), t_enc, noise)
+        init = init.to(device, torch.float32).expand(*noise.shape)
+        x = stochastic_encode(bundle.schedule, init, t_enc, noise)
     else:
         x = noise
     fast = captured is not None and request.accelerate and denoiser is None
@@ -216,6 +248,15 @@ def run_sampling(
     if mask is not None and x0 is not None:
         out = blend_known(out, x0.to(device, out.dtype), mask.to(device))
     return out.float()
+
+
+def _for_batch(cond: Conditioning, items: int) -> Conditioning:
+    """A batch-1 conditioning repeated for ``items`` items (dense: captured graphs key on strides); one of
+    that batch already as it is."""
+    from ldm_sdk.diffusion.conditioning import Conditioning
+
+    parts = cond.expand(items).parts()
+    return Conditioning(**{name: value.contiguous() for name, value in parts.items()})
 
 
 def progress_total(plan: SamplingPlan, strength: float | None = None) -> int:
