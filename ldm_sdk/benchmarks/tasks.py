@@ -98,7 +98,8 @@ class BenchOptions:
     ``NoDefaultModelError``). ``tasks`` None: every task the model supports. ``size`` ``(height, width)``
     None: the model's training size. ``steps`` / ``repeats`` None: 10 / 3 on the CPU, 50 / 5 elsewhere.
     ``threads``: ``torch.set_num_threads`` before timing. ``use_ema`` / ``accelerate``: the request fields of
-    those names. ``prompt_cache`` False: the runtime :func:`run` creates encodes the prompt in every run
+    those names. ``batch``: images per run; ``together``: the requests' ``batch_mode="together"`` (else
+    ``"items"``). ``prompt_cache`` False: the runtime :func:`run` creates encodes the prompt in every run
     (a runtime passed in keeps its own setting). ``random_model``: instead of ``model``, a model of
     :data:`~ldm_sdk.benchmarks.random_models.RANDOM_MODELS` with random weights, written into
     ``random_dir`` (reused from there when present; None: a temporary folder, removed afterwards).
@@ -111,6 +112,8 @@ class BenchOptions:
     steps: int | None = None
     repeats: int | None = None
     seed: int = 0
+    batch: int = 1
+    together: bool = False
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
@@ -132,6 +135,8 @@ class BenchOptions:
             steps=args.steps,
             repeats=args.repeats,
             seed=args.seed,
+            batch=args.batch,
+            together=args.together,
             device=args.device,
             dtype=args.dtype,
             threads=args.threads,
@@ -144,9 +149,15 @@ class BenchOptions:
         )
 
     def check(self) -> None:
-        """Raise ``ValueError`` for counts below 1 (steps, repeats, threads) and for a random model asked for
-        together with a model file or config, or unknown."""
-        for name, value in (("steps", self.steps), ("repeats", self.repeats), ("threads", self.threads)):
+        """Raise ``ValueError`` for counts below 1 (steps, repeats, threads, batch) and for a random model
+        asked for together with a model file or config, or unknown."""
+        counts = (
+            ("steps", self.steps),
+            ("repeats", self.repeats),
+            ("threads", self.threads),
+            ("batch", self.batch),
+        )
+        for name, value in counts:
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1; got {value}")
         if self.random_model is not None:
@@ -410,6 +421,8 @@ def measure(options: BenchOptions, runtime: Runtime, *, model_file: str | None =
     steps = options.steps or (CPU_STEPS if on_cpu else GPU_STEPS)
     repeats = options.repeats or (CPU_REPEATS if on_cpu else GPU_REPEATS)
     common = {**model, **placement, "steps": steps, "seed": options.seed, "accelerate": options.accelerate}
+    common["batch"] = options.batch
+    common["batch_mode"] = "together" if options.together else "items"
     common = {k: v for k, v in common.items() if v is not None}
     jobs = [build_job(name, bundle, registry, size, common) for name in names]
     env = environment(device)
@@ -490,6 +503,11 @@ def show(report: BenchReport) -> None:
     if pc["hits"] or pc["misses"]:
         state = f"on ({pc['capacity']} prompts)" if pc["capacity"] else "off"
         lines.append(f"prompt cache {state}: {pc['hits']} encoding(s) reused, {pc['misses']} computed")
+    first = report.tasks[0] if report.tasks else None
+    if first is not None and first.batch > 1:
+        mode = first.request.get("batch_mode", "items")
+        how = "together (groups of up to 8)" if mode == "together" else "item by item"
+        lines.append(f"{first.batch} images per run, sampled {how}; s/image: the median run / {first.batch}")
     for line in [*lines, *report.notes]:
         console.print("- " + escape(line), highlight=False, soft_wrap=True)
 

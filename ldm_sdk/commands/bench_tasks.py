@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, help="timed runs per task after the first (default 3 on cpu, 5 on cuda)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the seed of every run (default 0)")
+    parser.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="sample each run's batch together (batch_mode 'together'; default: item by item)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
     parser.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), help="compute dtype (default: per device)"

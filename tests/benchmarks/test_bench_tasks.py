@@ -256,3 +256,19 @@ def test_the_command_is_registered_and_imports_no_torch() -> None:
     code = "import sys, ldm_sdk.commands.bench_tasks; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+def test_batch_and_together_reach_the_requests(
+    files: dict[str, Path], no_entrypoints: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench-tasks", "--model", str(files["txt"]), "--tasks", "txt2img", "--steps", "1"]
+    argv += ["--repeats", "1"]
+    options = BenchOptions.from_args(build_parser().parse_args([*argv, "--batch", "3", "--together"]))
+    assert options.batch == 3 and options.together
+    report = run(options)
+    t = report.tasks[0]
+    assert t.batch == 3 and t.request["batch_mode"] == "together"
+    assert t.s_per_image == pytest.approx(t.median_s / 3)
+    assert "3 images per run, sampled together (groups of up to 8)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--batch must be at least 1"):
+        BenchOptions(model=str(files["txt"]), batch=0).check()
