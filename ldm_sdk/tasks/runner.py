@@ -350,7 +350,7 @@ class Run:
 
         if whole_decode:
             self.compile_decoder_ahead(shape)
-        group = self._batch_group("denoiser" in options)
+        group = self._batch_group(options.get("denoiser") is not None)
 
         def item(generator: RandomSource, callback: StepCallback | None, items: int) -> Tensor:
             return run_sampling(

@@ -187,15 +187,22 @@ def test_run_sampling_refuses_item_generators_for_an_unflagged_sampler(
         )
 
 
-def test_tiled_sampling_runs_item_by_item_and_says_so(tmp_path: Path, runtime: Runtime) -> None:
+def test_concat_maps_together_and_tiled_sampling_item_by_item(tmp_path: Path, runtime: Runtime) -> None:
     from ldm_sdk.tasks.semantic import SemanticRequest, semantic
     from tests.tasks.tiny_large_models import save_tiny
 
     model = save_tiny("semantic", tmp_path)
     ids = np.zeros((256, 384), np.int64)
     ids[:, 192:] = 2
+    inputs = TaskInputs(extra={"semantic_map": ids})
+    whole = SemanticRequest(model=str(model), steps=2, batch=2, batch_mode="together")
+    together = semantic(whole, runtime, inputs=inputs)  # fits the model's window: sampled together
+    assert together.manifest.extra["batch"] == {"mode": "together", "groups": [2]}
+    assert_same_up_to_rounding(
+        together, semantic(whole.model_copy(update={"batch_mode": "items"}), runtime, inputs=inputs)
+    )
     request = SemanticRequest(model=str(model), steps=1, batch=2, batch_mode="together", tile=128, overlap=32)
-    result = semantic(request, runtime, inputs=TaskInputs(extra={"semantic_map": ids}))
+    result = semantic(request, runtime, inputs=inputs)
     assert result.manifest.extra["tiling"]["unet_tile"] == [32, 32]
     assert result.manifest.extra["batch"] == {
         "mode": "items",
