@@ -647,9 +647,9 @@ def test_sample_latents_starts_decoder_compilation(emulated: Any, monkeypatch: p
         shapes.append(tuple(shape))
         return False
 
-    def sample(self: Any, item: Any) -> Tensor:
+    def sample(self: Any, item: Any, group: int = 1) -> Tensor:
         sampled.append(True)
-        return original(self, item)
+        return original(self, item, group)
 
     monkeypatch.setattr(runner.Run, "compile_decoder_ahead", spy)
     monkeypatch.setattr(runner.Run, "sample", sample)
