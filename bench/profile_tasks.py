@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="default: bench-tasks' (10 on the CPU, 50 elsewhere)")
     parser.add_argument("--size", type=int, help="square side in pixels (default: the model's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="images per run")
+    parser.add_argument("--together", action="store_true", help="batch_mode 'together' (default: items)")
     parser.add_argument("--trace", action="store_true", help="profile one more run of each task")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out")
@@ -196,13 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         names = bench_tasks.select_tasks(bundle, registry, args.tasks)
         size = (args.size, args.size) if args.size else default_size(bundle)
         steps = args.steps or (bench_tasks.CPU_STEPS if device.type == "cpu" else bench_tasks.GPU_STEPS)
+        mode = "together" if args.together else "items"
         common = {"model": model, **placement, "steps": steps, "seed": 0}
+        common |= {"batch": args.batch, "batch_mode": mode}
         jobs = [bench_tasks.build_job(name, bundle, registry, size, common) for name in names]
         results = [profile_task(job, runtime, device, args.repeats, args.top, args.trace) for job in jobs]
     env = bench_tasks.environment(device)
     show(results)
     if args.out:
         report = {"model": args.model or args.random_model, "size": size, "steps": steps, "env": env}
+        report |= {"batch": args.batch, "batch_mode": mode}
         Path(args.out).write_text(json.dumps({**report, "tasks": results}, indent=2) + "\n")
         print(f"wrote {args.out}")
 
