@@ -11,7 +11,8 @@ The tasks run as ``ldm-sdk bench-tasks`` runs them (same synthetic inputs and re
 over the batch items), ``decode`` and ``finish`` (manifest). ``other`` is the rest of the call: input
 reading, mask preparation, size fitting, blending. The synchronizations make each phase's GPU work count in
 that phase (the task itself never waits between phases), so the sum is a little above an unwrapped run,
-which is timed too (``plain_s``).
+which is timed too (``plain_s``). The first run's phases are recorded as well (``first_run_phases_s``): it
+builds the condition encoder and, on CUDA, captures the graphs.
 
 ``--trace`` also records one warm run of each task with ``torch.profiler`` and lists its CPU operators by
 self time and, on CUDA, the kernels by GPU time (``--top`` rows each).
@@ -116,7 +117,10 @@ def profile_task(
     def call() -> Any:
         return task(job.request, runtime, inputs=job.inputs)
 
-    first_s, _ = C.wall(call, device)
+    with phase_clocks(device) as spent:
+        first_s, _ = C.wall(call, device)
+    first_phases = {name: spent.get(name, 0.0) for name in PHASES}
+    first_phases["other"] = first_s - sum(first_phases.values())
     plain = [C.wall(call, device)[0] for _ in range(repeats)]
     runs: list[dict[str, float]] = []
     for _ in range(repeats):
@@ -130,6 +134,7 @@ def profile_task(
     result: dict[str, Any] = {
         "task": job.name,
         "first_run_s": first_s,
+        "first_run_phases_s": first_phases,
         "plain_s": plain,
         "plain_median_s": statistics.median(plain),
         "phases_median_s": medians,
@@ -149,6 +154,9 @@ def show(results: list[dict[str, Any]]) -> None:
         cells += [f"{m[k] * 1e3:.1f}" for k in (*PHASES, "other", "total")]
         print(" | ".join(cells))
     print("(milliseconds, medians)")
+    for r in results:
+        m = r["first_run_phases_s"]
+        print(f"{r['task']} first run: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in m.items() if v >= 5e-4))
     for r in results:
         t = r.get("trace")
         if not t:
