@@ -72,6 +72,10 @@ class ConditionEncoder(nn.Module, ABC):
     trainable: ClassVar[bool]
     #: CompVis ``cond_stage_config.target`` strings this encoder reproduces (for loading originals)
     compvis_targets: ClassVar[tuple[str, ...]] = ()
+    #: True when the encoder can be built on the meta device and then take every tensor from a strict
+    #: ``load_state_dict(..., assign=True)`` (its load hooks restoring what a state dict lacks): a model's
+    #: cond stage is then built without the random initialisation its checkpoint weights would overwrite
+    meta_init: ClassVar[bool] = False
 
     @abstractmethod
     def contract(self) -> OutputContract:
@@ -141,6 +145,7 @@ class EncoderSpec:
     trainable: bool
     compvis_targets: tuple[str, ...] = ()
     description: str = ""
+    meta_init: bool = False
 
     @property
     def config_target(self) -> str:
@@ -163,4 +168,5 @@ class EncoderSpec:
             trainable=encoder_cls.trainable,
             compvis_targets=encoder_cls.compvis_targets,
             description=description or (encoder_cls.__doc__ or "").strip().splitlines()[0],
+            meta_init=encoder_cls.meta_init,
         )

@@ -16,6 +16,7 @@ target, constructs it with the original params (CompVis parameter names) and loa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +117,11 @@ def build_cond_stage(
             if cond.target == FIRST_STAGE_COND:
                 encoder = _on_first_stage(bundle, name, spec, merged)
             else:
-                encoder = _construct(name, spec, merged)
-                _load_weights(encoder, name, cond.target, weights)
+                # no random initialisation for weights the checkpoint overwrites (encoders that allow it)
+                meta = spec.meta_init and bool(weights)
+                with torch.device("meta") if meta else contextlib.nullcontext():
+                    encoder = _construct(name, spec, merged)
+                _load_weights(encoder, name, cond.target, weights, assign=meta)
         except (ValueError, TypeError) as exc:
             if len(preferred) == 1:
                 raise
@@ -159,14 +163,17 @@ def _construct(name: str, spec: EncoderSpec, params: dict[str, Any], *args: Any)
     return encoder
 
 
-def _load_weights(encoder: ConditionEncoder, name: str, target: str, weights: Mapping[str, Tensor]) -> None:
+def _load_weights(
+    encoder: ConditionEncoder, name: str, target: str, weights: Mapping[str, Tensor], *, assign: bool = False
+) -> None:
     """Strict load; on a mismatch the error groups the keys (``cond_stage_model.`` prefixed, as in the file).
+    ``assign``: the encoder was built on the meta device and takes the tensors themselves.
 
     The module's own ``load_state_dict`` decides what fits (its load hooks may accept legacy entries, such
     as CLIP's ``position_ids``); :func:`check_state_dict` only words the refusal.
     """
     try:
-        encoder.load_state_dict(dict(weights), strict=True)
+        encoder.load_state_dict(dict(weights), strict=True, assign=assign)
     except RuntimeError as exc:
         expected = {COND_STAGE_PREFIX + k: v.shape for k, v in encoder.state_dict().items()}
         given = {COND_STAGE_PREFIX + k: v for k, v in weights.items()}

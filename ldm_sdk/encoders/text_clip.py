@@ -84,6 +84,8 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
     """
 
     compvis_targets: ClassVar[tuple[str, ...]] = ("ldm.modules.encoders.modules.FrozenCLIPEmbedder",)
+    # built on the meta device for a checkpoint's weights: _after_load makes the position ids
+    meta_init: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -118,7 +120,8 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
                     f"architecture overrides {sorted(overrides)} apply only to version={DEFAULT_VERSION!r}; "
                     f"{str(version)!r} brings its own config"
                 )
-            model = self._load_pretrained(version, CLIPTextModel)
+            with torch.device("cpu"):  # real weights even when built on meta: from_pretrained fills them
+                model = self._load_pretrained(version, CLIPTextModel)
         config = model.config
         if not 1 <= max_length <= config.max_position_embeddings:
             raise ValueError(f"max_length must be in [1, {config.max_position_embeddings}], got {max_length}")

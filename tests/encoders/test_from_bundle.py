@@ -265,3 +265,42 @@ def test_first_stage_cond_is_the_mask_encoder_on_the_bundles_first_stage(
 def test_first_stage_cond_with_other_weights_is_refused(registry: Registry[Any]) -> None:
     with pytest.raises(ValueError, match="differ from first_stage_model"):
         build_cond_stage(_inpaint_bundle("different"), registry)
+
+
+def test_clip_is_built_on_meta_and_takes_the_checkpoint_tensors(
+    registry: Registry[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CLIP cond stage skips the random initialisation its checkpoint overwrites (``meta_init``): no
+    tensor is left on meta, the position ids are rebuilt, and it encodes exactly as an encoder initialised
+    at random and then loaded with the same weights."""
+    from ldm_sdk.encoders.text_clip import FrozenCLIPEmbedder
+
+    tiny_clip = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    reference = FrozenCLIPEmbedder(**tiny_clip)  # type: ignore[arg-type]
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.05)  # weights unlike any initialisation
+    bundle = random_bundle(SD1)
+    bundle.cond_stage_weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    from ldm_sdk.encoders import from_bundle
+
+    built_on: list[str] = []
+    construct = from_bundle._construct
+
+    def spy(*args: Any, **kwargs: Any) -> ConditionEncoder:
+        made = construct(*args, **kwargs)
+        built_on.append(next(made.parameters()).device.type)
+        return made
+
+    monkeypatch.setattr(from_bundle, "_construct", spy)
+    encoder = build_cond_stage(bundle, registry, params=tiny_clip)
+    assert isinstance(encoder, FrozenCLIPEmbedder) and built_on == ["meta"]
+    assert registry.get("clip-text").meta_init
+    tensors = [*encoder.parameters(), *encoder.buffers()]
+    assert not any(t.is_meta for t in tensors) and all(not p.requires_grad for p in encoder.parameters())
+    position_ids = encoder.transformer.text_model.embeddings.position_ids
+    assert torch.equal(position_ids.cpu(), torch.arange(77)[None])
+    prompts = ["a red boat at dawn", ""]
+    with torch.inference_mode():
+        assert torch.equal(encoder(prompts), reference(prompts))
