@@ -13,7 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["tensor_version", "weights_stamp"]
+__all__ = ["WeightsStamp", "tensor_version", "weights_stamp"]
+
+#: (address, version, dtype, device) of each parameter and buffer, in order
+WeightsStamp = tuple[tuple[int, int, Any, Any], ...]
 
 
 def tensor_version(t: Tensor) -> int:
@@ -21,7 +24,7 @@ def tensor_version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def weights_stamp(module: nn.Module) -> tuple[tuple[int, int, Any, Any], ...]:
+def weights_stamp(module: nn.Module) -> WeightsStamp:
     """Address, version, dtype and device of every parameter and buffer of ``module``, in order: equal
     stamps mean the same weights in the same memory, unchanged since."""
     tensors = [*module.parameters(), *module.buffers()]

@@ -2,8 +2,8 @@
 default), go through the text encoder once.
 
 An editing session reruns one prompt with new seeds, masks and strengths many times; each run used to
-encode its prompt and its negative prompt afresh (two passes of CLIP ViT-L/14's text tower: about a sixth of
-a 10-step CPU txt2img at 256 px, ``docs/benchmarks.md``). The :class:`~ldm_sdk.runtime.Runtime` owns one
+encode its prompt and its negative prompt afresh (two passes of CLIP ViT-L/14's text tower: about a tenth of
+a 10-step fp32 CPU txt2img at 256 px, ``docs/benchmarks.md``). The :class:`~ldm_sdk.runtime.Runtime` owns one
 :class:`PromptCache` (``Runtime(prompt_cache_size=)``, ``$LDM_SDK_PROMPT_CACHE``; 0 turns it off) and the
 tasks encode through it.
 
@@ -23,25 +23,22 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor, nn
 
-from ldm_sdk.weight_stamps import weights_stamp
+from ldm_sdk.weight_stamps import WeightsStamp, weights_stamp
 
 __all__ = ["PromptCache", "PromptCacheStats"]
 
 #: the default ``capacity``: prompts of all encoders together (a CLIP ViT-L/14 encoding is 77 x 768 values)
 DEFAULT_CAPACITY = 32
 
-Stamp = tuple[tuple[int, int, Any, Any], ...]  # weights_stamp's
-
 
 @dataclass(frozen=True)
 class PromptCacheStats:
     """Lookups answered from the cache (``hits``), encoded (``misses``, also those the cache was off for),
-    entries dropped for room
-    (``evictions``) or because their encoder's weights changed (``invalidations``), and entries kept."""
+    entries dropped for room (``evictions``) or because their encoder's weights changed
+    (``invalidations``), and entries kept."""
 
     hits: int
     misses: int
@@ -57,7 +54,7 @@ class PromptCache:
         if capacity < 0:
             raise ValueError(f"prompt cache capacity must be >= 0 (0: off); got {capacity}")
         self.capacity = capacity
-        self._stamps: weakref.WeakKeyDictionary[nn.Module, Stamp] = weakref.WeakKeyDictionary()
+        self._stamps: weakref.WeakKeyDictionary[nn.Module, WeightsStamp] = weakref.WeakKeyDictionary()
         # (encoder ref, prompt) -> output, least recently used first
         self._entries: OrderedDict[tuple[weakref.ref[nn.Module], str], Tensor] = OrderedDict()
         self._lock = threading.Lock()
