@@ -20,6 +20,8 @@ import torch
 from ldm_sdk.tasks.base import NoDefaultModelError, TaskError, TaskInputs, TaskRequest, UnsupportedTaskError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ldm_sdk.accel.graphs import CapturedModel, CaptureMode
     from ldm_sdk.checkpoints.bundle import ModelBundle
     from ldm_sdk.diffusion.conditioning import Conditioning
@@ -29,10 +31,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPTURED_DECODER",
+    "CAPTURED_ENCODER",
     "CAPTURED_MODEL",
     "TASK_MAX_GRAPHS",
     "bundle_device_dtype",
     "captured_decoder",
+    "captured_encoder",
     "captured_model",
     "check_size",
     "cond_modality",
@@ -51,6 +55,8 @@ _COND_STAGE_ATTR = "_ldm_sdk_task_cond_stage"
 CAPTURED_MODEL = "ldm_sdk.tasks.captured_model"
 #: the name of the tasks' captured first-stage decode among a cached model's attachments
 CAPTURED_DECODER = "ldm_sdk.tasks.captured_decoder"
+#: the name of the tasks' captured first-stage encode among a cached model's attachments
+CAPTURED_ENCODER = "ldm_sdk.tasks.captured_encoder"
 #: captures (input signatures) a task model keeps: each holds its own activation memory on the GPU, so a host
 #: alternating between two sizes (or guided / unguided) keeps both, and a third evicts the oldest
 TASK_MAX_GRAPHS = 2
@@ -273,6 +279,35 @@ def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | N
     what the eager decode computes. Each captured size holds the decoder's activations on the GPU (a few
     hundred MiB at 512 px), so at most ``TASK_MAX_GRAPHS`` sizes are kept, least recently used evicted.
     """
+
+    def decode(z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return bundle.decode_first_stage(z)
+
+    return _captured_first_stage(bundle, runtime, CAPTURED_DECODER, decode)
+
+
+def captured_encoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
+    """The first-stage encode ``image -> scaled latent`` (:meth:`ModelBundle.encode_first_stage
+    <ldm_sdk.checkpoints.bundle.ModelBundle.encode_first_stage>`) as a
+    :class:`~ldm_sdk.accel.graphs.CapturedModel`, called ``encoder(x, t, Conditioning())`` like
+    :func:`captured_decoder` and None where that is None. img2img, blend inpainting and outpainting encode
+    their input image once per run; eagerly that is launch-bound too (kl-f8 at 512 px on an H100: 8.9 ms of
+    a 311 ms inpaint, ``bench/profile_tasks.py``). The output is cloned out of the graph's buffer, since the
+    sampler keeps the latent for the whole run."""
+
+    def encode(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return bundle.encode_first_stage(x)
+
+    return _captured_first_stage(bundle, runtime, CAPTURED_ENCODER, encode)
+
+
+def _captured_first_stage(
+    bundle: ModelBundle,
+    runtime: Runtime,
+    name: str,
+    call: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+) -> CapturedModel | None:
+    """``call`` (a first-stage pass) captured as the attachment ``name`` of the cached ``bundle``."""
     mode = cast("CaptureMode", runtime.capture_mode)
     first_stage = bundle.first_stage_model
     if mode == "off" or any(m.training for m in first_stage.modules()):
@@ -283,12 +318,9 @@ def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | N
     def make() -> CapturedModel:
         from ldm_sdk.accel.graphs import CapturedModel
 
-        def decode(z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-            return bundle.decode_first_stage(z)
+        return CapturedModel(call, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
 
-        return CapturedModel(decode, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
-
-    kept = runtime.cache.attachment(bundle, CAPTURED_DECODER, make)
+    kept = runtime.cache.attachment(bundle, name, make)
     return kept if kept is not None else make()
 
 

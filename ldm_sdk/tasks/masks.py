@@ -126,8 +126,14 @@ def composite(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) ->
     and the generated ones where ``alpha == 1``."""
     if original.shape != generated.shape or original.shape[:2] != alpha.shape:
         raise ValueError(f"shapes differ: {original.shape}, {generated.shape}, alpha {alpha.shape}")
-    a = alpha[..., None].astype(np.float32)
-    mixed = np.round(a * generated.astype(np.float32) + (1.0 - a) * original.astype(np.float32))
-    out = np.clip(mixed, 0, 255).astype(np.uint8)
-    out = np.where(a == 0.0, original, out)
-    return np.where(a == 1.0, generated, out)
+    a = alpha.astype(np.float32, copy=False)
+    out = np.where((a == 1.0)[..., None], generated, original)
+    # the arithmetic only where the weights mix (the feathered band; none without feather): a 512 x 512
+    # composite over the whole image took several milliseconds, most of an inpaint's CPU work
+    band = (a != 0.0) & (a != 1.0)
+    if band.any():
+        w = a[band][:, None]
+        new, old = generated[band].astype(np.float32), original[band].astype(np.float32)
+        mixed = np.round(w * new + (1.0 - w) * old)
+        out[band] = np.clip(mixed, 0, 255).astype(np.uint8)
+    return out

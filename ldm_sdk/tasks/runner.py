@@ -36,6 +36,7 @@ from ldm_sdk.tasks.base import (
 from ldm_sdk.tasks.context import (
     bundle_device_dtype,
     captured_decoder,
+    captured_encoder,
     captured_model,
     check_size,
     cond_modality,
@@ -314,6 +315,12 @@ class Run:
         the request asks for the fast path (``accelerate``), else None."""
         return captured_decoder(self.bundle, self.runtime) if self.request.accelerate else None
 
+    @cached_property
+    def captured_encoder(self) -> CapturedModel | None:
+        """The model's captured first-stage encode (:func:`~ldm_sdk.tasks.context.captured_encoder`) when
+        the request asks for the fast path (``accelerate``), else None."""
+        return captured_encoder(self.bundle, self.runtime) if self.request.accelerate else None
+
     def sample_kwargs(self, guided: Guided) -> dict[str, Any]:
         """The keyword arguments of :func:`~ldm_sdk.tasks.sampling.run_sampling` every task passes."""
         return {
@@ -447,8 +454,15 @@ class Run:
         from ldm_sdk.tasks.images import to_tensor
 
         x = to_tensor(image, device=self.device, dtype=self.dtype)
+        encoder = self.captured_encoder
         with torch.inference_mode():
-            return self.check_finite(self.bundle.encode_first_stage(x).float(), "encoding the input image")
+            if encoder is not None:  # replayed from a CUDA graph once the size has been seen (warm-up)
+                from ldm_sdk.diffusion.conditioning import Conditioning
+
+                z = encoder(x, x.new_zeros(1), Conditioning())
+            else:
+                z = self.bundle.encode_first_stage(x)
+            return self.check_finite(z.float(), "encoding the input image")
 
     def decode(self, latents: Tensor) -> list[np.ndarray]:
         """Latents ``[B, C, h, w]`` -> uint8 ``H x W x 3`` images, decoded one item at a time."""

@@ -34,7 +34,7 @@ from ldm_sdk.tasks.base import (
     Txt2ImgRequest,
     UncondRequest,
 )
-from ldm_sdk.tasks.context import CAPTURED_DECODER, CAPTURED_MODEL, TASK_MAX_GRAPHS
+from ldm_sdk.tasks.context import CAPTURED_DECODER, CAPTURED_ENCODER, CAPTURED_MODEL, TASK_MAX_GRAPHS
 from ldm_sdk.tasks.images import read_image, save_outputs
 from ldm_sdk.tasks.manifest import replay
 from tests.tasks.tiny_models import tiny_bundle
@@ -53,7 +53,8 @@ def emulated() -> Iterator[Runtime]:
 
 def captured_of(runtime: Runtime, path: Path, name: str = CAPTURED_MODEL) -> CapturedModel | None:
     """The CapturedModel kept with the cached model of ``path`` (None when there is none): the network
-    call (``CAPTURED_MODEL``) or the first-stage decode (``CAPTURED_DECODER``)."""
+    call (``CAPTURED_MODEL``), the first-stage decode (``CAPTURED_DECODER``) or encode
+    (``CAPTURED_ENCODER``)."""
     bundle = runtime.load_model(path)  # a cache hit: the model the tasks ran
     return runtime.cache.attachments(bundle).get(name)
 
@@ -138,6 +139,8 @@ def test_emulated_fast_path_equals_eager(
     before = replays(captured) if captured is not None else 0
     decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
     decodes_before = decoder.stats.replays if decoder is not None else 0
+    encoder = captured_of(emulated, model_files[model], CAPTURED_ENCODER)
+    encodes_before = encoder.stats.replays if encoder is not None else 0
     fast = task(request, emulated, inputs=inputs)
     captured = captured_of(emulated, model_files[model])
     assert captured is not None and captured.mode == "emulate"
@@ -145,6 +148,12 @@ def test_emulated_fast_path_equals_eager(
     decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
     assert decoder is not None and decoder.mode == "emulate"
     assert decoder.stats.replays - decodes_before == len(fast.images), "each image decoded through it"
+    # the runs that encode an input image with the first stage (inpaint-model conditions on it instead)
+    encodes = 1 if name in ("inpaint-blend", "img2img") else 0
+    encoder = captured_of(emulated, model_files[model], CAPTURED_ENCODER)
+    assert (encoder.stats.replays if encoder is not None else 0) - encodes_before == encodes, (
+        "the input image encoded through the captured encoder"
+    )
     assert same(fast, eager), f"{name}: the fast path changed the result"
     # and both equal the default CPU runtime, where nothing is captured
     assert same(task(request, runtime, inputs=inputs), eager)

@@ -15,6 +15,7 @@ from ldm_sdk.runtime import Runtime
 from ldm_sdk.tasks import get_task
 from ldm_sdk.tasks.base import (
     ClassRequest,
+    Img2ImgRequest,
     InpaintRequest,
     TaskError,
     TaskInputs,
@@ -22,7 +23,7 @@ from ldm_sdk.tasks.base import (
     Txt2ImgRequest,
     UncondRequest,
 )
-from ldm_sdk.tasks.context import CAPTURED_MODEL
+from ldm_sdk.tasks.context import CAPTURED_DECODER, CAPTURED_ENCODER, CAPTURED_MODEL
 from ldm_sdk.tasks.images import read_image, save_outputs
 from ldm_sdk.tasks.manifest import replay
 from tests.tasks.tiny_models import save_tiny
@@ -141,6 +142,46 @@ def test_cuda_graph_fast_path_equals_eager(runtime: Runtime, files: dict[str, Pa
     print(f"{torch.cuda.get_device_name()}: {dtype} txt2img through CUDA graphs equals eager")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_first_stage_captured_equals_eager(runtime: Runtime, files: dict[str, Path], dtype: str) -> None:
+    """img2img and blend inpainting encode their input image and decode the result through the first
+    stage's captured CUDA graphs; from the warm-up on (eager calls, then the capture, then replays) every
+    run equals the eager run bit for bit."""
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:40, 20:50] = 1
+    inputs = TaskInputs(image=image, mask=mask)
+    fields = {"model": str(files["txt"]), "prompt": "a red boat", "steps": 6, "seed": 3}
+    runs = [
+        (get_task("img2img"), Img2ImgRequest(**fields, strength=0.6)),
+        (get_task("inpaint"), InpaintRequest(**fields, feather=2.0)),
+    ]
+    bundle = runtime.load_model(files["txt"], device="cuda", dtype=dtype)
+    for task, request in runs:
+        request = request.model_copy(update={"device": "cuda", "dtype": dtype})
+        try:
+            eager = task(request.model_copy(update={"accelerate": False}), runtime, inputs=inputs)
+        except TaskError as exc:
+            if dtype != "fp16" or "non-finite" not in str(exc):
+                raise
+            print(f"{task.name}: {exc}")  # random tiny weights may overflow fp16: refused, not black
+            continue
+        assert eager.latents is not None
+        for _ in range(4):  # two warm-up calls, the capture, a replay
+            fast = task(request, runtime, inputs=inputs)
+            assert fast.latents is not None and torch.equal(fast.latents, eager.latents), (
+                f"{task.name} {dtype}: the fast path differs from eager"
+            )
+            assert np.array_equal(fast.images[0], eager.images[0]), f"{task.name} {dtype}: images differ"
+    attachments = runtime.cache.attachments(bundle)
+    for name in (CAPTURED_ENCODER, CAPTURED_DECODER):
+        stats = attachments[name].stats
+        assert stats.captures >= 1 and stats.replays >= 1 and stats.passthrough == 0, (name, stats)
+    print(f"{torch.cuda.get_device_name()}: {dtype} first stage captured (encode, decode) equals eager")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_cuda_batch_sampled_together(
     runtime: Runtime, files: dict[str, Path], tmp_path: Path, dtype: str
@@ -164,7 +205,10 @@ def test_cuda_batch_sampled_together(
     assert together.latents is not None and eager.latents is not None and items.latents is not None
     assert torch.equal(together.latents, eager.latents), f"{dtype}: captured together differs from eager"
     err = float((together.latents - items.latents).abs().max() / items.latents.abs().max())
-    assert err < (1e-4 if dtype == "fp32" else 3e-2), err
+    # torch lets cuDNN run float32 convolutions in TF32 by default (a 10-bit mantissa, unit roundoff 2^-11),
+    # and the algorithm it picks depends on the batch: with TF32 on, "the network's rounding" is TF32's.
+    tf32 = torch.backends.cudnn.allow_tf32
+    assert err < (3e-2 if dtype != "fp32" else 4e-3 if tf32 else 1e-4), (err, f"cudnn.allow_tf32={tf32}")
     paths = save_outputs(together, tmp_path / f"together-{dtype}.png")
     again = replay(paths[1], runtime)
     assert np.array_equal(again.images[0], read_image(paths[1])), (

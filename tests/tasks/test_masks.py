@@ -91,3 +91,24 @@ def test_composite_exact_outside() -> None:
     assert mid.any()
     want = np.round(alpha[mid][:, None] * generated[mid] + (1 - alpha[mid][:, None]) * original[mid])
     assert np.array_equal(out[mid], want.astype(np.uint8))
+
+
+@pytest.mark.parametrize("feather", [0.0, 1.5, 6.0])
+def test_composite_equals_the_whole_image_formula(feather: float) -> None:
+    """The composite blends only where ``0 < alpha < 1``; it must equal the formula applied to every pixel
+    (float32 arithmetic, rounded, then the exact bytes where alpha is 0 or 1), including views of larger
+    images as inpaint passes them."""
+    rng = np.random.default_rng(1)
+    original = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    generated = rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)[:40, :48]
+    region = np.zeros((40, 48), bool)
+    region[8:30, 10:40] = True
+    alpha = composite_alpha(region, feather)
+    a = alpha[..., None].astype(np.float32)
+    whole = np.round(a * generated.astype(np.float32) + (1.0 - a) * original.astype(np.float32))
+    want = np.where(a == 0.0, original, np.clip(whole, 0, 255).astype(np.uint8))
+    want = np.where(a == 1.0, generated, want)
+    out = composite(original, generated, alpha)
+    assert out.dtype == np.uint8 and out.shape == original.shape
+    assert np.array_equal(out, want)
+    assert ((alpha > 0) & (alpha < 1)).any() == (feather > 0)
