@@ -1,17 +1,17 @@
 """The frozen CLIP ViT-L/14 text transformer of Stable Diffusion 1.x (CompVis ``FrozenCLIPEmbedder``).
 
 Prompts are tokenized with OpenAI's CLIP BPE (77 tokens: ``<|startoftext|>`` ... ``<|endoftext|>``, padded
-with ``<|endoftext|>`` as SD 1.x's tokenizer does, truncated) and encoded with transformers'
-``CLIPTextModel``; the output is its ``last_hidden_state`` ``[B, 77, 768]`` (causal attention, no padding
-mask, final LayerNorm), exactly what SD 1.x's UNet cross-attends to.
+with ``<|endoftext|>`` as SD 1.x's tokenizer does, truncated) and encoded by the CLIP text transformer
+(:class:`~ldm_sdk.encoders.clip_text_model.CLIPTextTransformer`, the computation of transformers'
+``CLIPTextModel`` without its import cost); the output is the last hidden state ``[B, 77, 768]`` (causal
+attention, no padding mask, final LayerNorm), exactly what SD 1.x's UNet cross-attends to.
 
 Weights: an SD 1.x checkpoint holds them as ``cond_stage_model.transformer.text_model.*``; this module has
-the same names under ``transformer.text_model`` on every transformers version (transformers 5 flattened
-``CLIPTextModel``; a holder module restores the ``text_model`` level), so
-``encoder.load_state_dict(bundle.cond_stage_weights)`` is strict. Files written with transformers < 4.31
-also hold ``...embeddings.position_ids``; it is accepted and ignored (positions are always ``0..76``: some
-merged checkpoints carry corrupted float copies), and :meth:`compvis_state_dict` writes it back.
-A transformers folder (``openai/clip-vit-large-patch14`` saved locally) loads with ``version=<folder>``.
+the same names under ``transformer.text_model``, so ``encoder.load_state_dict(bundle.cond_stage_weights)``
+is strict. Files written with transformers < 4.31 also hold ``...embeddings.position_ids``; it is accepted
+and ignored (positions are always ``0..76``: some merged checkpoints carry corrupted float copies), and
+:meth:`compvis_state_dict` writes it back. A transformers folder (``openai/clip-vit-large-patch14`` saved
+locally) loads with ``version=<folder>`` (read by transformers, then copied).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm_sdk.encoders.base import FrozenTextEncoder
+from ldm_sdk.encoders.clip_text_model import ACTIVATIONS, CLIPTextTransformer
 from ldm_sdk.encoders.tokenizers import (
     CLIP_VOCAB_SIZE,
     as_text_list,
@@ -35,7 +36,7 @@ from ldm_sdk.encoders.tokenizers import (
 )
 
 DEFAULT_VERSION = "openai/clip-vit-large-patch14"
-#: transformers CLIPTextConfig of OpenAI CLIP ViT-L/14's text tower (what SD 1.x uses)
+#: OpenAI CLIP ViT-L/14's text tower (what SD 1.x uses), as a transformers ``CLIPTextConfig`` dict
 VIT_L14_TEXT: dict[str, Any] = {
     "vocab_size": CLIP_VOCAB_SIZE,
     "hidden_size": 768,
@@ -51,7 +52,25 @@ VIT_L14_TEXT: dict[str, Any] = {
     "pad_token_id": 1,
 }
 _ARCHITECTURE_NAMES = (DEFAULT_VERSION, "ViT-L/14")
+_ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+)
 _POSITION_IDS = "embeddings.position_ids"
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """:class:`CLIPTextTransformer`'s arguments from a transformers ``CLIPTextConfig`` dict."""
+    act = config.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"CLIP text activation {act!r} is not supported; valid: {', '.join(ACTIVATIONS)}")
+    return {name: config[name] for name in _ARCHITECTURE_KEYS if name in config}
 
 
 class _TextModelHolder(nn.Module):
@@ -100,8 +119,6 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         intermediate_size: int | None = None,
     ) -> None:
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         overrides = {
             k: v
             for k, v in (
@@ -113,7 +130,7 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
             if v is not None
         }
         if str(version) in _ARCHITECTURE_NAMES:
-            model = CLIPTextModel(CLIPTextConfig(**{**VIT_L14_TEXT, **overrides}))
+            model = CLIPTextTransformer(**_architecture({**VIT_L14_TEXT, **overrides}))
         else:
             if overrides:
                 raise ValueError(
@@ -121,27 +138,30 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
                     f"{str(version)!r} brings its own config"
                 )
             with torch.device("cpu"):  # real weights even when built on meta: from_pretrained fills them
-                model = self._load_pretrained(version, CLIPTextModel)
-        config = model.config
-        if not 1 <= max_length <= config.max_position_embeddings:
-            raise ValueError(f"max_length must be in [1, {config.max_position_embeddings}], got {max_length}")
+                model = self._load_pretrained(version)
+        if not 1 <= max_length <= model.max_position_embeddings:
+            raise ValueError(f"max_length must be in [1, {model.max_position_embeddings}], got {max_length}")
         self.version = str(version)
         self.max_length = max_length
-        self.hidden_size = int(config.hidden_size)
+        self.hidden_size = model.hidden_size
         self.tokenizer_path = tokenizer_path
         self.cache_dir = cache_dir
         self._tokenizer: Any = None
-        self.transformer = _TextModelHolder(_text_tower(model))
+        self.transformer = _TextModelHolder(model)
         embeddings = self.transformer.text_model.embeddings
         embeddings.register_load_state_dict_pre_hook(_drop_file_position_ids)
         self.register_load_state_dict_post_hook(_after_load)
         self.freeze()
 
     @staticmethod
-    def _load_pretrained(version: str | os.PathLike[str], model_cls: Any) -> nn.Module:
+    def _load_pretrained(version: str | os.PathLike[str]) -> CLIPTextTransformer:
+        """A transformers ``CLIPTextModel`` / ``CLIPModel`` folder (or a hub id in the local cache) read by
+        transformers, its text tower copied into a :class:`CLIPTextTransformer` of the same config."""
+        from transformers import CLIPTextModel
+
         path = Path(version).expanduser()
         try:
-            return model_cls.from_pretrained(
+            loaded = CLIPTextModel.from_pretrained(
                 str(path) if path.is_dir() else str(version), local_files_only=True
             )
         except OSError as exc:
@@ -150,6 +170,10 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
                 f"in the local Hugging Face cache (nothing is downloaded). Valid: a local folder, or "
                 f"{DEFAULT_VERSION!r} to build the architecture and load weights from the checkpoint"
             ) from exc
+        model = CLIPTextTransformer(**_architecture(loaded.config.to_dict()))
+        weights = {k: v for k, v in _text_tower(loaded).state_dict().items() if not k.endswith(_POSITION_IDS)}
+        model.load_state_dict(weights, strict=True)
+        return model
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str], **kwargs: Any) -> FrozenCLIPEmbedder:
@@ -159,7 +183,8 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
     # -- tokens ----------------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
-        """CLIP's BPE tokenizer (transformers ``CLIPTokenizerFast``), loaded on first use."""
+        """CLIP's BPE tokenizer (:func:`~ldm_sdk.encoders.tokenizers.load_clip_tokenizer`), loaded on first
+        use."""
         if self._tokenizer is None:
             self._tokenizer = load_clip_tokenizer(self.tokenizer_path, cache_dir=self.cache_dir)
         return self._tokenizer
@@ -181,7 +206,7 @@ class FrozenCLIPEmbedder(FrozenTextEncoder):
         device = text_model.embeddings.token_embedding.weight.device
         tokens = tokens.to(device)
         positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-        return text_model(input_ids=tokens, position_ids=positions).last_hidden_state
+        return text_model(tokens, positions)  # type: ignore[no-any-return]
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         """Prompts -> ``[B, max_length, hidden]``. Longer prompts are truncated, as in the original; call

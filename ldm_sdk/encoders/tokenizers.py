@@ -4,8 +4,10 @@
   ``bert-base-uncased`` vocabulary; LDM's ``BERTEmbedder`` and all-MiniLM-L6-v2 both tokenize with it.
 - CLIP BPE (49,408 tokens): OpenAI's merges list ``bpe_simple_vocab_16e6.txt.gz`` inside the
   ``open-clip-torch`` wheel. :func:`clip_tokenizer_dir` turns it into the ``vocab.json`` + ``merges.txt``
-  folder transformers' ``CLIPTokenizerFast.from_pretrained`` reads, on first use, in a cache folder
-  (``$LDM_SDK_CACHE``, else ``$XDG_CACHE_HOME/ldm-sdk``, else ``~/.cache/ldm-sdk``) or one the caller passes.
+  folder transformers' ``CLIPTokenizerFast.from_pretrained`` reads, plus that tokenizer's
+  ``tokenizer.json``, on first use, in a cache folder (``$LDM_SDK_CACHE``, else
+  ``$XDG_CACHE_HOME/ldm-sdk``, else ``~/.cache/ldm-sdk``) or one the caller passes. Later loads run the
+  ``tokenizer.json`` with the ``tokenizers`` library alone (:class:`BackendTokenizer`).
 
 Both tokenizers are loaded with ``from_pretrained(folder)``: on transformers 5.x the ``vocab_file=``
 constructors silently build a 2-to-5-token vocabulary.
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -151,7 +154,6 @@ def clip_tokenizer_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     function of the merges file and the ``tokenizers`` version.
     """
     import tokenizers
-    from transformers import CLIPTokenizerFast
 
     bpe_gz = clip_bpe_path().read_bytes()
     digest = hashlib.sha256(bpe_gz).hexdigest()[:16]
@@ -159,6 +161,8 @@ def clip_tokenizer_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     target = parent / f"clip-bpe-{digest}-tokenizers{tokenizers.__version__}"
     if all((target / name).is_file() for name in CLIP_TOKENIZER_FILES):
         return target
+    from transformers import CLIPTokenizerFast  # its converter, once per cache folder
+
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=parent))
     try:
@@ -182,21 +186,86 @@ def clip_tokenizer_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def load_clip_tokenizer(
     folder: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
 ) -> Any:
-    """``CLIPTokenizerFast`` from ``folder`` (default: the one :func:`clip_tokenizer_dir` builds).
+    """CLIP's BPE tokenizer from ``folder`` (default: the one :func:`clip_tokenizer_dir` builds): a
+    :class:`BackendTokenizer` where the folder has a ``tokenizer.json``, else transformers'
+    ``CLIPTokenizerFast`` (which converts ``vocab.json`` + ``merges.txt``). Either works with
+    :func:`tokenize_padded` and :func:`token_counts`, with the same ids.
 
     Pass its inputs through :func:`clean_clip_text` first: the fast tokenizer lacks OpenAI's ftfy/HTML
     clean-up."""
-    from transformers import CLIPTokenizerFast
-
     path = Path(folder) if folder is not None else clip_tokenizer_dir(cache_dir)
     if not path.is_dir():
         raise FileNotFoundError(
             f"CLIP tokenizer folder {str(path)!r} does not exist (vocab.json + merges.txt)"
         )
-    tokenizer = CLIPTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    if (path / "tokenizer.json").is_file():
+        tokenizer: Any = BackendTokenizer(path / "tokenizer.json", pad_token=_pad_token(path, CLIP_EOS))
+    else:
+        from transformers import CLIPTokenizerFast
+
+        tokenizer = CLIPTokenizerFast.from_pretrained(str(path), local_files_only=True)
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise ValueError(f"CLIP tokenizer from {str(path)!r} has {len(tokenizer)} tokens; expected 49408")
     return tokenizer
+
+
+def _pad_token(folder: Path, default: str) -> str:
+    """The padding token a transformers tokenizer folder names (``tokenizer_config.json``, then
+    ``special_tokens_map.json``), else ``default``."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = folder / name
+        if file.is_file():
+            pad = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if isinstance(pad, str):
+                return pad
+    return default
+
+
+class BackendTokenizer:
+    """A saved ``tokenizers`` tokenizer (``tokenizer.json``: normaliser, pre-tokeniser, BPE model and the
+    start / end post-processor) with the two calls the text encoders make: :meth:`padded` and
+    :meth:`counts`. It is what transformers' fast tokenizers run underneath, with their truncation and
+    padding (``truncation=True, padding="max_length"``) set on it the same way, without importing
+    transformers (about a second before a text model's first prompt, ``bench/profile_tasks.py``)."""
+
+    def __init__(self, file: str | os.PathLike[str], *, pad_token: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.file = Path(file)
+        self._plain = Tokenizer.from_file(str(self.file))
+        pad_id = self._plain.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"padding token {pad_token!r} is not in the vocabulary of {str(self.file)!r}")
+        self.pad_token, self.pad_id = pad_token, pad_id
+        self._padded: dict[int, Any] = {}  # max_length -> a copy with truncation and padding set
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._plain.get_vocab_size(with_added_tokens=True))
+
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with its start / end tokens, not truncated."""
+        return [len(e.ids) for e in self._plain.encode_batch(list(texts), add_special_tokens=True)]
+
+    def padded(self, texts: Sequence[str], max_length: int) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) LongTensors ``[B, max_length]``: truncated (the end token kept) and
+        padded with the padding token."""
+        import torch
+
+        with self._lock:
+            tokenizer = self._padded.get(max_length)
+            if tokenizer is None:
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_str(self._plain.to_str())
+                tokenizer.enable_truncation(max_length=max_length)
+                tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
+                self._padded[max_length] = tokenizer
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
 
 
 def clean_clip_text(text: str) -> str:
@@ -231,6 +300,8 @@ def as_text_list(texts: Sequence[str]) -> list[str]:
 
 def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     """Number of tokens of each prompt with its start/end tokens, without truncation."""
+    if isinstance(tokenizer, BackendTokenizer):
+        return tokenizer.counts(texts)
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False, verbose=False)
     return [len(ids) for ids in enc["input_ids"]]
 
@@ -249,6 +320,8 @@ def check_token_lengths(tokenizer: Any, texts: Sequence[str], max_length: int, e
 def tokenize_padded(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Any, Any]:
     """(input_ids, attention_mask) LongTensors ``[B, max_length]``: truncated and padded to ``max_length``,
     exactly the CompVis call (``truncation=True, padding="max_length"``)."""
+    if isinstance(tokenizer, BackendTokenizer):
+        return tokenizer.padded(as_text_list(texts), max_length)
     enc = tokenizer(
         as_text_list(texts),
         truncation=True,

@@ -128,6 +128,44 @@ def test_ids_equal_open_clip_simple_tokenizer(enc: FrozenCLIPEmbedder) -> None:
         assert all(t == EOS for t in row[n:])
 
 
+def test_backend_tokenizer_equals_transformers_fast_tokenizer(tok_dir: Path, tmp_path: Path) -> None:
+    """The folder's ``tokenizer.json`` run by the ``tokenizers`` library (what the encoder loads) gives
+    transformers' ``CLIPTokenizerFast`` ids, masks and counts, truncation and padding included; a folder
+    without ``tokenizer.json`` loads through transformers' converter, to the same ids."""
+    from transformers import CLIPTokenizerFast
+
+    backend = tokenizers.load_clip_tokenizer(tok_dir)
+    assert isinstance(backend, tokenizers.BackendTokenizer) and len(backend) == 49408
+    reference = CLIPTokenizerFast.from_pretrained(str(tok_dir), local_files_only=True)
+    texts = [
+        tokenizers.clean_clip_text(t)
+        for t in [
+            "a photo of a cat",
+            "",
+            "Hello, World! naïve café 🙂 it's",
+            "日本語のテキスト",
+            LONG,
+            LONG[:150],
+        ]
+    ]
+    for n in (77, 8):
+        ids, mask = tokenizers.tokenize_padded(backend, texts, n)
+        want = reference(texts, truncation=True, max_length=n, padding="max_length", return_tensors="pt")
+        assert ids.dtype == mask.dtype == torch.long and ids.shape == (len(texts), n)
+        assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"]), n
+    assert tokenizers.token_counts(backend, texts) == tokenizers.token_counts(reference, texts)
+    assert tokenizers.token_counts(backend, [LONG])[0] > 77  # counted untruncated
+    # a folder of vocab.json + merges.txt only (as some saved tokenizers are): transformers converts it
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (bare / name).write_bytes((tok_dir / name).read_bytes())
+    converted = tokenizers.load_clip_tokenizer(bare)
+    assert not isinstance(converted, tokenizers.BackendTokenizer)
+    converted_ids = tokenizers.tokenize_padded(converted, texts, 77)[0]
+    assert torch.equal(converted_ids, tokenizers.tokenize_padded(backend, texts, 77)[0])
+
+
 # -- weights and forward -------------------------------------------------------------------------------
 
 
@@ -138,7 +176,7 @@ def test_vit_l14_architecture_on_meta() -> None:
     with torch.device("meta"):
         e = FrozenCLIPEmbedder()
     assert sum(p.numel() for p in e.parameters()) == want == 123_060_480
-    assert e.transformer.text_model.config.hidden_act == "quick_gelu"
+    assert e.transformer.text_model.hidden_act == "quick_gelu"
     assert e.contract().channels == 768 and e.contract().tokens == 77
     assert VIT_L14_TEXT["num_attention_heads"] == 12
 
