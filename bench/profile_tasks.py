@@ -15,15 +15,20 @@ which is timed too (``plain_s``). The first run's phases are recorded as well (`
 builds the condition encoder and, on CUDA, captures the graphs.
 
 ``--trace`` also records one warm run of each task with ``torch.profiler`` and lists its CPU operators by
-self time and, on CUDA, the kernels by GPU time (``--top`` rows each).
+self time and, on CUDA, the kernels by GPU time (``--top`` rows each). ``--pyprofile`` runs each task's
+first run under ``cProfile`` and lists the functions with the most cumulative time: where a first run's
+seconds go (imports, building the condition encoder, first kernel launches); its phase times then include
+the profiler's overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -109,15 +114,23 @@ def trace(call: Callable[[], Any], device: torch.device, top: int) -> dict[str, 
 
 
 def profile_task(
-    job: bench_tasks.TaskJob, runtime: Any, device: torch.device, repeats: int, top: int, with_trace: bool
+    job: bench_tasks.TaskJob,
+    runtime: Any,
+    device: torch.device,
+    repeats: int,
+    top: int,
+    with_trace: bool,
+    pyprofile: bool = False,
 ) -> dict[str, Any]:
-    """A first run, ``repeats`` plain runs, ``repeats`` runs with the phase clocks, one traced run."""
+    """A first run (under ``cProfile`` with ``pyprofile``), ``repeats`` plain runs, ``repeats`` runs with
+    the phase clocks, one traced run."""
     task = get_task(job.name, runtime)
 
     def call() -> Any:
         return task(job.request, runtime, inputs=job.inputs)
 
-    with phase_clocks(device) as spent:
+    profiler = cProfile.Profile() if pyprofile else None
+    with phase_clocks(device) as spent, profiler or contextlib.nullcontext():
         first_s, _ = C.wall(call, device)
     first_phases = {name: spent.get(name, 0.0) for name in PHASES}
     first_phases["other"] = first_s - sum(first_phases.values())
@@ -140,9 +153,24 @@ def profile_task(
         "phases_median_s": medians,
         "phase_runs": runs,
     }
+    if profiler is not None:
+        result["first_run_python_profile"] = python_profile(profiler, top)
     if with_trace:
         result["trace"] = trace(call, device, top)
     return result
+
+
+def python_profile(profiler: cProfile.Profile, top: int) -> list[dict[str, Any]]:
+    """The ``top`` functions of a ``cProfile`` run by cumulative time, outside importlib's own frames (an
+    import shows as the module's ``<module>`` entry)."""
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = []
+    for (file, line, name), (_, calls, self_s, cum_s, _) in stats.items():
+        if "importlib" in file or file.startswith("<frozen"):
+            continue
+        rows.append({"function": f"{file}:{line}({name})", "calls": calls, "cum_s": cum_s, "self_s": self_s})
+    rows.sort(key=lambda r: r["cum_s"], reverse=True)
+    return rows[:top]
 
 
 def show(results: list[dict[str, Any]]) -> None:
@@ -157,6 +185,12 @@ def show(results: list[dict[str, Any]]) -> None:
     for r in results:
         m = r["first_run_phases_s"]
         print(f"{r['task']} first run: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in m.items() if v >= 5e-4))
+    for r in results:
+        rows = r.get("first_run_python_profile")
+        if rows:
+            print(f"\n{r['task']} first run: top Python functions by cumulative time (under cProfile)")
+            for e in rows:
+                print(f"  {e['cum_s'] * 1e3:9.1f} ms  {e['calls']:7d}x  {e['function'][-110:]}")
     for r in results:
         t = r.get("trace")
         if not t:
@@ -188,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--together", action="store_true", help="batch_mode 'together' (default: items)")
     parser.add_argument("--trace", action="store_true", help="profile one more run of each task")
+    parser.add_argument(
+        "--pyprofile",
+        action="store_true",
+        help="run each task's first run under cProfile and list its top functions (the first run's times "
+        "then include the profiler's overhead)",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -210,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         common = {"model": model, **placement, "steps": steps, "seed": 0}
         common |= {"batch": args.batch, "batch_mode": mode}
         jobs = [bench_tasks.build_job(name, bundle, registry, size, common) for name in names]
-        results = [profile_task(job, runtime, device, args.repeats, args.top, args.trace) for job in jobs]
+        results = [
+            profile_task(job, runtime, device, args.repeats, args.top, args.trace, args.pyprofile)
+            for job in jobs
+        ]
     env = bench_tasks.environment(device)
     show(results)
     if args.out:

@@ -39,8 +39,10 @@ class CLIPTextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(
             max_positions, hidden_size, _weight=torch.empty(max_positions, hidden_size)
         )
-        # not in state dicts (newer transformers files lack it; older ones' copies are ignored on load)
-        self.register_buffer("position_ids", torch.arange(max_positions)[None], persistent=False)
+        # not in state dicts (newer transformers files lack it; older ones' copies are ignored on load); made
+        # on the CPU even in a meta build: arange on meta imports sympy via torch's decompositions
+        positions = torch.arange(max_positions, device="cpu")[None]
+        self.register_buffer("position_ids", positions, persistent=False)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         length = input_ids.shape[-1]
