@@ -17,7 +17,6 @@ approximation instead. Finish with :func:`blend_known` to paste the clean known 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ldm_sdk.diffusion.denoiser import Denoiser, Prediction, batch_time, signal_noise_scales, work_dtype
@@ -26,18 +25,30 @@ from ldm_sdk.diffusion.schedule import DiffusionSchedule
 
 
 def _check_broadcast(x: Tensor, x0_known: Tensor, mask: Tensor) -> None:
-    try:
-        shape = torch.broadcast_shapes(x.shape, x0_known.shape, mask.shape)
-    except RuntimeError as err:
+    shape = _broadcast_shape(tuple(x.shape), tuple(x0_known.shape), tuple(mask.shape))
+    if shape is None:
         raise ValueError(
             f"x {tuple(x.shape)}, x0_known {tuple(x0_known.shape)} and mask {tuple(mask.shape)} "
             "do not broadcast"
-        ) from err
-    if shape != x.shape:
+        )
+    if shape != tuple(x.shape):
         raise ValueError(
             f"x0_known {tuple(x0_known.shape)} and mask {tuple(mask.shape)} "
             f"must broadcast to x {tuple(x.shape)}"
         )
+
+
+def _broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape ``shapes`` broadcast to (numpy / torch rules), or None where they do not. In plain Python:
+    ``torch.broadcast_shapes`` goes through torch's reference implementations, whose first use imports
+    sympy (3.4 s of a first inpaint on the H100 machine, ``bench/profile_tasks.py --pyprofile``)."""
+    out: list[int] = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s)) + s) for s in shapes), strict=True):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
 
 
 def blend_known(x: Tensor, x0_known: Tensor, mask: Tensor) -> Tensor:

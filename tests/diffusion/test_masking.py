@@ -92,3 +92,20 @@ def test_errors(schedule) -> None:
         MaskedDenoiser(inner, KNOWN[:, :, :4], MASK)(NOISE, torch.tensor(10.0))
     with pytest.raises(ValueError, match="broadcast"):
         blend_known(NOISE, KNOWN, torch.ones(3, 1, 8, 8))
+
+
+def test_broadcast_shape_follows_torch() -> None:
+    """The plain-Python broadcast check (no sympy import on first use) agrees with torch's rules."""
+    from ldm_sdk.diffusion.masking import _broadcast_shape
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        shapes = []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=rng))):
+            rank = int(torch.randint(0, 4, (1,), generator=rng))
+            shapes.append(tuple(int(d) for d in torch.randint(0, 3, (rank,), generator=rng)))
+        try:
+            want: tuple[int, ...] | None = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            want = None
+        assert _broadcast_shape(*shapes) == want, shapes
