@@ -117,13 +117,20 @@ class ModelBundle(nn.Module):
         self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:
         """Image in [-1, 1] -> scaled latent. KL: the posterior mode, or a sample when ``sample``."""
+        return self.first_stage_encoding(image, sample=sample, generator=generator) * self.scale_factor
+
+    @torch.no_grad()
+    def first_stage_encoding(
+        self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Image in [-1, 1] -> the first stage's latent before ``scale_factor`` (KL: the posterior mode, or a
+        sample when ``sample``; VQ: the encoder's output, not quantized), what the inpainting models
+        concatenate (``cond_stage_model.encode``)."""
         fsm = self.first_stage_model
         if isinstance(fsm, AutoencoderKL):
             posterior = fsm.encode(image)
-            z = posterior.sample(generator=generator) if sample else posterior.mode()
-        else:
-            z = fsm.encode(image)
-        return z * self.scale_factor
+            return posterior.sample(generator=generator) if sample else posterior.mode()
+        return fsm.encode(image)  # type: ignore[no-any-return]
 
     @torch.no_grad()
     def decode_first_stage(self, z: Tensor) -> Tensor:

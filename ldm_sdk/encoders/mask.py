@@ -101,9 +101,13 @@ class MaskConditioner(ConditionEncoder):
         self.latent_factor = _resolve(first_stage, "downsampling_factor", latent_factor, "latent_factor")
 
     @classmethod
-    def from_bundle(cls, bundle: Any, variant: InpaintVariant | None = None, **kw: Any) -> MaskConditioner:
+    def from_bundle(
+        cls, bundle: Any, variant: InpaintVariant | None = None, *, encode: EncodeFn | None = None, **kw: Any
+    ) -> MaskConditioner:
         """From a loaded :class:`~ldm_sdk.checkpoints.bundle.ModelBundle`. ``variant`` defaults from the
-        conditioning key: ``hybrid`` (mask concat + text) is SD inpainting, ``concat`` is LDM."""
+        conditioning key: ``hybrid`` (mask concat + text) is SD inpainting, ``concat`` is LDM. ``encode``
+        stands in for the first stage's ``encode`` (the tasks pass its captured CUDA graph, which returns
+        the posterior mode: not with ``sample_posterior``)."""
         if variant is None:
             key = bundle.conditioning_key
             if key not in ("hybrid", "concat"):
@@ -113,7 +117,14 @@ class MaskConditioner(ConditionEncoder):
                 )
             variant = "sd" if key == "hybrid" else "ldm"
         scale = bundle.scale_factor if variant == "sd" else 1.0
-        return cls(bundle.first_stage_model, variant=variant, scale_factor=scale, **kw)
+        if encode is None:
+            return cls(bundle.first_stage_model, variant=variant, scale_factor=scale, **kw)
+        if kw.get("sample_posterior"):
+            raise ValueError(
+                "an encode callable gives the posterior mode; sample_posterior needs the first stage"
+            )
+        fs = {"latent_channels": bundle.latent_channels, "latent_factor": bundle.downsampling_factor}
+        return cls(encode, variant=variant, scale_factor=scale, **fs, **kw)
 
     def contract(self) -> OutputContract:
         return OutputContract(

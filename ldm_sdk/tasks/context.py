@@ -287,16 +287,17 @@ def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | N
 
 
 def captured_encoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
-    """The first-stage encode ``image -> scaled latent`` (:meth:`ModelBundle.encode_first_stage
-    <ldm_sdk.checkpoints.bundle.ModelBundle.encode_first_stage>`) as a
-    :class:`~ldm_sdk.accel.graphs.CapturedModel`, called ``encoder(x, t, Conditioning())`` like
+    """The first-stage encode ``image -> latent before scale_factor`` (:meth:`ModelBundle.first_stage_encoding
+    <ldm_sdk.checkpoints.bundle.ModelBundle.first_stage_encoding>`: the KL posterior mode, VQ's encoder
+    output) as a :class:`~ldm_sdk.accel.graphs.CapturedModel`, called ``encoder(x, t, Conditioning())`` like
     :func:`captured_decoder` and None where that is None. img2img, blend inpainting and outpainting encode
-    their input image once per run; eagerly that is launch-bound too (kl-f8 at 512 px on an H100: 8.9 ms of
-    a 311 ms inpaint, ``bench/profile_tasks.py``). The output is cloned out of the graph's buffer, since the
-    sampler keeps the latent for the whole run."""
+    their input image once per run (then scaled, as ``encode_first_stage`` does), the inpainting models
+    their masked image; eagerly that is launch-bound too (kl-f8 at 512 px on an H100: 8.9 ms of a 311 ms
+    inpaint, ``bench/profile_tasks.py``). The output is cloned out of the graph's buffer, since the sampler
+    keeps the latent for the whole run."""
 
     def encode(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return bundle.encode_first_stage(x)
+        return bundle.first_stage_encoding(x)
 
     return _captured_first_stage(bundle, runtime, CAPTURED_ENCODER, encode)
 

@@ -121,7 +121,7 @@ def _mask_concat(run: Run, image: np.ndarray, region: np.ndarray) -> Tensor:
 
     x = to_tensor(image, device=run.device, dtype=run.dtype)
     m = torch.from_numpy(region.astype(np.float32))[None, None].to(run.device, run.dtype)
-    conditioner = MaskConditioner.from_bundle(run.bundle)
+    conditioner = MaskConditioner.from_bundle(run.bundle, encode=run.first_stage_encoding)
     with torch.inference_mode():
         return run.check_finite(conditioner(MaskedImage(image=x, mask=m)).float(), "the mask conditioning")
 

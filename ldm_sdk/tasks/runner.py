@@ -454,15 +454,22 @@ class Run:
         from ldm_sdk.tasks.images import to_tensor
 
         x = to_tensor(image, device=self.device, dtype=self.dtype)
-        encoder = self.captured_encoder
+        encode = self.first_stage_encoding
         with torch.inference_mode():
-            if encoder is not None:  # replayed from a CUDA graph once the size has been seen (warm-up)
-                from ldm_sdk.diffusion.conditioning import Conditioning
-
-                z = encoder(x, x.new_zeros(1), Conditioning())
-            else:
-                z = self.bundle.encode_first_stage(x)
+            z = self.bundle.encode_first_stage(x) if encode is None else encode(x) * self.bundle.scale_factor
             return self.check_finite(z.float(), "encoding the input image")
+
+    @cached_property
+    def first_stage_encoding(self) -> Callable[[Tensor], Tensor] | None:
+        """``image -> latent before scale_factor`` through the captured encoder (a CUDA graph replayed once
+        the size has been captured) when the fast path has one, else None (then the eager
+        ``bundle.encode_first_stage`` / ``first_stage_encoding``): the same numbers either way."""
+        encoder = self.captured_encoder
+        if encoder is None:
+            return None
+        from ldm_sdk.diffusion.conditioning import Conditioning
+
+        return lambda x: encoder(x, x.new_zeros(1), Conditioning())
 
     def decode(self, latents: Tensor) -> list[np.ndarray]:
         """Latents ``[B, C, h, w]`` -> uint8 ``H x W x 3`` images, decoded one item at a time."""

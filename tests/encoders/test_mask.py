@@ -120,6 +120,32 @@ def test_from_bundle_picks_variant_and_scale() -> None:
         MaskConditioner.from_bundle(SimpleNamespace(conditioning_key="crossattn", scale_factor=1.0))
 
 
+def test_from_bundle_with_an_encode_callable_equals_the_first_stage() -> None:
+    """The tasks pass the first stage's captured encode (the KL posterior mode) in its place: the same map
+    as the first stage itself, with the sizes taken from the bundle."""
+    dd = DDConfig(z_channels=4, resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    fsm = AutoencoderKL(dd, embed_dim=4).eval()
+    bundle = SimpleNamespace(
+        conditioning_key="hybrid",
+        scale_factor=0.5,
+        first_stage_model=fsm,
+        latent_channels=4,
+        downsampling_factor=2,
+    )
+    calls: list[Tensor] = []
+
+    def mode(x: Tensor) -> Tensor:
+        calls.append(x)
+        return fsm.encode(x).mode()
+
+    inputs = MaskedImage(*_batch(16, 16))
+    via_callable = MaskConditioner.from_bundle(bundle, encode=mode)
+    assert (via_callable.latent_channels, via_callable.latent_factor) == (4, 2)
+    assert torch.equal(via_callable(inputs), MaskConditioner.from_bundle(bundle)(inputs)) and len(calls) == 1
+    with pytest.raises(ValueError, match="sample_posterior needs the first stage"):
+        MaskConditioner.from_bundle(bundle, encode=mode, sample_posterior=True)
+
+
 def test_input_errors_say_what_was_wrong() -> None:
     enc = MaskConditioner(PoolStage(4, 8), variant="sd")
     image, mask = _batch()

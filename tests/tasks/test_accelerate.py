@@ -148,8 +148,9 @@ def test_emulated_fast_path_equals_eager(
     decoder = captured_of(emulated, model_files[model], CAPTURED_DECODER)
     assert decoder is not None and decoder.mode == "emulate"
     assert decoder.stats.replays - decodes_before == len(fast.images), "each image decoded through it"
-    # the runs that encode an input image with the first stage (inpaint-model conditions on it instead)
-    encodes = 1 if name in ("inpaint-blend", "img2img") else 0
+    # the runs that encode an image with the first stage: the input image, or the masked image the
+    # inpainting model conditions on
+    encodes = 1 if name in ("inpaint-blend", "img2img", "inpaint-model") else 0
     encoder = captured_of(emulated, model_files[model], CAPTURED_ENCODER)
     assert (encoder.stats.replays if encoder is not None else 0) - encodes_before == encodes, (
         "the input image encoded through the captured encoder"

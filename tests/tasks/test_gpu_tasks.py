@@ -144,9 +144,9 @@ def test_cuda_graph_fast_path_equals_eager(runtime: Runtime, files: dict[str, Pa
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_cuda_first_stage_captured_equals_eager(runtime: Runtime, files: dict[str, Path], dtype: str) -> None:
-    """img2img and blend inpainting encode their input image and decode the result through the first
-    stage's captured CUDA graphs; from the warm-up on (eager calls, then the capture, then replays) every
-    run equals the eager run bit for bit."""
+    """img2img and blend inpainting encode their input image, the LDM inpainting model its masked image,
+    and all decode the result through the first stage's captured CUDA graphs; from the first call on (the
+    capture) through the replays every run equals the eager run bit for bit."""
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -157,8 +157,12 @@ def test_cuda_first_stage_captured_equals_eager(runtime: Runtime, files: dict[st
     runs = [
         (get_task("img2img"), Img2ImgRequest(**fields, strength=0.6)),
         (get_task("inpaint"), InpaintRequest(**fields, feather=2.0)),
+        # the LDM inpainting model (VQ-f4, concat): the masked image through the captured encoder
+        (
+            get_task("inpaint"),
+            InpaintRequest(**{**fields, "model": str(files["ldm_inpaint"]), "prompt": None}),
+        ),
     ]
-    bundle = runtime.load_model(files["txt"], device="cuda", dtype=dtype)
     for task, request in runs:
         request = request.model_copy(update={"device": "cuda", "dtype": dtype})
         try:
@@ -169,16 +173,17 @@ def test_cuda_first_stage_captured_equals_eager(runtime: Runtime, files: dict[st
             print(f"{task.name}: {exc}")  # random tiny weights may overflow fp16: refused, not black
             continue
         assert eager.latents is not None
-        for _ in range(4):  # two warm-up calls, the capture, a replay
+        for _ in range(3):  # the capture, then replays
             fast = task(request, runtime, inputs=inputs)
             assert fast.latents is not None and torch.equal(fast.latents, eager.latents), (
                 f"{task.name} {dtype}: the fast path differs from eager"
             )
             assert np.array_equal(fast.images[0], eager.images[0]), f"{task.name} {dtype}: images differ"
-    attachments = runtime.cache.attachments(bundle)
-    for name in (CAPTURED_ENCODER, CAPTURED_DECODER):
-        stats = attachments[name].stats
-        assert stats.captures >= 1 and stats.replays >= 1 and stats.passthrough == 0, (name, stats)
+    for model in ("txt", "ldm_inpaint"):
+        attachments = runtime.cache.attachments(runtime.load_model(files[model], device="cuda", dtype=dtype))
+        for name in (CAPTURED_ENCODER, CAPTURED_DECODER):
+            stats = attachments[name].stats
+            assert stats.captures >= 1 and stats.replays >= 1 and stats.passthrough == 0, (model, name, stats)
     print(f"{torch.cuda.get_device_name()}: {dtype} first stage captured (encode, decode) equals eager")
 
 
