@@ -30,9 +30,11 @@ import pluggy
 import torch
 from torch import nn
 
+from ldm_sdk.cache_dir import cache_root
 from ldm_sdk.devices import dtype_name, parse_dtype, select_device, select_dtype
 from ldm_sdk.encoders.prompt_cache import DEFAULT_CAPACITY as DEFAULT_PROMPT_CACHE
 from ldm_sdk.encoders.prompt_cache import PromptCache
+from ldm_sdk.file_hashes import FileHashMemo
 from ldm_sdk.jobs import Job, JobContext, JobEvent, JobQueue
 from ldm_sdk.plugin_host import DISABLE_ENV, PluginHost, PluginInfo, PluginLoadError
 from ldm_sdk.registry import Registries
@@ -151,7 +153,8 @@ class Runtime:
         )
         self._jobs = JobQueue(self._emit, runtime=self)
         self._subscribers: list[Callable[[JobEvent], None]] = []
-        self._hash_memo: dict[tuple[str, int, int], str] = {}
+        # checkpoint digests, remembered across processes (a new process skips re-hashing multi-GB files)
+        self._hash_memo = FileHashMemo(cache_root() / "file-hashes")
         self._lock = threading.RLock()
         self._closed = False
         self._plugins.load(

@@ -20,13 +20,15 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from ldm_sdk.file_hashes import Stamp, file_stamp
 
 logger = logging.getLogger("ldm_sdk.runtime")
 
@@ -335,10 +337,11 @@ def empty_accelerator_cache(devices: list[str]) -> None:
 # -- key helpers ---------------------------------------------------------------------------------------
 
 
-def content_hash(path: str | os.PathLike[str], memo: dict[tuple[str, int, int], str] | None = None) -> str:
+def content_hash(path: str | os.PathLike[str], memo: MutableMapping[Stamp, str] | None = None) -> str:
     """sha256 of a checkpoint file, or of a folder (every file's relative path and content, sorted).
 
-    ``memo`` (path, size, mtime) -> digest avoids re-reading an unchanged multi-GB file.
+    ``memo`` (a file's :func:`~ldm_sdk.file_hashes.file_stamp` -> digest; the runtime's is a
+    :class:`~ldm_sdk.file_hashes.FileHashMemo`, kept on disk) avoids re-reading an unchanged multi-GB file.
     """
     p = Path(path)
     if not p.exists():
@@ -349,8 +352,7 @@ def content_hash(path: str | os.PathLike[str], memo: dict[tuple[str, int, int], 
             digest.update(child.relative_to(p).as_posix().encode() + b"\0")
             digest.update(content_hash(child, memo).encode())
         return digest.hexdigest()
-    st = p.stat()
-    stamp = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    stamp = file_stamp(p)
     if memo is not None and stamp in memo:
         return memo[stamp]
     from ldm_sdk.checkpoints.safe_load import file_sha256
@@ -361,7 +363,7 @@ def content_hash(path: str | os.PathLike[str], memo: dict[tuple[str, int, int], 
     return out
 
 
-def config_identity(config: Any, memo: dict[tuple[str, int, int], str] | None = None) -> str:
+def config_identity(config: Any, memo: MutableMapping[Stamp, str] | None = None) -> str:
     """A stable string for the ``config`` argument of a load: a file's hash, a pydantic model's or a
     mapping's canonical JSON hash, or ``""`` for ``None`` (detected from the checkpoint)."""
     if config is None:

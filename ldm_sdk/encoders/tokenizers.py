@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-CACHE_ENV = "LDM_SDK_CACHE"
+from ldm_sdk.cache_dir import cache_root
+
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json")
@@ -41,14 +42,6 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 # OpenAI's merges file: a version line, then the merges; CLIP keeps the first 49152 - 256 - 2 of them so
 # that bytes (256) + their end-of-word forms (256) + merges + 2 specials = 49408 tokens.
 CLIP_NUM_MERGES = 49152 - 256 - 2
-
-
-def cache_root() -> Path:
-    """``$LDM_SDK_CACHE``, else ``$XDG_CACHE_HOME/ldm-sdk``, else ``~/.cache/ldm-sdk`` (not created here)."""
-    if env := os.environ.get(CACHE_ENV):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ldm-sdk"
 
 
 def package_file(distribution: str, module: str, relative: str) -> Path:

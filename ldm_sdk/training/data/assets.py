@@ -11,8 +11,9 @@ fraction in [0, 1) is below ``val_fraction`` (default 0.1), else in ``"train"``;
 share an emoji glyph or a clip-art file, and adding assets never moves the others.
 
 **Cache**: scanning the font and the clip-art tree takes about a second; the index is written once as JSON to
-``<cache dir>/scenes/assets-<fingerprint>.json`` (cache dir: ``cache_dir`` argument, else ``$LDM_SDK_CACHE``,
-else ``~/.cache/ldm-sdk``) through a temporary file and an atomic rename. The fingerprint covers the format
+``<cache dir>/scenes/assets-<fingerprint>.json`` (cache dir: ``cache_dir`` argument, else
+:func:`ldm_sdk.cache_dir.cache_root`: ``$LDM_SDK_CACHE``, ``$XDG_CACHE_HOME/ldm-sdk`` or
+``~/.cache/ldm-sdk``) through a temporary file and an atomic rename. The fingerprint covers the format
 version, the Unicode database version and the size/mtime of the font and of the clip-art folders, so an
 upgraded package makes a new index. Nothing is scanned at import time.
 """
@@ -53,11 +54,10 @@ class Asset:
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """``override``, else ``$LDM_SDK_CACHE``, else ``~/.cache/ldm-sdk`` (not created here)."""
-    if override is not None:
-        return Path(override)
-    env = os.environ.get("LDM_SDK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ldm-sdk"
+    """``override``, else the SDK's cache folder (:func:`ldm_sdk.cache_dir.cache_root`; not created here)."""
+    from ldm_sdk.cache_dir import cache_root
+
+    return Path(override) if override is not None else cache_root()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
