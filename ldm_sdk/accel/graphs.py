@@ -151,6 +151,31 @@ class CaptureStats:
     memsets_rewritten: int = 0  # memset nodes replaced by fill kernels (ldm_sdk.accel.graph_memsets)
 
 
+class SharedGraphPool:
+    """One CUDA-graph memory pool (per device) and one lock for several :class:`CapturedModel` whose calls
+    never run at the same time, such as a model's first-stage encode and decode.
+
+    Each capture otherwise keeps a pool of its own, sized by the activations it needs at its peak (the
+    encoder of kl-f8 at 512 px in fp16: 550 MiB, ``bench/first_stage_graph_memory.py``). Sharing one lets
+    the captures reuse each other's temporaries: a graph's memory is live only while it replays. Static
+    outputs are live tensors, which the allocator never hands to another capture. The shared lock
+    serialises the calls of all the models on the host. Like the static buffers, it assumes the calls are
+    issued on one CUDA stream.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._handles: dict[torch.device, object] = {}
+
+    def handle(self, device: torch.device) -> object:
+        """The pool of ``device`` (``torch.cuda.graph_pool_handle``), made on first use."""
+        with self.lock:
+            if device not in self._handles:
+                with torch.cuda.device(device):
+                    self._handles[device] = torch.cuda.graph_pool_handle()
+            return self._handles[device]
+
+
 class CapturedModel:
     """A ``ModelFn`` that replays ``fn`` from CUDA graphs, one per input signature (see the module doc).
 
@@ -158,7 +183,9 @@ class CapturedModel:
     (>= 1; with >= 2 the last one runs under sync debug mode "error"). ``max_graphs``: captures kept (least
     recently used evicted; each holds its own activation memory). ``clone_output``: return a clone of the
     static output (default) or the static output itself. ``modules``: modules ``fn`` runs, checked to be in
-    eval mode on every captured call.
+    eval mode on every captured call. ``pool``: a :class:`SharedGraphPool` the captures take their memory
+    from, whose lock serialises this model's calls with the other models'; default: a pool per capture and
+    a lock of its own.
     """
 
     def __init__(
@@ -170,6 +197,7 @@ class CapturedModel:
         max_graphs: int = 4,
         clone_output: bool = True,
         modules: Sequence[nn.Module] = (),
+        pool: SharedGraphPool | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(x, t, cond) -> Tensor, got {type(fn).__name__}")
@@ -192,7 +220,9 @@ class CapturedModel:
         self.stats = CaptureStats()
         self._captures: OrderedDict[CallSignature, _Capture] = OrderedDict()
         self._companions: dict[Hashable, CapturedModel] = {}
-        self._lock = threading.RLock()  # one call at a time through the static buffers
+        self.pool = pool
+        # one call at a time through the static buffers (and through the shared pool's memory)
+        self._lock = pool.lock if pool is not None else threading.RLock()
         self._pending: dict[CallSignature, PendingCompile] = {}  # compile_ahead's, by call signature
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
@@ -443,7 +473,8 @@ class CapturedModel:
             # kept un-instantiated, so that its memset nodes can be rewritten as kernels first
             graph = torch.cuda.CUDAGraph(keep_graph=self.rewrite_memsets)
             try:
-                with torch.cuda.graph(graph):
+                pool = self.pool.handle(device) if self.pool is not None else None
+                with torch.cuda.graph(graph, pool=pool):
                     out = call()
             except CaptureError:
                 raise
@@ -610,6 +641,7 @@ __all__ = [
     "CaptureMode",
     "CaptureStats",
     "CapturedModel",
+    "SharedGraphPool",
     "TensorSpec",
     "accelerate_denoiser",
     "bundle_denoiser",

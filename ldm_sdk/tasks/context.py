@@ -33,6 +33,7 @@ __all__ = [
     "CAPTURED_DECODER",
     "CAPTURED_ENCODER",
     "CAPTURED_MODEL",
+    "FIRST_STAGE_GRAPH_POOL",
     "TASK_MAX_GRAPHS",
     "bundle_device_dtype",
     "captured_decoder",
@@ -57,6 +58,8 @@ CAPTURED_MODEL = "ldm_sdk.tasks.captured_model"
 CAPTURED_DECODER = "ldm_sdk.tasks.captured_decoder"
 #: the name of the tasks' captured first-stage encode among a cached model's attachments
 CAPTURED_ENCODER = "ldm_sdk.tasks.captured_encoder"
+#: the CUDA-graph memory pool the captured encode and decode share (a cached model's attachment)
+FIRST_STAGE_GRAPH_POOL = "ldm_sdk.tasks.first_stage_graph_pool"
 #: captures (input signatures) a task model keeps: each holds its own activation memory on the GPU, so a host
 #: alternating between two sizes (or guided / unguided) keeps both, and a third evicts the oldest
 TASK_MAX_GRAPHS = 2
@@ -316,10 +319,13 @@ def _captured_first_stage(
     if mode == "auto" and next(first_stage.parameters()).device.type != "cuda":
         return None
 
-    def make() -> CapturedModel:
-        from ldm_sdk.accel.graphs import CapturedModel
+    from ldm_sdk.accel.graphs import CapturedModel, SharedGraphPool
 
-        return CapturedModel(call, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage])
+    # the encode and the decode never run at once: their graphs share one memory pool (and one lock)
+    pool = runtime.cache.attachment(bundle, FIRST_STAGE_GRAPH_POOL, SharedGraphPool)
+
+    def make() -> CapturedModel:
+        return CapturedModel(call, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage], pool=pool)
 
     kept = runtime.cache.attachment(bundle, name, make)
     return kept if kept is not None else make()

@@ -4,7 +4,7 @@ refusal says what was wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -396,3 +396,65 @@ def test_graph_path_errors(
         model(*inputs())
     assert fake_cuda["mode_now"][0] == 0, "the sync debug mode is restored"
     assert not model.signatures and model.stats.captures == 0
+
+
+def test_models_sharing_a_pool_share_its_lock() -> None:
+    """``pool=SharedGraphPool()``: the models' calls are serialised together (one lock); without it each
+    model has its own."""
+    from ldm_sdk.accel.graphs import SharedGraphPool
+
+    pool = SharedGraphPool()
+    a = CapturedModel(lambda x, t, c: x * 2, mode="emulate", pool=pool)
+    b = CapturedModel(lambda x, t, c: x + 1, mode="emulate", pool=pool)
+    alone = CapturedModel(lambda x, t, c: x - 1, mode="emulate")
+    assert a._lock is b._lock is pool.lock and alone._lock is not pool.lock and alone.pool is None
+
+
+@pytest.mark.gpu
+def test_cuda_captures_sharing_a_pool_replay_in_any_order() -> None:
+    """Two models whose graphs share one memory pool (as a model's first-stage encode and decode do):
+    captured one after the other, replayed interleaved and in both orders, each equals its eager call bit
+    for bit, and together they reserve less memory than with a pool each."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from ldm_sdk.accel.graphs import SharedGraphPool
+
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(8, 8, 3, padding=1).cuda().eval() for _ in range(2)]
+
+    def deep(conv: torch.nn.Conv2d) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
+        def fn(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            for _ in range(6):  # temporaries the pool holds
+                x = torch.tanh(conv(x)) + x
+            return x
+
+        return fn
+
+    def reserved_for(pool_a: SharedGraphPool | None, pool_b: SharedGraphPool | None) -> tuple[int, bool]:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        models = [
+            CapturedModel(deep(c), pool=p, modules=[c]) for c, p in zip(convs, (pool_a, pool_b), strict=True)
+        ]
+        xs = [torch.randn(4, 8, 256, 256, device="cuda") for _ in range(3)]
+        t, cond = torch.zeros(4, device="cuda"), Conditioning()
+        ok = True
+        with torch.inference_mode():
+            for order in ([0, 1], [1, 0], [0, 0, 1, 1, 0]):
+                for i in order:
+                    for x in xs:
+                        ok &= torch.equal(models[i](x, t, cond), deep(convs[i])(x, t, cond))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved() - before, ok
+
+    shared = SharedGraphPool()
+    shared_bytes, shared_ok = reserved_for(shared, shared)
+    separate_bytes, separate_ok = reserved_for(None, None)
+    assert shared_ok and separate_ok, "a replay differs from its eager call"
+    assert shared_bytes < separate_bytes, (shared_bytes, separate_bytes)
+    print(
+        f"{torch.cuda.get_device_name()}: shared pool {shared_bytes >> 20} MiB, "
+        f"separate pools {separate_bytes >> 20} MiB"
+    )
