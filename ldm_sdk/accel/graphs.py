@@ -181,11 +181,11 @@ class CapturedModel:
 
     ``mode``: see :data:`CaptureMode`. ``warmup``: eager calls of ``fn`` on a side stream before capture
     (>= 1; with >= 2 the last one runs under sync debug mode "error"). ``max_graphs``: captures kept (least
-    recently used evicted; each holds its own activation memory). ``clone_output``: return a clone of the
-    static output (default) or the static output itself. ``modules``: modules ``fn`` runs, checked to be in
-    eval mode on every captured call. ``pool``: a :class:`SharedGraphPool` the captures take their memory
-    from, whose lock serialises this model's calls with the other models'; default: a pool per capture and
-    a lock of its own.
+    recently used evicted; each holds its own activation memory unless ``pool`` is shared).
+    ``clone_output``: return a clone of the static output (default) or the static output itself.
+    ``modules``: modules ``fn`` runs, checked to be in eval mode on every captured call. ``pool``: a
+    :class:`SharedGraphPool` the captures take their memory from, whose lock serialises this model's calls
+    with the other models'; default: a pool per capture and a lock of its own.
     """
 
     def __init__(

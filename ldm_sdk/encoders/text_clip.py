@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm_sdk.encoders.base import FrozenTextEncoder
-from ldm_sdk.encoders.clip_text_model import ACTIVATIONS, CLIPTextTransformer
+from ldm_sdk.encoders.clip_text_model import CLIPTextTransformer
 from ldm_sdk.encoders.tokenizers import (
     CLIP_VOCAB_SIZE,
     as_text_list,
@@ -66,10 +66,8 @@ _POSITION_IDS = "embeddings.position_ids"
 
 
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
-    """:class:`CLIPTextTransformer`'s arguments from a transformers ``CLIPTextConfig`` dict."""
-    act = config.get("hidden_act", "quick_gelu")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"CLIP text activation {act!r} is not supported; valid: {', '.join(ACTIVATIONS)}")
+    """:class:`CLIPTextTransformer`'s arguments from a transformers ``CLIPTextConfig`` dict (it refuses an
+    activation it does not have, naming the valid ones)."""
     return {name: config[name] for name in _ARCHITECTURE_KEYS if name in config}
 
 
