@@ -17,6 +17,11 @@ the context *tensor* it was computed from, and only within one UNet call: a forw
 starts a new call, so a context changed in place between calls (a static graph input) is projected again.
 If the weights no longer share their storage (moved, cast, replaced), each attention projects on its own.
 
+Across calls: the ``ContextProjections`` is also the UNet's ``conditioning_prologue``
+(:mod:`ldm_sdk.accel.cond_prologue`). A captured call then projects the static context in a graph of its
+own, replayed only when the context is copied in anew, and the step's graph reads that result
+(:meth:`ContextProjections.holding`): the projection leaves the per-step graph.
+
 Numerics: the same products, in one GEMM instead of sixteen: cuBLAS may pick another kernel, so the keys
 and values can differ from the separate GEMMs' by float32 summation order before the rounding to the
 weights' dtype.
@@ -24,13 +29,15 @@ weights' dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_sdk.accel.stacking import stack_storage, stacked_view
+from ldm_sdk.diffusion.conditioning import Conditioning
 
 
 class ContextProjections:
@@ -51,10 +58,41 @@ class ContextProjections:
         stack_storage(self.weights)
         self._call = 0
         self._memo: tuple[int, Tensor, Tensor] | None = None  # (call, context, projections)
+        self._held: tuple[Tensor, Tensor] | None = None  # (context, projections) across calls: holding()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled without the remembered result (it belongs to one call)."""
-        return {**self.__dict__, "_memo": None}
+        """Pickled without the remembered or held results (they belong to calls)."""
+        return {**self.__dict__, "_memo": None, "_held": None}
+
+    def compute(self, cond: Conditioning) -> Tensor | None:
+        """``cond``'s context through every attention's K / V weights (the conditioning prologue of
+        :mod:`ldm_sdk.accel.cond_prologue`), or None where it does not apply: no tensor context, or one of
+        another dtype, device or width than the weights (the UNet's call then projects it itself), or
+        weights no longer in one storage."""
+        context = cond.crossattn
+        weight = stacked_view(self.weights)
+        if not isinstance(context, Tensor) or weight is None:
+            return None
+        if (context.dtype, context.device, context.shape[-1]) != (
+            weight.dtype,
+            weight.device,
+            weight.shape[1],
+        ):
+            return None
+        return F.linear(context, weight)
+
+    @contextlib.contextmanager
+    def holding(self, cond: Conditioning, result: Tensor) -> Iterator[None]:
+        """Within the context, calls with exactly ``cond``'s context tensor take their keys and values from
+        ``result`` (:meth:`compute` on it) instead of projecting it."""
+        if not isinstance(cond.crossattn, Tensor):
+            raise ValueError("holding() needs a conditioning with a tensor crossattn part")
+        previous = self._held
+        self._held = (cond.crossattn, result)
+        try:
+            yield
+        finally:
+            self._held = previous
 
     def new_call(self, *_: object) -> None:
         """Forget the remembered projections: a new UNet call starts (the UNet's forward pre-hook)."""
@@ -65,6 +103,10 @@ class ContextProjections:
         """Attention ``index``'s ``context @ [W_k; W_v]^T`` as a ``(B, M, 2 inner)`` view of the shared
         result (computed once per context tensor and call), or None when the weights no longer lie in one
         storage (the attention then projects on its own)."""
+        held = self._held
+        if held is not None and held[0] is context:
+            start, stop = self.bounds[index]
+            return held[1][..., start:stop]
         memo = self._memo
         if memo is None or memo[0] != self._call or memo[1] is not context:
             weight = stacked_view(self.weights)
@@ -91,6 +133,7 @@ def share_context_projections(unet: nn.Module, attentions: Sequence[nn.Module]) 
         attn.context_projections = shared
         attn.context_index = i
     unet._context_projections_hook = unet.register_forward_pre_hook(shared.new_call)  # type: ignore[assignment]
+    unet.__dict__["conditioning_prologue"] = shared  # ldm_sdk.accel.cond_prologue: once per conditioning
     return shared
 
 
@@ -102,6 +145,7 @@ def unshare_context_projections(unet: nn.Module) -> None:
     for m in unet.modules():
         m.__dict__.pop("context_projections", None)
         m.__dict__.pop("context_index", None)
+        m.__dict__.pop("conditioning_prologue", None)
 
 
 __all__ = ["ContextProjections", "share_context_projections", "unshare_context_projections"]

@@ -16,8 +16,13 @@ How :class:`CapturedModel` works:
    with its traceback instead of as an opaque capture failure; then one call is captured into a
    ``torch.cuda.CUDAGraph`` with its own memory pool, and its memset nodes (cuDNN's and cuBLAS's
    workspace zeroing) are rewritten as fill kernels before it is instantiated
-   (:mod:`ldm_sdk.accel.graph_memsets`: the same work with less waiting between nodes).
-3. Every call (the first included) copies its inputs into the static buffers and replays the graph.
+   (:mod:`ldm_sdk.accel.graph_memsets`: the same work with less waiting between nodes). Work the watched
+   modules can do from the conditioning alone (their ``conditioning_prologue``,
+   :mod:`ldm_sdk.accel.cond_prologue`: SD's cross-attention K / V projection) is captured into a graph of
+   its own first, replayed only when the conditioning is copied in anew; the call's graph reads its result.
+3. Every call (the first included) copies its inputs into the static buffers and replays the graph. A
+   caller that passes the very conditioning tensors of its previous call, unmodified, says so
+   (``cond_unchanged=True``, as the guided step's denoiser does): their copy is then skipped.
 4. The result is a clone of the static output (``clone_output=True``, the default). With
    ``clone_output=False`` it is the static output itself, which the next call of the same signature
    overwrites: safe under :class:`~ldm_sdk.diffusion.guidance.ClassifierFreeGuidance` (its arithmetic makes
@@ -52,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +66,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from ldm_sdk.accel.cond_prologue import ConditioningPrologue, PrologueResults, find_prologues
 from ldm_sdk.diffusion.conditioning import Conditioning
 from ldm_sdk.diffusion.denoiser import Denoiser, ModelDenoiser, ModelFn
 
@@ -118,20 +125,39 @@ class _Capture:
     t: Tensor
     cond: Conditioning
     out: Tensor | None = None
-    replay: Callable[[], None] = field(default=lambda: None, repr=False)
+    #: ``replay(cond_changed)``: refresh ``out`` from the static buffers (the prologue's graph too when the
+    #: conditioning was copied in anew)
+    replay: Callable[[bool], None] = field(default=lambda changed: None, repr=False)
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
+    #: the conditioning prologues' graph (:mod:`ldm_sdk.accel.cond_prologue`), if any applied
+    prologue_graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
+    prologue: PrologueResults | None = field(default=None, repr=False)
     replays: int = 0
+    prologue_replays: int = 0
+    #: the caller's conditioning tensors last copied into ``cond`` (weak: not kept alive by this)
+    loaded: dict[str, weakref.ref[Tensor]] = field(default_factory=dict, repr=False)
 
-    def load(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
+    def load(self, x: Tensor, t: Tensor, cond: Conditioning, *, cond_unchanged: bool = False) -> bool:
+        """Copy the inputs into the static buffers; the conditioning only when it is not the very tensors
+        copied last time with ``cond_unchanged`` (the caller's word that they were not modified since).
+        Returns whether the conditioning was copied."""
         self.x.copy_(x)
         self.t.copy_(t)
-        for name, value in cond.parts().items():
+        parts = cond.parts()
+        same = self.loaded.keys() == parts.keys() and all(self.loaded[k]() is v for k, v in parts.items())
+        if cond_unchanged and same:
+            return False
+        for name, value in parts.items():
             getattr(self.cond, name).copy_(value)
+        self.loaded = {name: weakref.ref(value) for name, value in parts.items()}
+        return True
 
     def release(self) -> None:
-        if self.graph is not None:
-            self.graph.reset()
-        self.graph, self.out, self.replay = None, None, lambda: None
+        for graph in (self.graph, self.prologue_graph):
+            if graph is not None:
+                graph.reset()
+        self.graph, self.prologue_graph, self.prologue = None, None, None
+        self.out, self.replay, self.loaded = None, lambda changed: None, {}
 
 
 @dataclass
@@ -227,7 +253,11 @@ class CapturedModel:
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
     # -- public ------------------------------------------------------------------------------------------
-    def __call__(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: Conditioning, *, cond_unchanged: bool = False) -> Tensor:
+        """``fn(x, t, cond)`` replayed from the graph of this signature (captured on its first call).
+        ``cond_unchanged``: ``cond`` holds the tensors of the caller's previous call, not modified since
+        (the guided step's denoiser passes its request's conditioning so); their copy into the static
+        buffers is skipped when they are the very tensors copied last."""
         if not self._active(x):
             self.stats.passthrough += 1
             return self.fn(x, t, cond)
@@ -241,10 +271,11 @@ class CapturedModel:
             with torch.inference_mode():
                 if capture is None:
                     capture = self._capture(signature, x, t, cond)
+                    changed = True
                 else:
                     self._captures.move_to_end(signature)
-                    capture.load(x, t, cond)
-                capture.replay()
+                    changed = capture.load(x, t, cond, cond_unchanged=cond_unchanged)
+                capture.replay(changed)
             capture.replays += 1
             self.stats.replays += 1
             out = capture.out
@@ -413,11 +444,16 @@ class CapturedModel:
                 raise CaptureError(f"fn returned a tensor on {out.device} for inputs on {x.device}")
             return out
 
+        prologues = find_prologues(self.modules)
         if self.mode == "emulate":
             static_out = torch.empty_like(call())
 
-            def replay() -> None:
-                out = call()
+            def replay(cond_changed: bool) -> None:
+                if prologues and (cond_changed or capture.prologue is None):
+                    capture.prologue = PrologueResults(prologues, capture.cond)
+                    capture.prologue_replays += 1
+                with capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext():
+                    out = call()
                 if out.shape != static_out.shape or out.dtype != static_out.dtype:
                     raise CaptureError(
                         f"fn returned {list(out.shape)} {out.dtype} for signature ({signature}) after "
@@ -440,15 +476,30 @@ class CapturedModel:
             report = precompile_kernels([*self.modules, self.fn], call)
             self.stats.precompiled += report.variants
             self.stats.precompile_s += report.compile_s
-            capture.graph, capture.out = self._capture_graph(call, x.device, signature)
-            capture.replay = capture.graph.replay
+            capture.graph, capture.out = self._capture_graph(call, x.device, signature, capture, prologues)
+            graph, prologue_graph = capture.graph, capture.prologue_graph
+
+            def replay(cond_changed: bool) -> None:
+                if prologue_graph is not None and cond_changed:
+                    prologue_graph.replay()
+                    capture.prologue_replays += 1
+                graph.replay()
+
+            capture.replay = replay
         self._captures[signature] = capture
         self.stats.captures += 1
         return capture
 
     def _capture_graph(
-        self, call: Callable[[], Tensor], device: torch.device, signature: CallSignature
+        self,
+        call: Callable[[], Tensor],
+        device: torch.device,
+        signature: CallSignature,
+        capture: _Capture,
+        prologues: Sequence[ConditioningPrologue],
     ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Warm ``call`` up, capture the conditioning prologues (into ``capture.prologue_graph`` /
+        ``capture.prologue``, when any applies), then ``call`` itself holding their results."""
         with torch.cuda.device(device):
             current = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
@@ -469,12 +520,21 @@ class CapturedModel:
                                 "`if` on device tensors from the model call, or use mode='off'"
                             ) from exc
                         raise
+                # the prologues warmed up too, and only those that apply to these buffers kept
+                applying = [p for p, _ in PrologueResults(prologues, capture.cond).results]
             current.wait_stream(side)
+            pool = self.pool.handle(device) if self.pool is not None else None
+            if applying:  # its own graph; the call's shares the pool, the results stay alive with capture
+                prologue_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(prologue_graph, pool=pool):
+                    capture.prologue = PrologueResults(applying, capture.cond)
+                capture.prologue_graph = prologue_graph
+                pool = pool if pool is not None else prologue_graph.pool()
             # kept un-instantiated, so that its memset nodes can be rewritten as kernels first
             graph = torch.cuda.CUDAGraph(keep_graph=self.rewrite_memsets)
             try:
-                pool = self.pool.handle(device) if self.pool is not None else None
-                with torch.cuda.graph(graph, pool=pool):
+                held = capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext()
+                with held, torch.cuda.graph(graph, pool=pool):
                     out = call()
             except CaptureError:
                 raise

@@ -22,7 +22,9 @@ batch half as large there, the same results up to the rounding of the library ke
 size. A
 ``CapturedModel`` over it -- :meth:`CapturedModel.companion` of the model's own, so it lives with the model's
 cache entry -- copies ``x``, ``ts`` and ``c2`` into static buffers and replays: since the prompt, the negative
-prompt and the scale are all inputs, one set of graphs serves every request with the same shapes.
+prompt and the scale are all inputs, one set of graphs serves every request with the same shapes. ``c2``
+is copied (and the cross-attentions' K / V projection of it replayed, :mod:`ldm_sdk.accel.cond_prologue`)
+only at a request's first step, or when another request's call came in between.
 :func:`guided_denoiser` returns the per-request :class:`~ldm_sdk.diffusion.denoiser.Denoiser`; the sampler's
 own update (DDIM's two multiply-adds, say) stays eager. Off CUDA (mode ``"auto"``) the call is a plain one,
 so the same code runs everywhere; mode ``"emulate"`` runs the static-buffer logic on any device (the tests).
@@ -130,7 +132,8 @@ class GuidedGraphDenoiser:
             c2 = Conditioning.cat(self.uncond.expand(batch), self.cond.expand(batch))
             kept = (batch, c2, torch.full((batch,), self.scale, dtype=t.dtype, device=t.device))
             self._batch = kept
-        out = self.captured(x, torch.stack([t, kept[2]]), kept[1])
+        # the conditioning is this request's own [uncond; cond], made once per batch size and never changed
+        out = self.captured(x, torch.stack([t, kept[2]]), kept[1], cond_unchanged=True)
         return Prediction(eps=out[0], x0=out[1])
 
 

@@ -508,7 +508,9 @@ def test_captured_model_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
 
     graphs: list[FakeGraph] = []
 
-    def fake_capture_graph(self: CapturedModel, call: Callable[[], Tensor], device: Any, sig: Any) -> Any:
+    def fake_capture_graph(
+        self: CapturedModel, call: Callable[[], Tensor], device: Any, sig: Any, capture: Any, prologues: Any
+    ) -> Any:
         out = call().clone()
         graphs.append(FakeGraph(call, out))
         return graphs[-1], out
