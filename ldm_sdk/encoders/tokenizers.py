@@ -231,7 +231,8 @@ class BackendTokenizer:
         if pad_id is None:
             raise ValueError(f"padding token {pad_token!r} is not in the vocabulary of {str(self.file)!r}")
         self.pad_token, self.pad_id = pad_token, pad_id
-        self._padded: dict[int, Any] = {}  # max_length -> a copy with truncation and padding set
+        # one tokenizer, its truncation and padding switched on only around padded()'s encode (a copy
+        # with them set would parse the 2 MB file again: about 0.1 s before a process's first prompt)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -239,7 +240,9 @@ class BackendTokenizer:
 
     def counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text with its start / end tokens, not truncated."""
-        return [len(e.ids) for e in self._plain.encode_batch(list(texts), add_special_tokens=True)]
+        with self._lock:
+            encodings = self._plain.encode_batch(list(texts), add_special_tokens=True)
+        return [len(e.ids) for e in encodings]
 
     def padded(self, texts: Sequence[str], max_length: int) -> tuple[Any, Any]:
         """(input_ids, attention_mask) LongTensors ``[B, max_length]``: truncated (the end token kept) and
@@ -247,15 +250,14 @@ class BackendTokenizer:
         import torch
 
         with self._lock:
-            tokenizer = self._padded.get(max_length)
-            if tokenizer is None:
-                from tokenizers import Tokenizer
-
-                tokenizer = Tokenizer.from_str(self._plain.to_str())
-                tokenizer.enable_truncation(max_length=max_length)
-                tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
-                self._padded[max_length] = tokenizer
-        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+            tokenizer = self._plain
+            tokenizer.enable_truncation(max_length=max_length)
+            tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
+            try:
+                encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+            finally:
+                tokenizer.no_truncation()
+                tokenizer.no_padding()
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask

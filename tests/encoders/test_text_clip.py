@@ -166,6 +166,30 @@ def test_backend_tokenizer_equals_transformers_fast_tokenizer(tok_dir: Path, tmp
     assert torch.equal(converted_ids, tokenizers.tokenize_padded(backend, texts, 77)[0])
 
 
+def test_backend_tokenizer_calls_from_threads(tok_dir: Path) -> None:
+    """Its one tokenizer's truncation and padding are set only around a padded encode, under a lock:
+    calls of both kinds and two lengths from several threads give the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = tokenizers.load_clip_tokenizer(tok_dir)
+    texts = [LONG, "a photo of a cat"]
+    calls = [
+        lambda: backend.padded(texts, 77),
+        lambda: backend.padded(texts, 8),
+        lambda: backend.counts(texts),
+    ]
+    serial = [call() for call in calls]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(calls[i % 3]) for i in range(60)]
+        results = [f.result() for f in futures]
+    for i, got in enumerate(results):
+        want = serial[i % 3]
+        if isinstance(want, list):
+            assert got == want
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 # -- weights and forward -------------------------------------------------------------------------------
 
 
