@@ -135,7 +135,11 @@ def interpreter_checks() -> list[str]:
             out = switched(conv, "triton")(x)
             assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype, shape
             report = compare_ulps(out, oracle(conv, x))
-            assert report.within_bound, (shape, dtype, str(report))
+            if dtype == torch.float32:
+                assert report.within_bound, (shape, dtype, str(report))
+            else:  # the CPU's half-precision product is within 1 ulp (not correctly rounded), the bias add
+                # rounds once more: at most 1.5 ulps (a CI run once had 1.25 at 0.3 % of the elements)
+                assert report.max_ulps <= 1.5 and report.frac_over_1ulp < 0.01, (shape, dtype, str(report))
             done.append(f"{shape} -> {c_out} k{k} s{stride} {dtype}: {report}")
         conv = nn.Conv2d(4, 6, 3, padding=1).half().eval()
         fused = switched(conv, "triton")
