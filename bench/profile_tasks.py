@@ -204,6 +204,23 @@ def show(results: list[dict[str, Any]]) -> None:
                 print(f"  {e['gpu_ms']:9.3f} ms  {e['calls']:6d}x  {e['name']}")
 
 
+def cuda_memory(device: Any) -> dict[str, int]:
+    """On CUDA, with the model and every run's graphs still held: the memory torch reserves now (the
+    allocator's free blocks returned first), at its peak, and the peak allocated, in MiB; else empty."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    peak_reserved = torch.cuda.max_memory_reserved(device)
+    torch.cuda.empty_cache()
+    return {
+        "reserved": torch.cuda.memory_reserved(device) >> 20,
+        "peak_reserved": peak_reserved >> 20,
+        "peak_allocated": torch.cuda.max_memory_allocated(device) >> 20,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     from ldm_sdk.benchmarks.random_models import RANDOM_MODELS, random_model_file
     from ldm_sdk.runtime import Runtime
@@ -254,11 +271,14 @@ def main(argv: list[str] | None = None) -> None:
             profile_task(job, runtime, device, args.repeats, args.top, args.trace, args.pyprofile)
             for job in jobs
         ]
+        memory = cuda_memory(device)
     env = bench_tasks.environment(device)
     show(results)
+    if memory:
+        print("CUDA memory [MiB]: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
     if args.out:
         report = {"model": args.model or args.random_model, "size": size, "steps": steps, "env": env}
-        report |= {"batch": args.batch, "batch_mode": mode}
+        report |= {"batch": args.batch, "batch_mode": mode, "cuda_memory_mib": memory}
         Path(args.out).write_text(json.dumps({**report, "tasks": results}, indent=2) + "\n")
         print(f"wrote {args.out}")
 
