@@ -524,15 +524,15 @@ class CapturedModel:
                 applying = [p for p, _ in PrologueResults(prologues, capture.cond).results]
             current.wait_stream(side)
             pool = self.pool.handle(device) if self.pool is not None else None
-            if applying:  # its own graph; the call's shares the pool, the results stay alive with capture
-                prologue_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(prologue_graph, pool=pool):
-                    capture.prologue = PrologueResults(applying, capture.cond)
-                capture.prologue_graph = prologue_graph
-                pool = pool if pool is not None else prologue_graph.pool()
             # kept un-instantiated, so that its memset nodes can be rewritten as kernels first
             graph = torch.cuda.CUDAGraph(keep_graph=self.rewrite_memsets)
             try:
+                if applying:  # a graph of its own; the call's shares its pool; the results live with capture
+                    prologue_graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(prologue_graph, pool=pool):
+                        capture.prologue = PrologueResults(applying, capture.cond)
+                    capture.prologue_graph = prologue_graph
+                    pool = pool if pool is not None else prologue_graph.pool()
                 held = capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext()
                 with held, torch.cuda.graph(graph, pool=pool):
                     out = call()
