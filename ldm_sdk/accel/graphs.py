@@ -29,6 +29,12 @@ How :class:`CapturedModel` works:
    new tensors), not safe for a bare model under a multistep sampler (PLMS, DPM++ 2M keep past outputs),
    nor when another thread may call the same ``CapturedModel``.
 
+Memory: each capture keeps its activation memory (its graph's pool) while it is cached, so a model used at
+several sizes holds several pools. When a capture runs out of GPU memory, the model releases the other
+captures of itself and its companions (the guided step's graphs of the same network), returns the
+allocator's free blocks to the driver and tries once more; if that fails too it raises
+:class:`CaptureMemoryError` (the tasks then say to run eagerly, which needs no graph memory).
+
 What ``fn`` must satisfy to be captured (the UNet / attention / first-stage code of this SDK does):
 
 * fixed shapes and the same allocations on every call with the same signature;
@@ -55,6 +61,7 @@ must issue their work on the same CUDA stream (the default stream unless they ch
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import threading
 import weakref
@@ -84,6 +91,11 @@ CAPTURE_MODES: tuple[str, ...] = get_args(CaptureMode)
 
 class CaptureError(RuntimeError):
     """``fn`` or its inputs cannot be captured / replayed as a CUDA graph; the message says why."""
+
+
+class CaptureMemoryError(CaptureError):
+    """The GPU ran out of memory capturing a signature, with this model's and its companions' other graphs
+    released first (see :meth:`CapturedModel.__call__`): the eager call needs less (no graph memory)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,7 @@ class CaptureStats:
     precompile_s: float = 0.0  # wall time of those compilations
     compiled_ahead: int = 0  # variants compiled in the background before a capture (compile_ahead)
     memsets_rewritten: int = 0  # memset nodes replaced by fill kernels (ldm_sdk.accel.graph_memsets)
+    memory_releases: int = 0  # captures released because a capture ran out of GPU memory
 
 
 class SharedGraphPool:
@@ -250,6 +263,7 @@ class CapturedModel:
         # one call at a time through the static buffers (and through the shared pool's memory)
         self._lock = pool.lock if pool is not None else threading.RLock()
         self._pending: dict[CallSignature, PendingCompile] = {}  # compile_ahead's, by call signature
+        self._family: list[CapturedModel] = [self]  # this model and its companions: graphs of one network
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
     # -- public ------------------------------------------------------------------------------------------
@@ -270,7 +284,7 @@ class CapturedModel:
             capture = self._captures.get(signature)
             with torch.inference_mode():
                 if capture is None:
-                    capture = self._capture(signature, x, t, cond)
+                    capture = self._capture_with_room(signature, x, t, cond)
                     changed = True
                 else:
                     self._captures.move_to_end(signature)
@@ -345,8 +359,18 @@ class CapturedModel:
                     modules=self.modules,
                 )
                 kept.rewrite_memsets = self.rewrite_memsets
+                kept._family = self._family
+                self._family.append(kept)
                 self._companions[key] = kept
             return kept
+
+    def release_together(self, other: CapturedModel) -> None:
+        """Let a capture of either model (or of their companions) that runs out of GPU memory release the
+        other's graphs too, as it releases its own family's (see :meth:`__call__`): the tasks join a
+        model's UNet and first-stage captures, whose graphs all hold memory of the one GPU."""
+        merged = [*self._family, *(m for m in other._family if all(m is not n for n in self._family))]
+        for member in merged:
+            member._family = merged
 
     def __repr__(self) -> str:
         return (
@@ -359,6 +383,52 @@ class CapturedModel:
         for capture in self._captures.values():
             capture.release()
         self._captures.clear()
+
+    def _capture_with_room(
+        self, signature: CallSignature, x: Tensor, t: Tensor, cond: Conditioning
+    ) -> _Capture:
+        """:meth:`_capture`; when the GPU runs out of memory, release the other captures of this model and
+        its companions (the graphs of one network at other sizes: their activation memory), return the
+        allocator's free blocks to the driver and try once more. A companion busy in another thread keeps
+        its graphs. Raises :class:`CaptureMemoryError` when nothing could be released or the second try
+        runs out of memory too."""
+        try:
+            return self._capture(signature, x, t, cond)
+        except torch.cuda.OutOfMemoryError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        released = self._release_family_captures()  # outside the except: its traceback holds the memory
+        gc.collect()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        if not released:
+            raise CaptureMemoryError(
+                f"the GPU ran out of memory capturing signature ({signature}), and this model holds no other "
+                f"graph to release ({first}); an eager call (mode='off') needs no graph memory"
+            )
+        try:
+            return self._capture(signature, x, t, cond)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise CaptureMemoryError(
+                f"the GPU ran out of memory capturing signature ({signature}), even after releasing "
+                f"{released} other graph(s) of this model; an eager call (mode='off') needs no graph memory"
+            ) from exc
+
+    def _release_family_captures(self) -> int:
+        """Release every capture of this model and its companions that no other thread is using now; how
+        many were released."""
+        released = 0
+        for member in self._family:
+            if not member._lock.acquire(blocking=False):  # replaying in another thread: keep its graphs
+                continue
+            try:
+                count = len(member._captures)
+                member._drop_all()
+                member.stats.memory_releases += count
+                member.stats.evictions += count
+                released += count
+            finally:
+                member._lock.release()
+        return released
 
     def _weights_key(self) -> tuple[int, ...]:
         """Where the first parameter of each watched module lives (a move gives every parameter new
@@ -536,7 +606,7 @@ class CapturedModel:
                 held = capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext()
                 with held, torch.cuda.graph(graph, pool=pool):
                     out = call()
-            except CaptureError:
+            except (CaptureError, torch.cuda.OutOfMemoryError):
                 raise
             except RuntimeError as exc:
                 raise CaptureError(
@@ -698,6 +768,7 @@ __all__ = [
     "CAPTURE_MODES",
     "CallSignature",
     "CaptureError",
+    "CaptureMemoryError",
     "CaptureMode",
     "CaptureStats",
     "CapturedModel",

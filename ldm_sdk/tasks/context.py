@@ -268,7 +268,7 @@ def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | Non
         return accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
 
     kept = runtime.cache.attachment(bundle, CAPTURED_MODEL, make)
-    return kept if kept is not None else make()
+    return _release_together(bundle, runtime, kept) if kept is not None else make()
 
 
 def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
@@ -328,7 +328,19 @@ def _captured_first_stage(
         return CapturedModel(call, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage], pool=pool)
 
     kept = runtime.cache.attachment(bundle, name, make)
-    return kept if kept is not None else make()
+    return _release_together(bundle, runtime, kept) if kept is not None else make()
+
+
+def _release_together(bundle: ModelBundle, runtime: Runtime, captured: CapturedModel) -> CapturedModel:
+    """``captured`` joined with the cached model's other captured networks (UNet, decode, encode): a
+    capture that runs out of GPU memory releases the graphs of all of them before it tries again
+    (:meth:`~ldm_sdk.accel.graphs.CapturedModel.release_together`)."""
+    attached = runtime.cache.attachments(bundle)
+    for name in (CAPTURED_MODEL, CAPTURED_DECODER, CAPTURED_ENCODER):
+        other = attached.get(name)
+        if other is not None and other is not captured:
+            captured.release_together(other)
+    return captured
 
 
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
