@@ -46,14 +46,16 @@ def graph_ms(captured: CapturedModel, iters: int) -> float:
 
 @dataclass
 class GuidedSetup:
-    """The SD-1.5 UNet prepared and bound as the tasks bind it, its companion guided denoiser for image
-    batch 1 (guidance 7.5, shared input), the starting noise and the prompt / negative conditionings."""
+    """The SD-1.5 UNet prepared and bound as the tasks bind it, its companion guided denoiser for the image
+    batch (guidance 7.5, shared input), the starting noise, the prompt / negative conditionings and the
+    UNet itself."""
 
     captured: CapturedModel
     den: GuidedGraphDenoiser
     noise: torch.Tensor
     cond: Conditioning
     uncond: Conditioning
+    unet: torch.nn.Module
 
 
 def guided_setup(dev: torch.device, batch: int = 1) -> GuidedSetup:
@@ -70,7 +72,7 @@ def guided_setup(dev: torch.device, batch: int = 1) -> GuidedSetup:
     cond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
     uncond = Conditioning(crossattn=torch.randn(1, 77, 768, generator=g, device=dev).half())
     den = guided_denoiser(captured, sched, "eps", cond, uncond, 7.5, share_input=True)
-    return GuidedSetup(captured, den, noise, cond, uncond)
+    return GuidedSetup(captured, den, noise, cond, uncond, unet)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

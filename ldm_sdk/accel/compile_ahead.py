@@ -31,14 +31,11 @@ while the specializations are taken, acts only in the asking thread.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ldm_sdk.accel.precompile import (
     default_processes,
@@ -47,7 +44,6 @@ from ldm_sdk.accel.precompile import (
     worker_job,
     worker_target,
 )
-from ldm_sdk.accel.triton_kernels import Launch, TensorDescriptor
 
 if TYPE_CHECKING:
     from ldm_sdk.kernels.compile_workers import CompileWorkers, KernelJob
@@ -214,9 +210,9 @@ def compile_ahead(
 
     started = time.perf_counter()
     unique, launches, record_s = record_launches(modules, call)
-    # what a worker cannot take, the later pre-compilation compiles; the others keep only what Triton
-    # specialises on (no tensor memory) for the background thread
-    sendable = [(_stand_ins(launch), *where) for launch in unique if (where := worker_target(launch))]
+    # what a worker cannot take, the later pre-compilation compiles; the others (recorded as stand-ins: only
+    # what Triton specialises on, no tensor memory) go to the background thread
+    sendable = [(launch, *where) for launch in unique if (where := worker_target(launch))]
     del unique
     if not sendable:
         return None
@@ -231,38 +227,6 @@ def compile_ahead(
         launches=launches,
         record_s=record_s,
         started=started,
-    )
-
-
-class _TensorStandIn:
-    """What Triton's specialization reads of a tensor argument -- its dtype and address (alignment) --
-    without keeping its memory alive."""
-
-    __slots__ = ("_ptr", "dtype")
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.dtype = tensor.dtype
-        self._ptr = tensor.data_ptr()
-
-    def data_ptr(self) -> int:
-        return self._ptr
-
-
-def _stand_in(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return _TensorStandIn(value)
-    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
-        return dataclasses.replace(value, base=_TensorStandIn(value.base))
-    return value
-
-
-def _stand_ins(launch: Launch) -> Launch:
-    """``launch`` with its tensors (and TMA descriptors' bases) replaced by :class:`_TensorStandIn` s."""
-    return Launch(
-        launch.kernel,
-        launch.grid,
-        tuple(_stand_in(a) for a in launch.args),
-        {k: _stand_in(v) for k, v in launch.kwargs.items()},
     )
 
 

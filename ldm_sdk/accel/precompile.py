@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch, TensorDescriptor
+from ldm_sdk.accel.triton_kernels import KernelRecorder, Launch, TensorDescriptor, TensorStandIn
 
 if TYPE_CHECKING:
     from ldm_sdk.kernels.compile_workers import CompileWorkers, KernelJob
@@ -90,7 +90,7 @@ def _spec(value: Any) -> Hashable:
     """What Triton specialises a launch argument on: a tensor's dtype, device and 16-byte alignment; an
     int's divisibility by 16 and being 1; a TMA descriptor's dtype, device and block; other values as they
     are."""
-    if isinstance(value, Tensor):
+    if isinstance(value, (Tensor, TensorStandIn)):
         return ("tensor", value.dtype, value.device, value.data_ptr() % 16 == 0)
     if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
         return ("descriptor", value.base.dtype, value.base.device, tuple(value.block_shape))
@@ -133,10 +133,10 @@ def _variant(launch: Launch) -> Hashable:
 
 def _device(launch: Launch) -> torch.device | None:
     for a in launch.args:
-        if isinstance(a, Tensor):
+        if isinstance(a, (Tensor, TensorStandIn)):
             return a.device
         if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
-            return a.base.device
+            return a.base.device  # type: ignore[no-any-return]
     return None
 
 
@@ -265,11 +265,11 @@ def _compile_in_workers(
 
 
 @contextlib.contextmanager
-def recording(modules: Sequence[object]) -> Iterator[KernelRecorder]:
+def recording(modules: Sequence[object], *, keep_tensors: bool = True) -> Iterator[KernelRecorder]:
     """Within the block, the fused modules of ``modules`` (:func:`recording_modules`) record their Triton
     launches into the yielded recorder instead of making them; their slots are restored on exit, also when
-    the block raises."""
-    recorder = KernelRecorder()
+    the block raises. ``keep_tensors``: see :class:`~ldm_sdk.accel.triton_kernels.KernelRecorder`."""
+    recorder = KernelRecorder(keep_tensors=keep_tensors)
     fused = recording_modules(modules)
     for m in fused:
         m.kernel_recorder = recorder
@@ -287,7 +287,8 @@ def record_launches(modules: Sequence[object], call: Callable[[], object]) -> tu
     if not recording_modules(modules):
         return [], 0, 0.0
     start = time.perf_counter()
-    with recording(modules) as recorder, torch.inference_mode():
+    # stand-ins recorded: the call's activations are freed as it goes (kept, they would all stay alive)
+    with recording(modules, keep_tensors=False) as recorder, torch.inference_mode():
         call()
     record_s = time.perf_counter() - start
     unique = list({_variant(launch): launch for launch in recorder.launches}.values())

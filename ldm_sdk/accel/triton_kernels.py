@@ -96,6 +96,7 @@ The kernels have no backward: with autograd active, ``"auto"`` uses the referenc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -244,16 +245,61 @@ class Launch:
     kwargs: dict[str, Any]
 
 
+class TensorStandIn:
+    """What Triton's specialisation reads of a tensor argument -- its dtype, device and address (the
+    alignment) -- without keeping the tensor's memory alive."""
+
+    __slots__ = ("_ptr", "device", "dtype")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self._ptr = tensor.data_ptr()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def stand_in(value: Any) -> Any:
+    """``value`` with its tensor (a TMA descriptor's base tensor) replaced by a :class:`TensorStandIn`."""
+    if isinstance(value, Tensor):
+        return TensorStandIn(value)
+    is_descriptor = TensorDescriptor is not None and isinstance(value, TensorDescriptor)
+    if is_descriptor and isinstance(value.base, Tensor):
+        return dataclasses.replace(value, base=TensorStandIn(value.base))
+    return value
+
+
+def stand_ins(launch: Launch) -> Launch:
+    """``launch`` with every tensor argument replaced by a :class:`TensorStandIn` (see :func:`stand_in`):
+    enough to compile its variant, nothing to run it with."""
+    return Launch(
+        launch.kernel,
+        launch.grid,
+        tuple(stand_in(a) for a in launch.args),
+        {k: stand_in(v) for k, v in launch.kwargs.items()},
+    )
+
+
 class KernelRecorder:
     """Collects the Triton launches of a call instead of making them: :mod:`ldm_sdk.accel.precompile` runs
     a model's first call once in this mode (outputs are left unwritten) and compiles the recorded kernel
-    variants in parallel, so the real first call finds them compiled."""
+    variants in parallel, so the real first call finds them compiled.
 
-    def __init__(self) -> None:
+    ``keep_tensors=False`` records :func:`stand_ins`: the call's tensors are freed as it goes, as in a
+    plain call (kept, every activation a kernel touched stays alive to the end of the call: 9.4 GB more
+    than the model for SD-1.5's guided step at batch 8, ``bench/capture_memory.py``). Keep them to launch
+    the recorded kernels later (``bench/kernel_times.py``)."""
+
+    def __init__(self, *, keep_tensors: bool = True) -> None:
+        self.keep_tensors = keep_tensors
         self.launches: list[Launch] = []
 
     def __len__(self) -> int:
         return len(self.launches)
+
+    def add(self, launch: Launch) -> None:
+        self.launches.append(launch if self.keep_tensors else stand_ins(launch))
 
 
 def launch(
@@ -263,7 +309,7 @@ def launch(
     if recorder is None:
         kernel[grid](*args, **kwargs)
     else:
-        recorder.launches.append(Launch(kernel, tuple(grid), args, kwargs))
+        recorder.add(Launch(kernel, tuple(grid), args, kwargs))
 
 
 # -- dispatch ------------------------------------------------------------------------------------------------
@@ -970,6 +1016,7 @@ __all__ = [
     "Launch",
     "NhwcTiles",
     "StatsSource",
+    "TensorStandIn",
     "UlpReport",
     "compare_ulps",
     "geglu",
@@ -982,5 +1029,7 @@ __all__ = [
     "launch_over_pixels",
     "output_ulp",
     "plan_group_norm",
+    "stand_in",
+    "stand_ins",
     "triton_available",
 ]

@@ -687,8 +687,8 @@ def test_tiled_tasks_compile_the_decoder_ahead_only_for_a_whole_decode(
 def test_stand_ins_specialise_as_the_real_arguments() -> None:
     """The background thread asks Triton for specializations from stand-ins that keep a tensor's dtype and
     address but not its memory: the answer must be the real arguments' (alignment included)."""
-    from ldm_sdk.accel.compile_ahead import _stand_ins
     from ldm_sdk.accel.triton_kernels import Launch, TensorDescriptor
+    from ldm_sdk.accel.triton_kernels import stand_ins as _stand_ins
     from ldm_sdk.kernels.compile_workers import specialization_of
     from ldm_sdk.kernels.geglu_tma import _geglu_tma_kernel
 
