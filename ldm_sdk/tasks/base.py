@@ -67,7 +67,6 @@ __all__ = [
     "Txt2ImgRequest",
     "UncondRequest",
     "UnsupportedTaskError",
-    "balanced_groups",
     "format_validation_error",
     "submit_task",
 ]
@@ -91,18 +90,6 @@ MAX_SEED = 2**63 - 1
 #: items one sampler loop takes with ``batch_mode="together"`` (a guided network call of batch 16): larger
 #: batches run as several groups, so the activation memory stays that of 8 items
 TOGETHER_MAX_ITEMS = 8
-
-
-def balanced_groups(items: int, most: int) -> list[int]:
-    """``items`` split into the fewest groups of at most ``most``, as equal as they can be, larger ones
-    first: ``balanced_groups(10, 8) == [5, 5]``, ``balanced_groups(17, 8) == [6, 6, 5]``."""
-    if items < 1 or most < 1:
-        raise ValueError(f"balanced_groups needs items >= 1 and most >= 1, got items={items}, most={most}")
-    count = -(-items // most)
-    size, extra = divmod(items, count)
-    return [size + 1] * extra + [size] * (count - extra)
-
-
 #: classifier-free guidance scale used when a text-conditioned request leaves ``guidance`` unset
 DEFAULT_TEXT_GUIDANCE = 7.5
 
@@ -140,10 +127,10 @@ class TaskRequest(BaseModel):
     - ``guidance``: classifier-free guidance scale (None: 7.5 for text-conditioned models, else 1 = off).
     - ``seed``: item ``i`` of the batch uses ``seed + i``; ``batch``: images to make (1..64);
       ``batch_mode``: ``"items"`` samples them one after another (item ``i`` exactly the single run with
-      ``seed + i``), ``"together"`` in the fewest groups of up to :data:`TOGETHER_MAX_ITEMS`, as equal
-      as they can be (faster; equal to the single runs up to the kernels' rounding at the larger batch).
-      Tiled sampling (an image larger than the model's window) and samplers that do not draw noise per
-      item always run item by item; the manifest's ``extra["batch"]`` says how the batch ran.
+      ``seed + i``), ``"together"`` in groups of up to :data:`TOGETHER_MAX_ITEMS` (faster; equal to the
+      single runs up to the kernels' rounding at the larger batch). Tiled sampling (an image larger than
+      the model's window) and samplers that do not draw noise per item always run item by item; the
+      manifest's ``extra["batch"]`` says how the batch ran.
     - ``device`` / ``dtype``: where the model runs (None: the runtime's device and dtype).
     - ``accelerate``: the fast path -- on CUDA the denoising network is replayed from CUDA graphs captured
       once per loaded model (:mod:`ldm_sdk.accel.graphs`). The replay computes exactly what the eager call

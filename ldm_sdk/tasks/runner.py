@@ -12,7 +12,7 @@ with its manifest (:meth:`Run.finish`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,7 +32,6 @@ from ldm_sdk.tasks.base import (
     TaskInputs,
     TaskRequest,
     TaskResult,
-    balanced_groups,
 )
 from ldm_sdk.tasks.context import (
     bundle_device_dtype,
@@ -274,19 +273,14 @@ class Run:
         f = self.bundle.downsampling_factor
         return (1, self.bundle.latent_channels, height // f, width // f)
 
-    def sample(self, item: ItemFn, sizes: Sequence[int] | None = None) -> Tensor:
-        """Call ``item(generator, callback, n)`` for each group of ``n`` batch items in order (``sizes``,
-        which sum to the batch; default: one item per group): one generator seeded ``seed + i`` for a
-        single item, :class:`~ldm_sdk.diffusion.noise.ItemGenerators` for several. Returns the latents
-        ``[B, C, h, w]``."""
+    def sample(self, item: ItemFn, group: int = 1) -> Tensor:
+        """Call ``item(generator, callback, n)`` for each group of ``n <= group`` batch items in order: one
+        generator seeded ``seed + i`` for a single item, :class:`~ldm_sdk.diffusion.noise.ItemGenerators`
+        for several. Returns the latents ``[B, C, h, w]``."""
         from ldm_sdk.diffusion.noise import ItemGenerators
 
         seeds = self.request.seeds()
-        sizes = [1] * len(seeds) if sizes is None else list(sizes)
-        if sum(sizes) != len(seeds) or min(sizes, default=1) < 1:
-            raise ValueError(f"group sizes {sizes} must be >= 1 and sum to the batch ({len(seeds)})")
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        groups = [seeds[start : start + size] for start, size in zip(starts, sizes, strict=True)]
+        groups = [seeds[i : i + group] for i in range(0, len(seeds), group)]
         latents = []
         for i, group_seeds in enumerate(groups):
             generators = [make_generator(self.device, seed) for seed in group_seeds]
@@ -363,7 +357,7 @@ class Run:
 
         if whole_decode:
             self.compile_decoder_ahead(shape)
-        sizes = self._batch_groups(options.get("denoiser") is not None)
+        group = self._batch_group(options.get("denoiser") is not None)
 
         def item(generator: RandomSource, callback: StepCallback | None, items: int) -> Tensor:
             return run_sampling(
@@ -378,33 +372,29 @@ class Run:
                 **self.sample_kwargs(guided),
             )
 
-        return self.sample(item, sizes)
+        return self.sample(item, group)
 
-    def _batch_groups(self, own_denoiser: bool) -> list[int]:
-        """The items of each sampler loop of this request (all 1: item by item), recorded in
-        ``extra["batch"]`` for a batch; ``own_denoiser``: a prebuilt (tiled) denoiser, which samples item
-        by item. Sampled together, the batch splits into the fewest groups of at most
-        :data:`~ldm_sdk.tasks.base.TOGETHER_MAX_ITEMS`, as equal as they can be (10 -> 5 + 5, 17 -> 6 + 6
-        + 5): on CUDA each group size is a graph of its own to capture and keep, and equal groups need one
-        where ``8 + 2`` needed two."""
+    def _batch_group(self, own_denoiser: bool) -> int:
+        """Items per sampler loop for this request (1: item by item), recorded in ``extra["batch"]`` for a
+        batch; ``own_denoiser``: a prebuilt (tiled) denoiser, which samples item by item."""
         from ldm_sdk.tasks.sampling import sampler_function, supports_item_generators
 
         request = self.request
         if request.batch == 1:
-            return [1]
+            return 1
         why_items = None
         if request.batch_mode == "together":
             if own_denoiser:
                 why_items = "tiled sampling runs item by item"
             elif not supports_item_generators(sampler_function(self.plan.sampler, self._samplers())):
                 why_items = f"the {self.plan.sampler} sampler does not draw its noise per item"
-        together = request.batch_mode == "together" and why_items is None
-        sizes = balanced_groups(request.batch, TOGETHER_MAX_ITEMS if together else 1)
-        record: dict[str, Any] = {"mode": "together" if together else "items", "groups": sizes}
+        group = TOGETHER_MAX_ITEMS if request.batch_mode == "together" and why_items is None else 1
+        sizes = [min(group, request.batch - i) for i in range(0, request.batch, group)]
+        record: dict[str, Any] = {"mode": "together" if group > 1 else "items", "groups": sizes}
         if why_items is not None:
             record["why_items"] = why_items
         self.extra["batch"] = record
-        return sizes
+        return group
 
     def compile_decoder_ahead(self, shape: tuple[int, ...]) -> bool:
         """Start compiling the captured decoder's fused kernels for latents of ``shape`` in background worker

@@ -29,7 +29,6 @@ from ldm_sdk.tasks.base import (
     TaskInputs,
     TaskResult,
     Txt2ImgRequest,
-    balanced_groups,
 )
 from ldm_sdk.tasks.sampling import run_sampling
 from tests.tasks.tiny_models import tiny_bundle
@@ -84,48 +83,6 @@ def test_groups_of_at_most_the_limit(
     steps = together.manifest.steps
     assert [s for s, _, _ in seen] == list(range(3 * steps)) and {t for _, t, _ in seen} == {3 * steps}
     assert [n for _, _, n in seen] == [2] * (2 * steps) + [1] * steps
-    assert_same_up_to_rounding(together, txt2img(Txt2ImgRequest(**base), runtime))
-
-
-@pytest.mark.parametrize(
-    ("items", "most", "sizes"),
-    [
-        (1, 8, [1]),
-        (8, 8, [8]),
-        (9, 8, [5, 4]),
-        (10, 8, [5, 5]),
-        (16, 8, [8, 8]),
-        (17, 8, [6, 6, 5]),
-        (64, 8, [8] * 8),
-        (5, 1, [1] * 5),
-        (7, 3, [3, 2, 2]),
-    ],
-)
-def test_balanced_groups(items: int, most: int, sizes: list[int]) -> None:
-    assert balanced_groups(items, most) == sizes
-
-
-@pytest.mark.parametrize(("items", "most"), [(0, 8), (3, 0), (-1, 2)])
-def test_balanced_groups_refuses_empty(items: int, most: int) -> None:
-    with pytest.raises(ValueError, match="items >= 1 and most >= 1"):
-        balanced_groups(items, most)
-
-
-def test_groups_are_equal_where_they_can_be(
-    runtime: Runtime, model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """4 items with at most 3 per group run as 2 + 2 (one batch size for the network), not 3 + 1."""
-    monkeypatch.setattr(runner, "TOGETHER_MAX_ITEMS", 3)
-    base = {"model": str(model_files["txt"]), "prompt": "a fox", "batch": 4, **SMALL}
-    seen: list[int] = []
-    together = txt2img(
-        Txt2ImgRequest(batch_mode="together", **base),
-        runtime,
-        callback=lambda info: seen.append(info.x.shape[0]),
-    )
-    assert together.manifest.extra["batch"]["groups"] == [2, 2]
-    assert seen == [2] * (2 * together.manifest.steps)
-    assert [together.manifest.for_item(i).item_request()["batch"] for i in range(4)] == [2, 2, 2, 2]
     assert_same_up_to_rounding(together, txt2img(Txt2ImgRequest(**base), runtime))
 
 
