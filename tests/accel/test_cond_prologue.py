@@ -158,6 +158,47 @@ def test_guided_step_copies_its_conditioning_once_per_request(share_input: bool)
     assert capture.prologue_replays == 2
 
 
+def test_hybrid_conditioning_projects_its_crossattn_part_once() -> None:
+    """An SD-inpainting-like UNet (hybrid: the masked image concatenated to x, the prompt through
+    cross-attention): the prologue takes the crossattn part; the guided step's replays equal the eager
+    guidance bit for bit."""
+    from ldm_sdk.accel import fuse_blocks, fuse_model
+    from ldm_sdk.accel.guided_step import guided_denoiser
+    from ldm_sdk.benchmarks.common import randomize_
+    from ldm_sdk.diffusion.denoiser import ModelDenoiser
+    from ldm_sdk.diffusion.guidance import ClassifierFreeGuidance
+    from ldm_sdk.diffusion.schedule import DiffusionSchedule, make_beta_schedule
+    from ldm_sdk.models.unet import UNetModel
+    from ldm_sdk.samplers import ddim
+    from ldm_sdk.samplers.base import ddim_timesteps
+    from ldm_sdk.testing.tiny import tiny_unet
+
+    config = tiny_unet(
+        9, 4, num_heads=2, use_spatial_transformer=True, context_dim=24, attention_resolutions=(1, 2)
+    )
+    unet = UNetModel.from_config(config).eval().requires_grad_(False)
+    randomize_(unet, torch.Generator().manual_seed(3))
+    fuse_model(unet, backend="reference")
+    fuse_blocks(unet, backend="reference")
+    fn = bind_unet(unet, "hybrid")
+    fast = CapturedModel(fn, mode="emulate", modules=[unet], warmup=1)
+    g = torch.Generator().manual_seed(4)
+    masked = torch.randn(1, 5, 16, 16, generator=g)
+    cond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g))
+    uncond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g))
+    schedule = DiffusionSchedule(make_beta_schedule("linear", 1000, 0.00085, 0.012))
+    x, ts = torch.randn(1, 4, 16, 16, generator=g), ddim_timesteps(4)
+    with torch.inference_mode():
+        got = ddim.sample(guided_denoiser(fast, schedule, "eps", cond, uncond, 4.0), x, ts)
+        eager = ddim.sample(
+            ModelDenoiser(ClassifierFreeGuidance(fn, 4.0, uncond), schedule, "eps", cond), x, ts
+        )
+    (step,) = fast.companions.values()
+    capture = next(iter(step._captures.values()))
+    assert capture.prologue is not None and capture.prologue_replays == 1 and capture.replays == 4
+    assert_same(got, eager)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_prologue_graph_equals_the_eager_call(dtype: torch.dtype) -> None:
