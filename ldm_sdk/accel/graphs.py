@@ -61,6 +61,7 @@ must issue their work on the same CUDA stream (the default stream unless they ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import threading
@@ -137,10 +138,11 @@ class _Capture:
     t: Tensor
     cond: Conditioning
     out: Tensor | None = None
-    #: ``replay(cond_changed)``: refresh ``out`` from the static buffers (the prologue's graph too when the
-    #: conditioning was copied in anew)
-    replay: Callable[[bool], None] = field(default=lambda changed: None, repr=False)
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
+    #: mode "emulate": ``emulated(capture, cond_changed)`` refreshes ``out`` by an eager call instead of a
+    #: graph (it takes the capture as an argument: nothing here refers back to it, so a dropped capture's
+    #: graphs and buffers are freed at once, without waiting for Python's cycle collector)
+    emulated: Callable[[_Capture, bool], None] | None = field(default=None, repr=False)
     #: the conditioning prologues' graph (:mod:`ldm_sdk.accel.cond_prologue`), if any applied
     prologue_graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
     prologue: PrologueResults | None = field(default=None, repr=False)
@@ -164,12 +166,44 @@ class _Capture:
         self.loaded = {name: weakref.ref(value) for name, value in parts.items()}
         return True
 
+    def replay(self, cond_changed: bool) -> None:
+        """Refresh ``out`` from the static buffers: the prologue's graph first when the conditioning was
+        copied in anew, then the call's."""
+        if self.emulated is not None:
+            self.emulated(self, cond_changed)
+            return
+        if self.graph is None:
+            raise CaptureError("internal error: a released capture was replayed")
+        if self.prologue_graph is not None and cond_changed:
+            self.prologue_graph.replay()
+            self.prologue_replays += 1
+        self.graph.replay()
+
     def release(self) -> None:
         for graph in (self.graph, self.prologue_graph):
             if graph is not None:
                 graph.reset()
         self.graph, self.prologue_graph, self.prologue = None, None, None
-        self.out, self.replay, self.loaded = None, lambda changed: None, {}
+        self.out, self.emulated, self.loaded = None, None, {}
+
+
+def _emulated_replay(
+    fn: ModelFn, prologues: Sequence[ConditioningPrologue], capture: _Capture, cond_changed: bool
+) -> None:
+    """Mode "emulate": what a replay of ``capture``'s graphs computes, by calling ``fn`` on its buffers."""
+    if prologues and (cond_changed or capture.prologue is None):
+        capture.prologue = PrologueResults(prologues, capture.cond)
+        capture.prologue_replays += 1
+    with capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext():
+        out = fn(capture.x, capture.t, capture.cond)
+    static = capture.out
+    if static is None or out.shape != static.shape or out.dtype != static.dtype:
+        want = "nothing" if static is None else f"{list(static.shape)} {static.dtype}"
+        raise CaptureError(
+            f"fn returned {list(out.shape)} {out.dtype} for signature ({capture.signature}) after {want} at "
+            "capture: it is not shape-static"
+        )
+    static.copy_(out)
 
 
 @dataclass
@@ -263,7 +297,9 @@ class CapturedModel:
         # one call at a time through the static buffers (and through the shared pool's memory)
         self._lock = pool.lock if pool is not None else threading.RLock()
         self._pending: dict[CallSignature, PendingCompile] = {}  # compile_ahead's, by call signature
-        self._family: list[CapturedModel] = [self]  # this model and its companions: graphs of one network
+        # this model, its companions and the models joined by release_together(): weak references, so that
+        # no member keeps another (and its graphs' memory) alive
+        self._family: list[weakref.ref[CapturedModel]] = [weakref.ref(self)]
         self._weights: tuple[int, ...] = ()  # where the modules' weights were when the captures were made
 
     # -- public ------------------------------------------------------------------------------------------
@@ -360,7 +396,7 @@ class CapturedModel:
                 )
                 kept.rewrite_memsets = self.rewrite_memsets
                 kept._family = self._family
-                self._family.append(kept)
+                self._family.append(weakref.ref(kept))
                 self._companions[key] = kept
             return kept
 
@@ -368,9 +404,15 @@ class CapturedModel:
         """Let a capture of either model (or of their companions) that runs out of GPU memory release the
         other's graphs too, as it releases its own family's (see :meth:`__call__`): the tasks join a
         model's UNet and first-stage captures, whose graphs all hold memory of the one GPU."""
-        merged = [*self._family, *(m for m in other._family if all(m is not n for n in self._family))]
+        mine = self._members()
+        merged = [*mine, *(m for m in other._members() if all(m is not n for n in mine))]
+        refs = [weakref.ref(m) for m in merged]
         for member in merged:
-            member._family = merged
+            member._family = refs
+
+    def _members(self) -> list[CapturedModel]:
+        """This model's family (see :meth:`release_together`) as far as it is alive."""
+        return [m for ref in self._family if (m := ref()) is not None]
 
     def __repr__(self) -> str:
         return (
@@ -417,7 +459,7 @@ class CapturedModel:
         """Release every capture of this model and its companions that no other thread is using now; how
         many were released."""
         released = 0
-        for member in self._family:
+        for member in self._members():
             if not member._lock.acquire(blocking=False):  # replaying in another thread: keep its graphs
                 continue
             try:
@@ -516,22 +558,8 @@ class CapturedModel:
 
         prologues = find_prologues(self.modules)
         if self.mode == "emulate":
-            static_out = torch.empty_like(call())
-
-            def replay(cond_changed: bool) -> None:
-                if prologues and (cond_changed or capture.prologue is None):
-                    capture.prologue = PrologueResults(prologues, capture.cond)
-                    capture.prologue_replays += 1
-                with capture.prologue.held() if capture.prologue is not None else contextlib.nullcontext():
-                    out = call()
-                if out.shape != static_out.shape or out.dtype != static_out.dtype:
-                    raise CaptureError(
-                        f"fn returned {list(out.shape)} {out.dtype} for signature ({signature}) after "
-                        f"{list(static_out.shape)} {static_out.dtype} at capture: it is not shape-static"
-                    )
-                static_out.copy_(out)
-
-            capture.out, capture.replay = static_out, replay
+            capture.out = torch.empty_like(call())
+            capture.emulated = functools.partial(_emulated_replay, self.fn, tuple(prologues))
         else:
             from ldm_sdk.accel.precompile import precompile_kernels
 
@@ -547,15 +575,6 @@ class CapturedModel:
             self.stats.precompiled += report.variants
             self.stats.precompile_s += report.compile_s
             capture.graph, capture.out = self._capture_graph(call, x.device, signature, capture, prologues)
-            graph, prologue_graph = capture.graph, capture.prologue_graph
-
-            def replay(cond_changed: bool) -> None:
-                if prologue_graph is not None and cond_changed:
-                    prologue_graph.replay()
-                    capture.prologue_replays += 1
-                graph.replay()
-
-            capture.replay = replay
         self._captures[signature] = capture
         self.stats.captures += 1
         return capture

@@ -131,7 +131,7 @@ def test_models_released_together_share_one_family() -> None:
     unet.release_together(decoder)  # idempotent
     late = unet.companion("late", lambda f: f)
     fn.models.append(late)
-    assert all(m._family is unet._family for m in (early, decoder, late)) and len(unet._family) == 4
+    assert all(m._family is unet._family for m in (early, decoder, late)) and len(unet._members()) == 4
     with torch.inference_mode():
         unet(*inputs(1), COND)
         late(*inputs(2), COND)
@@ -139,6 +139,31 @@ def test_models_released_together_share_one_family() -> None:
         assert torch.equal(decoder(x, t, COND), network(x, t, COND))
     assert fn.failures == 1 and unet.stats.memory_releases == late.stats.memory_releases == 1
     assert len(decoder.signatures) == 1 and not unet.signatures and not late.signatures
+
+
+def test_no_reference_cycle_keeps_a_dropped_model_alive() -> None:
+    """A family refers to its members weakly and a capture's replay takes the capture as an argument: a
+    dropped model (its graphs, static buffers and network) is freed at once, without the cycle collector,
+    as the runtime's cache expects when a model leaves the GPU."""
+    import gc
+    import weakref
+
+    parent = CapturedModel(network, mode="emulate")
+    companion = parent.companion("wrapped", lambda f: f)
+    other = CapturedModel(network, mode="emulate")
+    parent.release_together(other)
+    with torch.inference_mode():
+        for model in (parent, companion, other):
+            model(*inputs(2), COND)
+    refs = [weakref.ref(m) for m in (parent, companion, other)]
+    capture_ref = weakref.ref(next(iter(parent._captures.values())))
+    gc.disable()
+    try:
+        del parent, companion
+        assert refs[0]() is None and refs[1]() is None and capture_ref() is None
+        assert refs[2]() is other and [m is other for m in other._members()] == [True]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.gpu
