@@ -217,6 +217,15 @@ class ModelCache:
             entry = self._resident_entry(model)
             return dict(entry.attached) if entry is not None else {}
 
+    def resident_attachments(self) -> list[dict[str, Any]]:
+        """A copy of what is kept with each resident model (:meth:`attachment`), least recently used first
+        (the tasks join the captured networks of every model on a GPU, so that a capture short of memory
+        can release the graphs of the others)."""
+        with self._lock:
+            return [
+                dict(e.attached) for e in self._entries.values() if e.model is not None and not e.offloaded
+            ]
+
     def clear(self, reason: str = "close") -> None:
         """Forget every model and loader."""
         with self._lock:

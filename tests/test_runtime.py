@@ -407,6 +407,20 @@ def test_attachments_live_while_the_model_is_resident_and_are_not_counted() -> N
     assert cache.attachments(third) == {} and made[3]() is None
 
 
+def test_resident_attachments_lists_each_resident_models() -> None:
+    cache = ModelCache(1000)
+    loads = Loads()
+    a = cache.get(key("a"), loads.loader("a", 10))
+    b = cache.get(key("b"), loads.loader("b", 10))
+    cache.get(key("c"), loads.loader("c", 2))  # resident, nothing attached
+    first, second = Attached(), Attached()
+    cache.attachment(a, "graphs", lambda: first)
+    cache.attachment(b, "graphs", lambda: second)
+    assert cache.resident_attachments() == [{"graphs": first}, {"graphs": second}, {}]
+    cache.release()
+    assert cache.resident_attachments() == []
+
+
 def test_an_attachment_made_while_its_model_leaves_is_not_kept() -> None:
     cache = ModelCache()
     model = cache.get(key("a"), Loads().loader("a", 2))

@@ -332,15 +332,26 @@ def _captured_first_stage(
 
 
 def _release_together(bundle: ModelBundle, runtime: Runtime, captured: CapturedModel) -> CapturedModel:
-    """``captured`` joined with the cached model's other captured networks (UNet, decode, encode): a
-    capture that runs out of GPU memory releases the graphs of all of them before it tries again
-    (:meth:`~ldm_sdk.accel.graphs.CapturedModel.release_together`)."""
-    attached = runtime.cache.attachments(bundle)
-    for name in (CAPTURED_MODEL, CAPTURED_DECODER, CAPTURED_ENCODER):
-        other = attached.get(name)
-        if other is not None and other is not captured:
-            captured.release_together(other)
+    """``captured`` joined with the captured networks (UNet, decode, encode) of every model the runtime
+    keeps on the same device, its own included: a capture that runs out of GPU memory releases the graphs
+    of all of them before it tries again
+    (:meth:`~ldm_sdk.accel.graphs.CapturedModel.release_together`). A released graph is captured again
+    when its model next runs."""
+    device = _device_of(captured)
+    for attached in runtime.cache.resident_attachments():
+        for name in (CAPTURED_MODEL, CAPTURED_DECODER, CAPTURED_ENCODER):
+            other = attached.get(name)
+            if other is not None and other is not captured and _device_of(other) == device:
+                captured.release_together(other)
     return captured
+
+
+def _device_of(captured: CapturedModel) -> torch.device | None:
+    """Where the first watched module of ``captured`` keeps its weights."""
+    for module in captured.modules:
+        for parameter in module.parameters():
+            return parameter.device
+    return None
 
 
 def make_generator(device: torch.device | str, seed: int) -> torch.Generator:
