@@ -158,8 +158,8 @@ class _Capture:
         self.x.copy_(x)
         self.t.copy_(t)
         parts = cond.parts()
-        same = self.loaded.keys() == parts.keys() and all(self.loaded[k]() is v for k, v in parts.items())
-        if cond_unchanged and same:
+        same = cond_unchanged and self.loaded.keys() == parts.keys()
+        if same and all(self.loaded[k]() is v for k, v in parts.items()):  # the very tensors copied last
             return False
         for name, value in parts.items():
             getattr(self.cond, name).copy_(value)
@@ -402,8 +402,11 @@ class CapturedModel:
 
     def release_together(self, other: CapturedModel) -> None:
         """Let a capture of either model (or of their companions) that runs out of GPU memory release the
-        other's graphs too, as it releases its own family's (see :meth:`__call__`): the tasks join a
-        model's UNet and first-stage captures, whose graphs all hold memory of the one GPU."""
+        other's graphs too, as it releases its own family's (see :meth:`__call__`): the tasks join the UNet
+        and first-stage captures of every model cached on one GPU, whose graphs all hold its memory. A no-op
+        when they are joined already."""
+        if other._family is self._family:
+            return
         mine = self._members()
         merged = [*mine, *(m for m in other._members() if all(m is not n for n in mine))]
         refs = [weakref.ref(m) for m in merged]
@@ -429,11 +432,11 @@ class CapturedModel:
     def _capture_with_room(
         self, signature: CallSignature, x: Tensor, t: Tensor, cond: Conditioning
     ) -> _Capture:
-        """:meth:`_capture`; when the GPU runs out of memory, release the other captures of this model and
-        its companions (the graphs of one network at other sizes: their activation memory), return the
-        allocator's free blocks to the driver and try once more. A companion busy in another thread keeps
-        its graphs. Raises :class:`CaptureMemoryError` when nothing could be released or the second try
-        runs out of memory too."""
+        """:meth:`_capture`; when the GPU runs out of memory, release the other captures of this model's
+        family -- itself, its companions and the models joined by :meth:`release_together` (their graphs'
+        activation memory) -- return the allocator's free blocks to the driver and try once more. A member
+        busy in another thread keeps its graphs. Raises :class:`CaptureMemoryError` when nothing could be
+        released or the second try runs out of memory too."""
         try:
             return self._capture(signature, x, t, cond)
         except torch.cuda.OutOfMemoryError as exc:
@@ -444,20 +447,21 @@ class CapturedModel:
             torch.cuda.empty_cache()
         if not released:
             raise CaptureMemoryError(
-                f"the GPU ran out of memory capturing signature ({signature}), and this model holds no other "
-                f"graph to release ({first}); an eager call (mode='off') needs no graph memory"
+                f"the GPU ran out of memory capturing signature ({signature}), and this model's family "
+                f"holds no other graph to release ({first}); an eager call (mode='off') needs no graph memory"
             )
         try:
             return self._capture(signature, x, t, cond)
         except torch.cuda.OutOfMemoryError as exc:
             raise CaptureMemoryError(
                 f"the GPU ran out of memory capturing signature ({signature}), even after releasing "
-                f"{released} other graph(s) of this model; an eager call (mode='off') needs no graph memory"
+                f"{released} other graph(s) of this model's family; an eager call (mode='off') needs no "
+                "graph memory"
             ) from exc
 
     def _release_family_captures(self) -> int:
-        """Release every capture of this model and its companions that no other thread is using now; how
-        many were released."""
+        """Release every capture of this model's family (:meth:`release_together`) that no other thread is
+        using now; how many were released."""
         released = 0
         for member in self._members():
             if not member._lock.acquire(blocking=False):  # replaying in another thread: keep its graphs

@@ -268,7 +268,7 @@ def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | Non
         return accelerate_denoiser(bundle, mode=mode, max_graphs=TASK_MAX_GRAPHS, clone_output=True)
 
     kept = runtime.cache.attachment(bundle, CAPTURED_MODEL, make)
-    return _release_together(bundle, runtime, kept) if kept is not None else make()
+    return _release_together(runtime, kept) if kept is not None else make()
 
 
 def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | None:
@@ -328,10 +328,10 @@ def _captured_first_stage(
         return CapturedModel(call, mode=mode, max_graphs=TASK_MAX_GRAPHS, modules=[first_stage], pool=pool)
 
     kept = runtime.cache.attachment(bundle, name, make)
-    return _release_together(bundle, runtime, kept) if kept is not None else make()
+    return _release_together(runtime, kept) if kept is not None else make()
 
 
-def _release_together(bundle: ModelBundle, runtime: Runtime, captured: CapturedModel) -> CapturedModel:
+def _release_together(runtime: Runtime, captured: CapturedModel) -> CapturedModel:
     """``captured`` joined with the captured networks (UNet, decode, encode) of every model the runtime
     keeps on the same device, its own included: a capture that runs out of GPU memory releases the graphs
     of all of them before it tries again
