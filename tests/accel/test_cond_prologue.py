@@ -158,10 +158,13 @@ def test_guided_step_copies_its_conditioning_once_per_request(share_input: bool)
     assert capture.prologue_replays == 2
 
 
-def test_hybrid_conditioning_projects_its_crossattn_part_once() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hybrid_conditioning_projects_its_crossattn_part_once(device: str) -> None:
     """An SD-inpainting-like UNet (hybrid: the masked image concatenated to x, the prompt through
     cross-attention): the prologue takes the crossattn part; the guided step's replays equal the eager
-    guidance bit for bit."""
+    guidance bit for bit (CPU: the emulated capture; CUDA: real graphs, float32)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     from ldm_sdk.accel import fuse_blocks, fuse_model
     from ldm_sdk.accel.guided_step import guided_denoiser
     from ldm_sdk.benchmarks.common import randomize_
@@ -178,16 +181,18 @@ def test_hybrid_conditioning_projects_its_crossattn_part_once() -> None:
     )
     unet = UNetModel.from_config(config).eval().requires_grad_(False)
     randomize_(unet, torch.Generator().manual_seed(3))
+    unet = unet.to(device)  # fused where its weights live (a move unstacks them)
     fuse_model(unet, backend="reference")
     fuse_blocks(unet, backend="reference")
     fn = bind_unet(unet, "hybrid")
-    fast = CapturedModel(fn, mode="emulate", modules=[unet], warmup=1)
+    mode = "emulate" if device == "cpu" else "graph"
+    fast = CapturedModel(fn, mode=mode, modules=[unet], warmup=1)
     g = torch.Generator().manual_seed(4)
-    masked = torch.randn(1, 5, 16, 16, generator=g)
-    cond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g))
-    uncond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g))
+    masked = torch.randn(1, 5, 16, 16, generator=g).to(device)
+    cond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g).to(device))
+    uncond = Conditioning(concat=masked, crossattn=torch.randn(1, 7, 24, generator=g).to(device))
     schedule = DiffusionSchedule(make_beta_schedule("linear", 1000, 0.00085, 0.012))
-    x, ts = torch.randn(1, 4, 16, 16, generator=g), ddim_timesteps(4)
+    x, ts = torch.randn(1, 4, 16, 16, generator=g).to(device), ddim_timesteps(4)
     with torch.inference_mode():
         got = ddim.sample(guided_denoiser(fast, schedule, "eps", cond, uncond, 4.0), x, ts)
         eager = ddim.sample(

@@ -6,12 +6,13 @@ holds "too many" graphs (the state a GPU of limited memory reaches after a few i
 succeeds and equals the eager call, the released captures are counted, a companion in use by another
 thread keeps its graphs, and where nothing can be released, or the retry fails too, the error is a
 ``CaptureMemoryError``. GPU (mark ``gpu``): the same with a real out-of-memory under a per-process memory
-limit.
+limit, the graph to release held by the model itself or by another model joined to it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -167,30 +168,39 @@ def test_no_reference_cycle_keeps_a_dropped_model_alive() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_capture_fits_after_the_other_graphs_are_released() -> None:
-    """A real out-of-memory: with the process limited to what one more capture cannot fit beside the first
-    one's graph, the second signature's capture fails once, releases the first, and then replays its eager
-    call bit for bit."""
+@pytest.mark.parametrize("holder", ["itself", "joined model"])
+def test_cuda_capture_fits_after_the_other_graphs_are_released(holder: str) -> None:
+    """A real out-of-memory: with the process limited to what one more capture cannot fit beside the graph
+    held already -- by the same model, or by another model joined to it (``release_together``, as the
+    tasks join the networks of the models on one GPU) -- the new capture fails once, releases that graph,
+    and then replays its eager call bit for bit."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).cuda().half().eval()
+    convs = [torch.nn.Conv2d(64, 64, 3, padding=1).cuda().half().eval() for _ in range(2)]
 
-    def deep(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        for _ in range(6):
-            x = torch.tanh(conv(x)) + x
-        return x
+    def deep(conv: torch.nn.Conv2d) -> Callable[[Tensor, Tensor, Conditioning], Tensor]:
+        def call(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+            for _ in range(6):
+                x = torch.tanh(conv(x)) + x
+            return x
 
-    fast = CapturedModel(deep, modules=[conv])
+        return call
+
+    first = CapturedModel(deep(convs[0]), modules=[convs[0]])
+    second = first
+    if holder == "joined model":
+        second = CapturedModel(deep(convs[1]), modules=[convs[1]])
+        second.release_together(first)
     x1 = torch.randn(8, 64, 192, 192, device="cuda", dtype=torch.half)
     x2 = x1.contiguous(memory_format=torch.channels_last)  # the same sizes, another signature
     t = torch.zeros(8, device="cuda")
     with torch.inference_mode():
-        want = deep(x2, t, COND)
+        want = second.fn(x2, t, COND)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved()
-        assert torch.equal(fast(x1, t, COND), deep(x1, t, COND))
+        assert torch.equal(first(x1, t, COND), first.fn(x1, t, COND))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         after = torch.cuda.memory_reserved()
@@ -198,9 +208,11 @@ def test_cuda_capture_fits_after_the_other_graphs_are_released() -> None:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction((after + graph_bytes // 2) / total)
         try:
-            got = fast(x2, t, COND)
+            got = second(x2, t, COND)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
-    assert fast.stats.memory_releases == 1 and fast.stats.captures == 2, fast.stats
+    assert second.stats.captures == (2 if second is first else 1), second.stats
+    assert first.stats.memory_releases == 1 and first.signatures == [], first.stats
+    assert len(second.signatures) == 1
     assert torch.equal(got, want)
-    print(f"graph of the first signature: {graph_bytes >> 20} MiB; the second captured after releasing it")
+    print(f"graph held by {holder}: {graph_bytes >> 20} MiB; the new signature captured after releasing it")
