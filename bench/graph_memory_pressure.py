@@ -93,6 +93,7 @@ def run_pass(
         try:
             for index, batch in sequence:
                 common = {"model": files[index], **placement, "steps": steps, "seed": 0, "batch": batch}
+                common["batch_mode"] = "together"  # one network call for the batch: a graph per batch size
                 job = bench_tasks.build_job("txt2img", bundles[index], registry, (512, 512), common)
                 if task is None:
                     from ldm_sdk.tasks import get_task
