@@ -7,7 +7,7 @@
 2. SD-1.5 UNet step, fp16, batch 2 (one guidance step at batch 1), the call the sampler makes (float32
    latents, float64 timesteps, fp16 context): eager vs CUDA-graph replay through ``CapturedModel``
    (GroupNorm32 keeps CompVis' float32 round trip: torch's native half-precision group_norm was measured
-   on an H100 to be far outside one rounding of the float32 result, see docs/benchmarks.md).
+   on an H100 to be far outside one rounding of the float32 result, see docs/performance-log.md).
 3. End to end, batch 1, 512 px: 50 DDIM steps with classifier-free guidance 7.5 through the SDK sampler
    (``ModelDenoiser(ClassifierFreeGuidance(...))``), then the kl-f8 VAE decode; eager vs captured, and the
    relative error of the captured latents / image against the eager ones.

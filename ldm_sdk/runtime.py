@@ -119,7 +119,8 @@ class Runtime:
         default) also get channels_last weights (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the
         UNet and the first stage, without prepacked weights, which would double their memory, and leaving
         torch's thread count alone): 1.2x the bf16 eager tasks on an AMX CPU, and 1.07x for fp32 at the
-        CI size, where the context projections are a large part of the small UNet (``docs/benchmarks.md``).
+        CI size, where the context projections are a large part of the small UNet
+        (``docs/performance-log.md``).
         CUDA models are never changed by it. ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``.
 
         ``prompt_cache_size``: how many encoded prompts the tasks keep for reuse (:attr:`prompt_cache`, a

@@ -8,7 +8,7 @@ the kl-f8 decode 19 (``bench/probe_sdpa_memsets.py``, ``bench/probe_graph_memset
 the UNet graph alone at batch 2 5.85 -> 5.79 ms (``bench/probe_graph_memsets.py``; 5.70 -> 5.67 once the
 short-key attention kernel had taken 16 of the cuDNN attentions); in the same-process ablation of the
 whole fast path (``bench/ablate_graph_kernels.py``) 5.70 -> 5.66 ms at batch 2, within noise at batch 16,
-decode 5.15 -> 5.12 ms (``docs/benchmarks.md``).
+decode 5.15 -> 5.12 ms (``docs/performance-log.md``).
 
 What: :func:`replace_memset_nodes` takes a graph captured with ``torch.cuda.CUDAGraph(keep_graph=True)``
 and not yet instantiated, and replaces every one-dimensional memset node (``height == 1``) by a child

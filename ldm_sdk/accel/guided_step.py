@@ -5,7 +5,7 @@ Why: with only the network call replayed from a graph (:class:`~ldm_sdk.accel.gr
 rest of a guided sampler step is ~45 small eager kernels -- the ``x`` / ``t`` / conditioning
 concatenations, the guidance ``lerp``, the schedule look-ups and arithmetic of the ``(eps, x0)``
 conversion -- each a launch of a few microseconds: 0.19 ms of a 6.7 ms SD-1.5 step at batch 1 on an H100
-(``docs/benchmarks.md``, "loop overhead"). Captured, they cost about what their arithmetic costs.
+(``docs/performance-log.md``, "loop overhead"). Captured, they cost about what their arithmetic costs.
 
 How: :class:`GuidedPrediction` is a function of the :data:`~ldm_sdk.diffusion.denoiser.ModelFn` shape,
 ``f(x, ts, c2) -> stack([eps, x0])``, where ``ts = stack([t, scale])`` carries the timesteps and the

@@ -4,7 +4,7 @@ norms (:func:`~ldm_sdk.accel.fusion.fuse_model`), fuse the blocks
 
 Why channels_last: cuDNN's Hopper convolution kernels work in NHWC and convert NCHW tensors on the way in
 and out; with channels_last weights the SD-1.5 UNet step went from 10.5 to 7.5 ms of GPU time (H100, fp16,
-fused, docs/benchmarks.md), the VAE decode from 10.7 to 8.3 ms. The fused GroupNorm kernels have a
+fused, docs/performance-log.md), the VAE decode from 10.7 to 8.3 ms. The fused GroupNorm kernels have a
 channels_last path of their own, and on channels_last maps the transformer projections run as GEMMs with
 no layout copy. Accuracy against float32 is unchanged (other roundings of the same size). The runtime
 calls this on every model it loads, so eager and CUDA-graph runs of a cached model share the same numerics.

@@ -5,8 +5,8 @@ Why: the SD-1.5 UNet's cross-attentions attend from up to 4096 pixels to 77 cont
 arithmetic (0.8 GFLOP at 64 x 64, batch 2) and little memory (the queries in, the output out), yet cuDNN's
 attention took 13.8 us for it on an H100 (58 TFLOP/s), 8.2 and 8.8 us at 32 x 32 and 16 x 16, about 0.16 ms
 of a 5.9 ms step with the 8 x 8 self-attention, each call also preceded by a workspace memset
-(``bench/results/op_roofline_session5_b2_h100.json``, ``docs/benchmarks.md``). With every key held at once
-the softmax needs no running maximum: one program walks several tiles of ``BLOCK_M`` queries of one
+(``bench/results/op_roofline_session5_b2_h100.json``, ``docs/performance-log.md``). With every key held at
+once the softmax needs no running maximum: one program walks several tiles of ``BLOCK_M`` queries of one
 (sample, head) with that head's keys and values loaded once (as one power-of-two block, or two: 77 keys as
 64 + 16), forms each tile's scores with tensor-core products, exponentiates them in registers and multiplies
 by the values -- one read of the queries, one write of the output. Per call on an H100 at batch 2:

@@ -3,9 +3,9 @@ default), go through the text encoder once.
 
 An editing session reruns one prompt with new seeds, masks and strengths many times; each run used to
 encode its prompt and its negative prompt afresh (two passes of CLIP ViT-L/14's text tower: about a tenth of
-a 10-step fp32 CPU txt2img at 256 px, ``docs/benchmarks.md``). The :class:`~ldm_sdk.runtime.Runtime` owns one
-:class:`PromptCache` (``Runtime(prompt_cache_size=)``, ``$LDM_SDK_PROMPT_CACHE``; 0 turns it off) and the
-tasks encode through it.
+a 10-step fp32 CPU txt2img at 256 px, ``docs/performance-log.md``). The :class:`~ldm_sdk.runtime.Runtime`
+owns one :class:`PromptCache` (``Runtime(prompt_cache_size=)``, ``$LDM_SDK_PROMPT_CACHE``; 0 turns it off)
+and the tasks encode through it.
 
 What a hit returns is exactly what the encoder returned for that prompt: the same tensor object, shared by
 every run that hits it (do not modify it in place). Entries are kept per encoder (held weakly: an encoder

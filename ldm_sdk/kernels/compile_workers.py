@@ -5,7 +5,7 @@ else the caller runs -- compiling the decoder's kernels on threads while the UNe
 capture as much as it hid (``bench/results/cold_start_ahead*_h100.json``). In worker processes the
 compilation only competes for cores: :mod:`ldm_sdk.accel.compile_ahead` compiles the decoder's variants
 this way while the sampler runs. (For a compilation the caller just waits for, workers are no faster than
-threads: it is bound by the cores -- ``bench/probe_precompile_threads.py``, docs/benchmarks.md.)
+threads: it is bound by the cores -- ``bench/probe_precompile_threads.py``, docs/performance-log.md.)
 
 How: for each variant the parent asks Triton for its serialized specialization (:func:`specialization_of`:
 the ``jit_cache_hook`` knob, which Triton calls just before it would compile a variant and which may skip

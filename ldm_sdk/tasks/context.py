@@ -278,7 +278,7 @@ def captured_decoder(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | N
     mode is ``"off"``, or ``"auto"`` with the first stage off CUDA, or it is in training mode.
 
     Why: the decoder is ~250 kernels per image; eagerly its launches bound it on a slow host (kl-f8 at
-    512 px on an H100: 13.2 ms eager vs 7.3 ms replayed, docs/benchmarks.md). The replay computes exactly
+    512 px on an H100: 13.2 ms eager vs 7.3 ms replayed, docs/performance-log.md). The replay computes exactly
     what the eager decode computes. Each captured size holds the decoder's activations on the GPU (a few
     hundred MiB at 512 px), so at most ``TASK_MAX_GRAPHS`` sizes are kept, least recently used evicted.
     """

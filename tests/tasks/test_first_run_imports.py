@@ -1,7 +1,7 @@
 """A first image must not pay for imports it does not need. Some torch entry points (``normal_`` or
 ``arange`` on the meta device, ``torch.broadcast_shapes``) run torch's reference implementations, whose
 first use imports sympy or torch's compiler stack: 3-12 s of a first image on the H100 machine
-(``bench/profile_tasks.py --pyprofile``, docs/benchmarks.md). A fresh process runs the tasks' first runs
+(``bench/profile_tasks.py --pyprofile``, docs/performance-log.md). A fresh process runs the tasks' first runs
 here and checks that none of those modules was imported."""
 
 from __future__ import annotations
