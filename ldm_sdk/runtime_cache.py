@@ -188,6 +188,27 @@ class ModelCache:
         self._notify_evicted(gone)
         return freed
 
+    def make_room(self, keep: nn.Module) -> ModelKey | None:
+        """Drop the least recently used model resident on ``keep``'s device, other than ``keep`` (by
+        identity), with what is kept for it (its captured graphs), and return the allocator's free blocks
+        to the driver; its key, or None when no other model is resident there. For a caller that found the
+        device's memory full (a CUDA-graph capture, say) after freeing what it could itself; the model is
+        reloaded on its next use, like one evicted for the budget."""
+        device = next((_resolved(p.device) for p in keep.parameters()), None)
+        gone: list[tuple[ModelKey, str]] = []
+        with self._lock:
+            for key, entry in self._entries.items():
+                if entry.model is None or entry.offloaded or entry.model is keep or key in self._loading:
+                    continue
+                if device is not None and _resolved(torch.device(key.device)) != device:
+                    continue
+                entry.leave()
+                self._evictions += 1
+                gone.append((key, "device memory"))
+                break
+        self._notify_evicted(gone)
+        return gone[0][0] if gone else None
+
     def attachment(self, model: nn.Module, name: str, factory: Callable[[], T]) -> T | None:
         """The object called ``name`` kept with ``model`` (a resident model of this cache, by identity),
         made by ``factory()`` on first use; None when ``model`` is not one (e.g. a model given in memory).
@@ -332,6 +353,14 @@ class ModelCache:
             for key, reason in gone:
                 self._on_evicted(key, reason)
         empty_accelerator_cache([k.device for k, _ in gone])
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """``device`` with the index a bare ``cuda`` means (the current device), so that keys and parameters
+    compare."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def empty_accelerator_cache(devices: list[str]) -> None:

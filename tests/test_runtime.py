@@ -324,6 +324,25 @@ def test_a_model_larger_than_the_budget_is_kept_alone(caplog: pytest.LogCaptureF
     assert "more than the whole memory budget" in caplog.text
 
 
+def test_make_room_evicts_the_lru_other_model_on_the_same_device() -> None:
+    """A full device (a capture that found no memory): the least recently used resident model on the kept
+    model's device leaves -- not the kept one, not one on another device -- until none is left."""
+    loads, evicted = Loads(), []
+    cache = ModelCache(on_evicted=lambda k, reason: evicted.append((k.content[0], reason)))
+    a = cache.get(key("a"), loads.loader("a", 10))
+    elsewhere = ModelKey(content="m" * 8, device="meta")
+    cache.get(elsewhere, lambda: nn.Linear(10, 10, device="meta"))
+    b = cache.get(key("b"), loads.loader("b", 10))
+    c = cache.get(key("c"), loads.loader("c", 10))
+    cache.attachment(a, "graphs", Attached)
+    assert cache.make_room(b) == key("a")  # the LRU of the CPU's models, b kept
+    assert cache.attachments(a) == {} and evicted == [("a", "device memory")]
+    assert cache.make_room(b) == key("c")
+    assert cache.make_room(b) is None  # b is alone on the CPU: the meta model stays
+    assert cache.resident() == [elsewhere, key("b")] and cache.stats().evictions == 2
+    assert cache.get(key("c")) is not c and loads.calls["c"] == 2  # reloaded when next used
+
+
 def test_release_evicts_everything_and_next_get_reloads(rt: Runtime) -> None:
     loads, evicted = Loads(), []
 

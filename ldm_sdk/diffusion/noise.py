@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ItemGenerators", "RandomSource", "randn"]
+__all__ = ["ItemGenerators", "RandomSource", "randn", "random_state", "restore_random_state"]
 
 
 class ItemGenerators:
@@ -62,3 +62,20 @@ def randn(
         return torch.cat(parts)
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def random_state(source: RandomSource | None) -> list[Tensor]:
+    """Where ``source`` stands: each generator's state (none for ``None``), for
+    :func:`restore_random_state` -- a run repeated from there draws the same numbers."""
+    if source is None:
+        return []
+    return [g.get_state() for g in (source if isinstance(source, ItemGenerators) else (source,))]
+
+
+def restore_random_state(source: RandomSource | None, state: list[Tensor]) -> None:
+    """Put ``source`` back where :func:`random_state` found it."""
+    generators = [] if source is None else list(source if isinstance(source, ItemGenerators) else (source,))
+    if len(generators) != len(state):
+        raise ValueError(f"a state of {len(state)} generator(s) cannot restore {len(generators)}")
+    for g, saved in zip(generators, state, strict=True):
+        g.set_state(saved)

@@ -11,6 +11,7 @@ with its manifest (:meth:`Run.finish`).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ __all__ = ["GenerationTask", "Guided", "InputReader", "Run"]
 #: ``item(generator, callback, items)``: sample ``items`` batch items (one generator, or ItemGenerators)
 ItemFn = Callable[["RandomSource", "StepCallback | None", int], Tensor]
 SizedT = TypeVar("SizedT", bound=SizedRequest)
+T = TypeVar("T")
+
+logger = logging.getLogger("ldm_sdk.tasks")
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,7 +332,40 @@ class Run:
             "samplers": self._samplers(),
             "plan": self.plan,
             "captured": self.captured,
+            "make_room": self.make_room,
         }
+
+    def make_room(self) -> bool:
+        """A CUDA-graph capture of this run found its device full after releasing every graph it could:
+        evict the least recently used other model on that device from the runtime's cache
+        (:meth:`~ldm_sdk.runtime_cache.ModelCache.make_room`; it is reloaded when next used) and say
+        whether one left. Nothing leaves for a model alone on its device."""
+        key = self.runtime.cache.make_room(self.bundle)
+        if key is None:
+            return False
+        logger.warning(
+            "%s: the GPU had no room for this model's CUDA graphs; evicted model %s to make room",
+            self.name,
+            key,
+        )
+        return True
+
+    def with_room(self, call: Callable[[], T]) -> T:
+        """``call()`` (a captured first-stage pass), called again while :meth:`make_room` frees memory when
+        its capture finds the device full; a :class:`TaskError` naming the opt-out when nothing more can be
+        freed."""
+        from ldm_sdk.accel.graphs import CaptureMemoryError
+
+        while True:
+            try:
+                return call()
+            except CaptureMemoryError as exc:
+                if self.make_room():
+                    continue
+                raise TaskError(
+                    f"the CUDA-graph fast path cannot run model {self.bundle.family!r}'s first stage: {exc}. "
+                    "Run it eagerly with accelerate=False (--no-accelerate): the same result"
+                ) from exc
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The requested output size (default: the model's training size), checked against the model."""
@@ -469,7 +506,7 @@ class Run:
             return None
         from ldm_sdk.diffusion.conditioning import Conditioning
 
-        return lambda x: encoder(x, x.new_zeros(1), Conditioning())
+        return lambda x: self.with_room(lambda: encoder(x, x.new_zeros(1), Conditioning()))
 
     def decode(self, latents: Tensor) -> list[np.ndarray]:
         """Latents ``[B, C, h, w]`` -> uint8 ``H x W x 3`` images, decoded one item at a time."""
@@ -484,7 +521,7 @@ class Run:
                 if decoder is not None:  # replayed from a CUDA graph (kernels pre-compiled at capture)
                     from ldm_sdk.diffusion.conditioning import Conditioning
 
-                    x = decoder(z, z.new_zeros(1), Conditioning())
+                    x = self.with_room(lambda z=z: decoder(z, z.new_zeros(1), Conditioning()))
                 else:
                     if self.device.type == "cuda":
                         from ldm_sdk.accel.precompile import precompile_once

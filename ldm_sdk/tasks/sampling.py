@@ -164,6 +164,7 @@ def run_sampling(
     plan: SamplingPlan | None = None,
     denoiser: Denoiser | None = None,
     captured: CapturedModel | None = None,
+    make_room: Callable[[], bool] | None = None,
 ) -> Tensor:
     """Sample latents of ``shape`` for ``cond`` and return the final state (float32, on the model's device).
 
@@ -180,6 +181,11 @@ def run_sampling(
       denoiser calls the network through it (:func:`~ldm_sdk.accel.graphs.bundle_denoiser`). A prebuilt
       ``denoiser`` makes its own calls (the tiled one of :mod:`ldm_sdk.tasks.tiled` uses ``captured`` per
       window). A model that cannot be captured is a :class:`TaskError` naming the opt-out.
+    - ``make_room``: called when a capture finds the GPU full even after releasing the graphs it could
+      (:class:`~ldm_sdk.accel.graphs.CaptureMemoryError`) before the first step ended; it frees memory
+      (the tasks evict another model from the runtime's cache) and says whether it did. The run then
+      starts again from the same noise and generator state, so the result is the one it would have been;
+      when nothing more can be freed, the :class:`TaskError` names the opt-out.
     Noise: the starting ``randn(shape)`` is the generator's first draw (also for img2img).
 
     Batch: ``shape[0]`` items sampled together. Batch-1 conditionings, ``init``, ``x0`` and ``mask`` serve
@@ -233,18 +239,38 @@ def run_sampling(
         denoiser = MaskedDenoiser(denoiser, x0.to(device, torch.float32), mask.to(device), generator)
     if timesteps.numel() == 0:
         return x
-    with torch.inference_mode():
-        try:
-            out = sample(denoiser, x, timesteps, callback=callback, generator=generator, **options)
-        except RuntimeError as exc:
-            from ldm_sdk.accel.graphs import CaptureError
+    from ldm_sdk.accel.graphs import CaptureError, CaptureMemoryError
+    from ldm_sdk.diffusion.noise import random_state, restore_random_state
 
-            if captured is not None and request.accelerate and isinstance(exc, CaptureError):
+    steps_done = 0
+
+    def counted(info: StepInfo) -> None:
+        nonlocal steps_done
+        steps_done += 1
+        if callback is not None:
+            callback(info)
+
+    start = random_state(generator)
+    freed = 0
+    with torch.inference_mode():
+        while True:
+            try:
+                out = sample(denoiser, x, timesteps, callback=counted, generator=generator, **options)
+                break
+            except RuntimeError as exc:
+                if not (captured is not None and request.accelerate and isinstance(exc, CaptureError)):
+                    raise
+                first = isinstance(exc, CaptureMemoryError) and steps_done == 0
+                if first and make_room is not None and make_room():
+                    freed += 1
+                    restore_random_state(generator, start)
+                    continue
+                after = f" (after evicting {freed} other model(s) from the device)" if freed else ""
                 raise TaskError(
-                    f"the CUDA-graph fast path cannot run model {bundle.family!r}: {exc}. Run it eagerly "
-                    "with accelerate=False (--no-accelerate); the result is the same"
+                    f"the CUDA-graph fast path cannot run model {bundle.family!r}: {exc}{after}. Run it "
+                    "eagerly with accelerate=False (--no-accelerate): the same result, up to floating-point "
+                    "rounding"
                 ) from exc
-            raise
     if mask is not None and x0 is not None:
         out = blend_known(out, x0.to(device, out.dtype), mask.to(device))
     return out.float()

@@ -81,3 +81,20 @@ def test_masked_denoiser_draws_each_items_forward_noise(schedule, make_toy_model
         x1 = torch.randn((1, 4, 8, 8), generator=g)
         alone = sample(MaskedDenoiser(inner, known, mask, g), x1, ts, generator=g, eta=0.5)
         assert torch.equal(together[i : i + 1], alone), i
+
+
+def test_a_random_state_restored_draws_the_same_numbers_again() -> None:
+    """``random_state`` / ``restore_random_state``: a run repeated from a saved state (a sampling run that
+    starts over) draws what it drew the first time, for one generator and for item generators."""
+    from ldm_sdk.diffusion.noise import random_state, restore_random_state
+
+    one = torch.Generator().manual_seed(1)
+    items = ItemGenerators(torch.Generator().manual_seed(s) for s in (2, 3))
+    for source in (one, items):
+        saved = random_state(source)
+        first = randn((2, 3), source, device="cpu", dtype=torch.float32)
+        restore_random_state(source, saved)
+        assert torch.equal(randn((2, 3), source, device="cpu", dtype=torch.float32), first)
+    assert random_state(None) == [] and restore_random_state(None, []) is None
+    with pytest.raises(ValueError, match="a state of 1 generator"):
+        restore_random_state(items, random_state(one))

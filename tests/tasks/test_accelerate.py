@@ -9,6 +9,7 @@ run bit for bit. ``tests/tasks/test_gpu_tasks.py`` checks the real graphs on a G
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,66 @@ def test_models_on_one_device_release_each_others_graphs(model_files: dict[str, 
         assert txt is not None and cls is not None and txt_decoder is not None
         family = cls._members()
         assert all(any(f is m for f in family) for m in (txt, cls, txt_decoder, *txt.companions.values()))
+
+
+def crowd(
+    monkeypatch: pytest.MonkeyPatch, runtime: Runtime, *, first_stage: bool, always: bool = False
+) -> None:
+    """Captures of the UNet (``first_stage=False``) or of the first stage run out of GPU memory while
+    another model is resident on the device (or ``always``), as a GPU holding two large models would."""
+    capture = CapturedModel._capture
+
+    def crowded(self: CapturedModel, *args: Any) -> Any:
+        is_first_stage = getattr(self.fn, "__name__", "") in ("encode", "decode")
+        if is_first_stage == first_stage and (always or len(runtime.cache.resident()) > 1):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test: another model is resident)")
+        return capture(self, *args)
+
+    monkeypatch.setattr(CapturedModel, "_capture", crowded)
+
+
+@pytest.mark.parametrize("first_stage", [False, True], ids=["unet", "first-stage"])
+def test_a_full_gpu_evicts_another_model_and_gives_the_same_result(
+    model_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    first_stage: bool,
+) -> None:
+    """A capture that finds the device full after releasing every graph evicts the least recently used
+    other model from the runtime's cache and tries again. The stochastic inpainting run (its masked
+    denoiser draws noise before the network's first call) starts over from the same generator state, so the
+    result equals the eager run's bit for bit."""
+    request = InpaintRequest(model=str(model_files["txt"]), prompt="x", steps=3, eta=1.0, seed=5)
+    inputs = TaskInputs(image=IMAGE, mask=MASK)
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate") as rt:
+        eager = get_task("inpaint")(request.model_copy(update={"accelerate": False}), rt, inputs=inputs)
+        get_task("class")(ClassRequest(model=str(model_files["class"]), class_label=1, **SMALL), rt)
+        other = rt.load_model(model_files["class"])
+        assert len(rt.cache.resident()) == 2
+        crowd(monkeypatch, rt, first_stage=first_stage)
+        with caplog.at_level(logging.WARNING, logger="ldm_sdk.tasks"):
+            fast = get_task("inpaint")(request, rt, inputs=inputs)
+        assert same(fast, eager)
+        assert rt.cache.resident() == [rt.model_key(model_files["txt"])], "the class model left"
+        assert rt.load_model(model_files["class"]) is not other  # reloaded when asked for
+        assert "evicted model" in caplog.text
+        captured = captured_of(rt, model_files["txt"], CAPTURED_ENCODER if first_stage else CAPTURED_MODEL)
+        assert captured is not None
+
+
+def test_a_full_gpu_with_nothing_left_to_evict_names_the_opt_out(
+    model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a", **SMALL)
+    with Runtime.create(load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate") as rt:
+        get_task("class")(ClassRequest(model=str(model_files["class"]), class_label=1, **SMALL), rt)
+        crowd(monkeypatch, rt, first_stage=False, always=True)
+        with pytest.raises(TaskError, match=r"after evicting 1 other model.*accelerate=False"):
+            get_task("txt2img")(request, rt)
+        assert rt.cache.resident() == [rt.model_key(model_files["txt"])]
+        monkeypatch.undo()  # the device has room again: the same runtime captures and runs
+        eager = get_task("txt2img")(request.model_copy(update={"accelerate": False}), rt)
+        assert same(get_task("txt2img")(request, rt), eager)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
