@@ -10,10 +10,16 @@ Objects derived from a loaded model that must not outlive its stay on the device
 graphs, which read the weights from the addresses they had at capture -- are kept with its entry
 (:meth:`ModelCache.attachment`) and dropped whenever the model leaves (eviction, release, offload, clear).
 They are not part of the model's bytes: the budget counts weights, as it leaves out activations.
+
+The device's memory can run out before the budget does. A load that runs out of device memory frees what
+it can on that device and tries again: first what is kept with the resident models (their graphs), then
+those models, least recently used first, one per try. A task whose graph capture finds the device full
+asks for the same (:meth:`ModelCache.make_room`).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -281,12 +287,18 @@ class ModelCache:
     def _load(self, key: ModelKey, entry: _Entry, pending: _Pending) -> nn.Module:
         evicted: list[tuple[ModelKey, str]] = []
         try:
-            if entry.offloaded and entry.model is not None:
-                model = entry.model.to(key.device)
-            else:
-                model = entry.loader()
-                if not isinstance(model, nn.Module):
-                    raise TypeError(f"the loader for {key} returned {type(model).__name__}, not an nn.Module")
+            while True:
+                try:
+                    if entry.offloaded and entry.model is not None:
+                        model = entry.model.to(key.device)
+                    else:
+                        model = entry.loader()
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if not self._room_for_load(key):
+                        raise
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"the loader for {key} returned {type(model).__name__}, not an nn.Module")
             nbytes = module_nbytes(model)
             with self._lock:
                 evicted += self._evict_for(key, nbytes)
@@ -319,6 +331,41 @@ class ModelCache:
         if not reloaded_from_cpu and self._on_loaded is not None:
             self._on_loaded(key, model)
         return model
+
+    def _room_for_load(self, key: ModelKey) -> bool:
+        """Loading ``key`` ran out of device memory: free some on its device and say whether anything was
+        freed. First what is kept with the resident models there (their captured graphs, made again when
+        next used), then, one per call, the least recently used of those models."""
+        device = _resolved(torch.device(key.device))
+        gone: list[tuple[ModelKey, str]] = []
+        with self._lock:
+            there = [
+                (k, e)
+                for k, e in self._entries.items()
+                if k != key
+                and e.model is not None
+                and not e.offloaded
+                and _resolved(torch.device(k.device)) == device
+            ]
+            held = [e for _, e in there if e.attached]
+            for e in held:
+                e.attached = {}
+            if not held and there:
+                other, entry = there[0]
+                entry.leave()
+                self._evictions += 1
+                gone.append((other, "device memory"))
+        if held:
+            logger.warning(
+                "loading model %s: out of device memory; released the graphs of %d model(s)", key, len(held)
+            )
+            gc.collect()
+            empty_accelerator_cache([key.device])
+        elif gone:
+            logger.warning("loading model %s: out of device memory; evicted model %s", key, gone[0][0])
+            gc.collect()
+            self._notify_evicted(gone)
+        return bool(held or gone)
 
     def _evict_for(self, key: ModelKey, nbytes: int) -> list[tuple[ModelKey, str]]:
         """With the lock held: drop LRU models (other than ``key``) until ``nbytes`` more fit the budget."""

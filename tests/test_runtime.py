@@ -343,6 +343,40 @@ def test_make_room_evicts_the_lru_other_model_on_the_same_device() -> None:
     assert cache.get(key("c")) is not c and loads.calls["c"] == 2  # reloaded when next used
 
 
+def test_a_load_out_of_device_memory_frees_graphs_then_evicts_and_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model that does not fit beside the resident ones (the device's memory, not the budget): the cache
+    first drops what is kept with them (their captured graphs), then evicts the least recently used one
+    at a time, retrying the load after each; with nothing left to free the error stands."""
+    loads, evicted = Loads(), []
+    cache = ModelCache(on_evicted=lambda k, reason: evicted.append((k.content[0], reason)))
+    a = cache.get(key("a"), loads.loader("a", 10))
+    b = cache.get(key("b"), loads.loader("b", 10))
+    graphs = weakref.ref(cache.attachment(a, "graphs", Attached))
+    tries = []
+
+    def crowded() -> nn.Module:  # the device holds one model beside the new one
+        tries.append(len(cache.resident()))
+        if len(cache.resident()) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return nn.Linear(10, 10)
+
+    with caplog.at_level(logging.WARNING, logger="ldm_sdk.runtime"):
+        c = cache.get(key("c"), crowded)
+    assert tries == [2, 2, 1] and graphs() is None  # graphs dropped first, then a evicted
+    assert evicted == [("a", "device memory")] and cache.resident() == [key("b"), key("c")]
+    assert "released the graphs of 1 model" in caplog.text and "evicted model" in caplog.text
+    assert cache.get(key("b")) is b and cache.get(key("c")) is c
+
+    def never() -> nn.Module:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cache.get(key("d"), never)  # b and c leave one by one, then nothing is left to free
+    assert cache.resident() == [] and key("d") not in cache
+
+
 def test_release_evicts_everything_and_next_get_reloads(rt: Runtime) -> None:
     loads, evicted = Loads(), []
 
