@@ -117,10 +117,11 @@ class Runtime:
         ``cpu_fast_path``: models loaded on the CPU get the cross-attention K/V cache, which is exact (the
         same bits); those loaded in bf16 (``dtype="bf16"``, or ``$LDM_SDK_DTYPE``; fp32 stays the CPU
         default) also get channels_last weights (:func:`ldm_sdk.accel.cpu.configure_cpu_inference` on the
-        UNet and the first stage, without prepacked weights, which would double their memory, and leaving
-        torch's thread count alone): 1.2x the bf16 eager tasks on an AMX CPU, and 1.07x for fp32 at the
-        CI size, where the context projections are a large part of the small UNet
-        (``docs/performance-log.md``).
+        UNet and the first stage, leaving torch's thread count alone): 1.2x the bf16 eager tasks on an AMX
+        CPU, and 1.07x for fp32 at the CI size, where the context projections are a large part of the
+        small UNet (``docs/performance-log.md``). bf16 models also get prepacked weights (the same bits,
+        about 10 % off a step) when that second copy of their convolution and linear weights takes at most
+        1/16 of the machine's memory (``PREPACK_MAX_MEMORY_SHARE``); the cache's budget does not count it.
         CUDA models are never changed by it. ``None``: on unless ``$LDM_SDK_CPU_FAST_PATH`` is ``0``.
 
         ``prompt_cache_size``: how many encoded prompts the tasks keep for reuse (:attr:`prompt_cache`, a
@@ -382,13 +383,30 @@ def _cpu_fast_path(model: nn.Module, dtype: torch.dtype) -> None:
     if not networks:
         return
     if dtype == torch.bfloat16:
-        configure_cpu_inference(*networks, dtype=dtype, threads=0, prepack=False)
+        configure_cpu_inference(*networks, dtype=dtype, threads=0, prepack=_prepack_fits(networks))
     elif model.model is not None:  # fp32: only what keeps the bits (channels_last would change them)
         from ldm_sdk.accel.kv_cache import cache_context_projections
         from ldm_sdk.models.attention import CrossAttention
 
         if any(isinstance(m, CrossAttention) for m in model.model.modules()):
             cache_context_projections(model.model)
+
+
+#: bf16 CPU models get prepacked weights when the second copy takes at most this share of physical memory
+PREPACK_MAX_MEMORY_SHARE = 1 / 16
+
+
+def _prepack_fits(networks: list[nn.Module]) -> bool:
+    """Whether a bf16 CPU model's weights are prepacked (:mod:`ldm_sdk.accel.cpu_prepack`: the same bits,
+    about 10 % off a step, a second copy of the convolution and linear weights): where this torch build can,
+    and the copy takes at most :data:`PREPACK_MAX_MEMORY_SHARE` of the machine's physical memory (small
+    models; SD-1.5's UNet and autoencoder, about 1.9 GB, only on a machine of about 30 GB or more)."""
+    from ldm_sdk.accel.cpu_prepack import packable_bytes, physical_memory_bytes, prepack_available
+
+    memory = physical_memory_bytes()
+    if memory is None or not prepack_available():
+        return False
+    return packable_bytes(*networks) <= memory * PREPACK_MAX_MEMORY_SHARE
 
 
 def _env_names(value: str) -> frozenset[str]:

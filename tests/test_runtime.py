@@ -610,6 +610,48 @@ def test_models_loaded_on_the_cpu_get_the_cpu_fast_path(tmp_path: Path) -> None:
     assert all(torch.equal(a, outs32[False][0]) for a in (*outs32[True], outs32[False][1]))
 
 
+def test_bf16_cpu_models_are_prepacked_when_the_copy_fits_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 models loaded on the CPU get prepacked weights while that second copy takes at most 1/16 of the
+    machine's memory; the results are the same bits either way. fp32 models never do (the packed kernels
+    are channels_last, which changes fp32 results)."""
+    from ldm_sdk.accel import cpu_prepack
+    from ldm_sdk.checkpoints.bundle import ModelBundle
+    from ldm_sdk.checkpoints.loader import save
+    from ldm_sdk.diffusion.conditioning import Conditioning
+    from tests.tiny_configs import SD1, random_bundle
+
+    if not cpu_prepack.prepack_available():
+        pytest.skip("this torch build lacks the oneDNN / MKL prepacked ops")
+    path = save(random_bundle(SD1), tmp_path / "sd.safetensors")
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.randn(2, 7, 32, generator=g),
+        torch.tensor([5.0, 7.0]),
+    )
+
+    def packed(bundle: nn.Module) -> int:
+        return sum(
+            isinstance(m, cpu_prepack.PackedConv2d | cpu_prepack.PackedLinear) for m in bundle.modules()
+        )
+
+    outs = []
+    for room in (True, False):
+        with Runtime.create(load_entrypoints=False, device="cpu") as rt:
+            if not room:
+                # the bf16 copy (half the fp32 weights) would be 1/15 of the memory
+                copy = cpu_prepack.packable_bytes(rt.load_model(path, dtype="fp32")) // 2
+                monkeypatch.setattr(cpu_prepack, "physical_memory_bytes", lambda copy=copy: copy * 15)
+            bundle = rt.load_model(path, dtype="bf16")
+            assert isinstance(bundle, ModelBundle)
+            assert (packed(bundle) > 0) == room and packed(rt.load_model(path, dtype="fp32")) == 0
+            with torch.inference_mode():
+                outs.append(bundle.apply_model(x.bfloat16(), t, Conditioning(crossattn=ctx.bfloat16())))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_models_loaded_on_the_cpu_are_never_fused(tmp_path: Path) -> None:
     from ldm_sdk.accel.fusion import FusedGroupNorm
     from ldm_sdk.checkpoints.loader import save

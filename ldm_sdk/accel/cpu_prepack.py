@@ -32,6 +32,7 @@ restores the plain classes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ __all__ = [
     "PackedConv2d",
     "PackedLinear",
     "PrepackReport",
+    "packable_bytes",
+    "physical_memory_bytes",
     "prepack_available",
     "prepack_cpu_weights",
     "unpack_cpu_weights",
@@ -154,6 +157,28 @@ class PrepackReport:
         return f"prepacked weights: {self.convs} Conv2d, {self.linears} Linear" + (
             f" ({len(self.skipped)} left plain)" if self.skipped else ""
         )
+
+
+def packable_bytes(*models: nn.Module) -> int:
+    """Bytes of the weights :func:`prepack_cpu_weights` would hold a second copy of: those of the plain
+    ``nn.Conv2d`` / ``nn.Linear`` layers of ``models``, each weight once."""
+    seen: set[int] = set()
+    total = 0
+    for model in models:
+        for module in model.modules():
+            if type(module) in (nn.Conv2d, nn.Linear) and id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say (``os.sysconf``)."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
 
 
 def prepack_cpu_weights(*models: nn.Module, exclude: Iterable[type[nn.Module]] = ()) -> PrepackReport:

@@ -163,3 +163,18 @@ def test_unpack_restores_plain_modules() -> None:
     assert not any("_pack" in m.__dict__ for m in packed.modules())
     with torch.inference_mode():
         assert torch.equal(packed(x, t, context=cond.crossattn), plain(x, t, context=cond.crossattn))
+
+
+def test_packable_bytes_counts_each_plain_layers_weight_once() -> None:
+    """What prepacking would copy: the weights of plain Conv2d / Linear layers (a shared weight once; not
+    biases, not other layers' parameters), in their dtype; and the machine's memory is known here."""
+    from ldm_sdk.accel.cpu_prepack import packable_bytes, physical_memory_bytes
+
+    conv, linear = nn.Conv2d(3, 8, 3), nn.Linear(5, 4)
+    tied = nn.Linear(5, 4)
+    tied.weight = linear.weight
+    model = nn.Sequential(conv, linear, tied, nn.GroupNorm(2, 8), nn.Embedding(10, 3))
+    assert packable_bytes(model) == (8 * 3 * 9 + 4 * 5) * 4
+    assert packable_bytes(model.to(torch.bfloat16)) == (8 * 3 * 9 + 4 * 5) * 2
+    memory = physical_memory_bytes()
+    assert memory is None or memory > 0
