@@ -178,3 +178,21 @@ def test_packable_bytes_counts_each_plain_layers_weight_once() -> None:
     assert packable_bytes(model.to(torch.bfloat16)) == (8 * 3 * 9 + 4 * 5) * 2
     memory = physical_memory_bytes()
     assert memory is None or memory > 0
+
+
+@pytest.mark.skipif(not prepack_available(), reason="this torch build lacks the oneDNN / MKL prepacked ops")
+def test_a_convolution_packed_at_one_input_size_serves_every_other_exactly() -> None:
+    """The pack is made once, with the first input's size as oneDNN's hint; the tasks then call it at other
+    image sizes and batches. Every call equals the plain channels_last convolution bit for bit (bf16)."""
+    torch.manual_seed(0)
+    for cin, cout, k in [(16, 32, 3), (32, 32, 1), (4, 16, 3)]:
+        plain = nn.Conv2d(cin, cout, k, padding=k // 2).to(torch.bfloat16, memory_format=torch.channels_last)
+        packed = copy.deepcopy(plain)
+        prepack_cpu_weights(packed)
+        assert isinstance(packed, PackedConv2d)
+        with torch.inference_mode():
+            for batch, h, w in [(2, 16, 16), (1, 8, 8), (3, 12, 20), (2, 32, 32)]:
+                x = torch.randn(batch, cin, h, w, dtype=torch.bfloat16)
+                x = x.contiguous(memory_format=torch.channels_last)
+                assert torch.equal(packed(x), plain(x)), (cin, cout, k, batch, h, w)
+        assert packed.__dict__.get("_pack") is not None  # the packed kernel ran
