@@ -14,6 +14,9 @@ that phase (the task itself never waits between phases), so the sum is a little 
 which is timed too (``plain_s``). The first run's phases are recorded as well (``first_run_phases_s``): it
 builds the condition encoder and, on CUDA, captures the graphs.
 
+``--check-eager`` compares one run of each task with one of the same request run eagerly
+(``accelerate=False``): whether the images are the same bytes and how far apart the latents are.
+
 ``--trace`` also records one warm run of each task with ``torch.profiler`` and lists its CPU operators by
 self time and, on CUDA, the kernels by GPU time (``--top`` rows each). ``--pyprofile`` runs each task's
 first run under ``cProfile`` and lists the functions with the most cumulative time: where a first run's
@@ -160,6 +163,23 @@ def profile_task(
     return result
 
 
+def against_eager(job: bench_tasks.TaskJob, runtime: Any) -> dict[str, Any]:
+    """One run of ``job`` as timed (the fast path where the request has it) against one with
+    ``accelerate=False``: whether the images are the same bytes, and the largest latent difference
+    relative to the eager latents' largest magnitude."""
+    task = get_task(job.name, runtime)
+    fast = task(job.request, runtime, inputs=job.inputs)
+    eager = task(job.request.model_copy(update={"accelerate": False}), runtime, inputs=job.inputs)
+    same = all(
+        a.shape == b.shape and bool((a == b).all()) for a, b in zip(fast.images, eager.images, strict=True)
+    )
+    report: dict[str, Any] = {"images_equal": same}
+    if fast.latents is not None and eager.latents is not None:
+        diff = (fast.latents.double() - eager.latents.double()).abs().max()
+        report["latents_max_rel_diff"] = float(diff / eager.latents.double().abs().max())
+    return report
+
+
 def python_profile(profiler: cProfile.Profile, top: int) -> list[dict[str, Any]]:
     """The ``top`` functions of a ``cProfile`` run by cumulative time, outside importlib's own frames (an
     import shows as the module's ``<module>`` entry)."""
@@ -245,6 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         help="run each task's first run under cProfile and list its top functions (the first run's times "
         "then include the profiler's overhead)",
     )
+    parser.add_argument(
+        "--check-eager",
+        action="store_true",
+        help="after the timings, compare one run of each task with its eager run (accelerate=False)",
+    )
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -271,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
             profile_task(job, runtime, device, args.repeats, args.top, args.trace, args.pyprofile)
             for job in jobs
         ]
+        if args.check_eager:
+            for job, result in zip(jobs, results, strict=True):
+                result["against_eager"] = against_eager(job, runtime)
+                print(f"{job.name} against its eager run: {result['against_eager']}")
         memory = cuda_memory(device)
     env = bench_tasks.environment(device)
     show(results)

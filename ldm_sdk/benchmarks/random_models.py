@@ -8,7 +8,10 @@ one of these, written once into a folder and loaded like any checkpoint:
   autoencoder and CLIP ViT-L/14's text tower, 123 M parameters, tokenized with the real CLIP BPE), 512 px;
 * ``sd15-ci``: the same shrunk to the size CI can afford, as the sampling benchmark's ``--size ci``
   (:func:`ldm_sdk.benchmarks.common.ci`: UNet width 64 with 2 heads, first stage width 32) with the full
-  text tower, at 256 px (its config's latent size 32, so 256 px is also the tasks' default size).
+  text tower, at 256 px (its config's latent size 32, so 256 px is also the tasks' default size);
+* ``sd15-inpaint`` / ``sd15-inpaint-ci``: the ``sd1-inpaint`` family (Stable Diffusion 1.5 inpainting: the
+  masked image's latent and the mask concatenated to the latent, 9 input channels, the prompt through
+  cross-attention) at those two sizes.
 
 Weights are :func:`~ldm_sdk.benchmarks.common.randomize_`'s variance-preserving values (seeded), so
 activations stay in range through every layer; the images are noise-like, which does not change a timing.
@@ -29,6 +32,12 @@ RANDOM_MODELS: dict[str, tuple[str, int]] = {
         512,
     ),
     "sd15-ci": ("SD 1.x shrunk to the CI size (UNet width 64, 2 heads; KL-f8 width 32), full CLIP text", 256),
+    "sd15-inpaint": (
+        "Stable Diffusion 1.5 inpainting architecture (9 input channels: latent, mask, masked image; "
+        "the sd15 sizes), random weights",
+        512,
+    ),
+    "sd15-inpaint-ci": ("SD 1.5 inpainting shrunk to the CI size, as sd15-ci", 256),
 }
 
 
@@ -48,8 +57,8 @@ def random_model_file(
     from ldm_sdk.checkpoints.loader import save
     from ldm_sdk.encoders.text_clip import FrozenCLIPEmbedder
 
-    config = get_family("sd1").config
-    if name == "sd15-ci":
+    config = get_family("sd1-inpaint" if "inpaint" in name else "sd1").config
+    if name.endswith("-ci"):
         arch = C.ci(C.ARCHS["sd15"])
         assert config.unet is not None and config.diffusion is not None and arch.vae_ch is not None
         first = config.first_stage

@@ -187,6 +187,28 @@ def test_a_random_model_of_the_sd15_architecture_at_ci_size(tmp_path: Path, runt
         run(BenchOptions(model=str(files[0]), random_model="sd15-ci"), runtime)
 
 
+def test_a_random_sd15_inpainting_model_at_ci_size_inpaints(tmp_path: Path, runtime: Runtime) -> None:
+    """``--random-model sd15-inpaint-ci``: the SD-1.5 inpainting family (9 input channels, hybrid
+    conditioning) at the CI size; its inpaint task runs (the mask and masked image concatenated)."""
+    from ldm_sdk import load
+
+    options = BenchOptions(
+        random_model="sd15-inpaint-ci",
+        random_dir=str(tmp_path),
+        tasks=("inpaint",),
+        size=(64, 64),
+        steps=1,
+        repeats=1,
+    )
+    report = run(options, runtime)
+    (path,) = tmp_path.glob("*.safetensors")
+    assert [t.task for t in report.tasks] == ["inpaint"] and report.tasks[0].image_shape == (64, 64, 3)
+    bundle = load(path)
+    assert bundle.family == "sd1-inpaint" and bundle.model is not None
+    assert bundle.config.unet is not None and bundle.config.unet.in_channels == 9
+    assert bundle.config.unet.model_channels == 64
+
+
 # -- errors ----------------------------------------------------------------------------------------------
 def test_unsupported_task_names_what_the_model_supports(files: dict[str, Path], runtime: Runtime) -> None:
     can = ", ".join(supported(files["txt"]))
