@@ -133,10 +133,11 @@ class TaskRequest(BaseModel):
       manifest's ``extra["batch"]`` says how the batch ran.
     - ``device`` / ``dtype``: where the model runs (None: the runtime's device and dtype).
     - ``accelerate``: the fast path -- on CUDA the denoising network is replayed from CUDA graphs captured
-      once per loaded model (:mod:`ldm_sdk.accel.graphs`). The replay computes exactly what the eager call
-      does, so this changes speed only (and keeps the graphs' activation memory on the GPU while the model
-      is loaded); ``False`` runs eagerly. Elsewhere it changes nothing. Recorded in the manifest like every
-      field.
+      once per loaded model (:mod:`ldm_sdk.accel.graphs`). The replay computes what the eager call does,
+      bit for bit, except that a half-precision cross-attention model (SD-1.5, say) with guidance runs its
+      layers before the first cross-attention once for both halves: the same up to the kernels' rounding
+      at that batch size. It keeps the graphs' activation memory on the GPU while the model is loaded;
+      ``False`` runs eagerly. Elsewhere it changes nothing. Recorded in the manifest like every field.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

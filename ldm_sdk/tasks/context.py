@@ -251,9 +251,11 @@ def captured_model(bundle: ModelBundle, runtime: Runtime) -> CapturedModel | Non
     (:meth:`~ldm_sdk.runtime_cache.ModelCache.attachment`): its graphs are captured once and replayed by
     every later job, and go when the model leaves the device (eviction, ``runtime.release()``, offload). A
     model given in memory (``TaskInputs.bundle``) gets a new one, which lives as long as the caller keeps
-    it (a task keeps it for its run). Captured replay computes exactly what the eager call computes, so
-    this changes speed only. Output clones are on (``clone_output``): PLMS and DPM++ 2M keep earlier
-    model outputs, which an unguided run returns as they come from the model.
+    it (a task keeps it for its run). Captured replay computes what the eager call computes, bit for bit,
+    except where the guided step shares its input between the halves
+    (:func:`~ldm_sdk.accel.graphs.bundle_denoiser`: up to the kernels' rounding). Output clones are on
+    (``clone_output``): PLMS and DPM++ 2M keep earlier model outputs, which an unguided run returns as they
+    come from the model.
     """
     mode = cast("CaptureMode", runtime.capture_mode)
     unet = bundle.model
