@@ -201,17 +201,9 @@ class ModelCache:
         device's memory full (a CUDA-graph capture, say) after freeing what it could itself; the model is
         reloaded on its next use, like one evicted for the budget."""
         device = next((_resolved(p.device) for p in keep.parameters()), None)
-        gone: list[tuple[ModelKey, str]] = []
         with self._lock:
-            for key, entry in self._entries.items():
-                if entry.model is None or entry.offloaded or entry.model is keep or key in self._loading:
-                    continue
-                if device is not None and _resolved(torch.device(key.device)) != device:
-                    continue
-                entry.leave()
-                self._evictions += 1
-                gone.append((key, "device memory"))
-                break
+            there = [(k, e) for k, e in self._resident_on(device) if e.model is not keep]
+            gone = self._evict_first(there)
         self._notify_evicted(gone)
         return gone[0][0] if gone else None
 
@@ -336,25 +328,14 @@ class ModelCache:
         """Loading ``key`` ran out of device memory: free some on its device and say whether anything was
         freed. First what is kept with the resident models there (their captured graphs, made again when
         next used), then, one per call, the least recently used of those models."""
-        device = _resolved(torch.device(key.device))
         gone: list[tuple[ModelKey, str]] = []
         with self._lock:
-            there = [
-                (k, e)
-                for k, e in self._entries.items()
-                if k != key
-                and e.model is not None
-                and not e.offloaded
-                and _resolved(torch.device(k.device)) == device
-            ]
+            there = [(k, e) for k, e in self._resident_on(_resolved(torch.device(key.device))) if k != key]
             held = [e for _, e in there if e.attached]
             for e in held:
                 e.attached = {}
-            if not held and there:
-                other, entry = there[0]
-                entry.leave()
-                self._evictions += 1
-                gone.append((other, "device memory"))
+            if not held:
+                gone = self._evict_first(there)
         if held:
             logger.warning(
                 "loading model %s: out of device memory; released the graphs of %d model(s)", key, len(held)
@@ -366,6 +347,26 @@ class ModelCache:
             gc.collect()
             self._notify_evicted(gone)
         return bool(held or gone)
+
+    def _resident_on(self, device: torch.device | None) -> list[tuple[ModelKey, _Entry]]:
+        """With the lock held: the models resident on ``device`` (None: on any), least recently used
+        first."""
+        return [
+            (k, e)
+            for k, e in self._entries.items()
+            if e.model is not None
+            and not e.offloaded
+            and (device is None or _resolved(torch.device(k.device)) == device)
+        ]
+
+    def _evict_first(self, candidates: list[tuple[ModelKey, _Entry]]) -> list[tuple[ModelKey, str]]:
+        """With the lock held: drop the first of ``candidates`` (for lack of device memory)."""
+        if not candidates:
+            return []
+        key, entry = candidates[0]
+        entry.leave()
+        self._evictions += 1
+        return [(key, "device memory")]
 
     def _evict_for(self, key: ModelKey, nbytes: int) -> list[tuple[ModelKey, str]]:
         """With the lock held: drop LRU models (other than ``key``) until ``nbytes`` more fit the budget."""
