@@ -250,7 +250,10 @@ def run_sampling(
         if callback is not None:
             callback(info)
 
+    # where a run that finds the GPU full starts again from: the generator's state and (a sampler from a
+    # plugin might work on its input in place) the starting state
     start = random_state(generator)
+    start_x = x.clone() if make_room is not None and captured is not None and request.accelerate else x
     freed = 0
     with torch.inference_mode():
         while True:
@@ -264,6 +267,7 @@ def run_sampling(
                 if first and make_room is not None and make_room():
                     freed += 1
                     restore_random_state(generator, start)
+                    x = start_x.clone()
                     continue
                 after = f" (after evicting {freed} other model(s) from the device)" if freed else ""
                 raise TaskError(

@@ -21,6 +21,7 @@ import torch
 
 from ldm_sdk.accel.graphs import CapturedModel, CaptureError
 from ldm_sdk.checkpoints.bundle import ModelBundle
+from ldm_sdk.hookspecs import hookimpl
 from ldm_sdk.runtime import Runtime
 from ldm_sdk.runtime_cache import module_nbytes
 from ldm_sdk.tasks import get_task, runner
@@ -223,6 +224,37 @@ def test_a_full_gpu_evicts_another_model_and_gives_the_same_result(
         assert "evicted model" in caplog.text
         captured = captured_of(rt, model_files["txt"], CAPTURED_ENCODER if first_stage else CAPTURED_MODEL)
         assert captured is not None
+
+
+def ddim_in_place(denoiser: Any, x: torch.Tensor, timesteps: torch.Tensor, **options: Any) -> torch.Tensor:
+    """A plugin's sampler that changes its input in place (adds 1), then runs DDIM: a run started again
+    must get the untouched starting state, not one with 1 added twice."""
+    from ldm_sdk.samplers import ddim
+
+    x.add_(1.0)
+    return ddim.sample(denoiser, x, timesteps, **options)
+
+
+class InPlaceSamplerPlugin:
+    @hookimpl
+    def ldm_register_samplers(self, registry: Any) -> None:
+        registry.add("ddim_in_place", ddim_in_place)
+
+
+def test_a_run_started_again_gets_the_untouched_starting_state(
+    model_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = Txt2ImgRequest(model=str(model_files["txt"]), prompt="a", sampler="ddim_in_place", **SMALL)
+    plugins = [InPlaceSamplerPlugin()]
+    with Runtime.create(
+        load_entrypoints=False, device="cpu", dtype="fp32", capture_mode="emulate", plugins=plugins
+    ) as rt:
+        eager = get_task("txt2img")(request.model_copy(update={"accelerate": False}), rt)
+        get_task("class")(ClassRequest(model=str(model_files["class"]), class_label=1, **SMALL), rt)
+        crowd(monkeypatch, rt, first_stage=False)
+        fast = get_task("txt2img")(request, rt)  # evicts the class model, samples again
+        assert len(rt.cache.resident()) == 1
+        assert same(fast, eager)
 
 
 def test_a_full_gpu_with_nothing_left_to_evict_names_the_opt_out(
