@@ -251,9 +251,10 @@ def run_sampling(
             callback(info)
 
     # where a run that finds the GPU full starts again from: the generator's state and (a sampler from a
-    # plugin might work on its input in place) the starting state
-    start = random_state(generator)
-    start_x = x.clone() if make_room is not None and captured is not None and request.accelerate else x
+    # plugin might work on its input in place) the starting state; kept only where a run can start again
+    can_retry = make_room is not None and captured is not None and request.accelerate
+    start = random_state(generator) if can_retry else []
+    start_x = x.clone() if can_retry else x
     freed = 0
     with torch.inference_mode():
         while True:
@@ -264,7 +265,7 @@ def run_sampling(
                 if not (captured is not None and request.accelerate and isinstance(exc, CaptureError)):
                     raise
                 first = isinstance(exc, CaptureMemoryError) and steps_done == 0
-                if first and make_room is not None and make_room():
+                if can_retry and first and make_room is not None and make_room():
                     freed += 1
                     restore_random_state(generator, start)
                     x = start_x.clone()
