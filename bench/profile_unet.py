@@ -35,7 +35,7 @@ CATEGORIES = (
     # before "conv": the fused GroupNorm kernels' names contain "nhwc" too
     ("norm", ("group_norm", "layer_norm", "norm", "welford", "_gn_")),
     ("conv", ("conv", "implicit", "cudnn", "xmma_fprop", "sm90_xmma", "nhwc")),
-    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "matmul", "sm90_")),
+    ("gemm", ("gemm", "geglu_tma", "cutlass", "cublas", "nvjet", "matmul", "sm90_")),
     ("elementwise", ("elementwise", "vectorized", "silu", "gelu", "geglu", "add", "mul", "copy", "cat")),
 )
 
