@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from ldm_sdk.benchmarks.common import SD15_UNET
 from ldm_sdk.models.configs import UNetConfig
 from ldm_sdk.models.unet import UNetModel, Upsample
@@ -75,27 +76,13 @@ def _side(x: torch.Tensor) -> str:
     return f"{side}x{side}"
 
 
-def copy_bandwidth(size_bytes: int = 1 << 30, repeat: int = 10, iters: int = 20) -> float:
+def copy_bandwidth(size_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (read plus write), timed from a CUDA graph of copies."""
+    from op_roofline import graph_us
+
     src = torch.empty(size_bytes // 2, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            dst.copy_(src)
-    graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    best = sorted(times)[len(times) // 2]
-    return 2 * size_bytes * repeat / best
+    return 2 * size_bytes / (graph_us(lambda: dst.copy_(src), repeat=10, iters=20) / 1e6)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
