@@ -7,8 +7,8 @@ nearest 2x upsampling reads its input and writes four times as much (the convolu
 stored map). Residual adds, biases, skip concatenations and the GEGLU gating are left out: each could ride
 in a product's epilogue or be written in place. The bytes counted are therefore the least the step's
 non-library passes must move; their time at the device-to-device copy bandwidth (``--bandwidth``, measured
-on the GPU) estimates the least time those passes take when their maps come from and go to device memory.
-Maps small enough to stay in L2 can move faster, so the estimate is exact only for the large ones.
+on the GPU) estimates the time those passes take when their maps come from and go to device memory. It
+is an estimate, not a bound: part of a map can still be in L2 when the next kernel reads it.
 
 The model runs on the ``meta`` device with forward hooks on its norms and upsamplings: no weights, no GPU.
 
